@@ -1,0 +1,225 @@
+// FlashAttention-2 forward kernel.
+//
+// One CTA owns kBlockM query rows of one (batch, head) and walks the key blocks from the last to
+// the first (the masked blocks come first, then the loop runs without masking). Per key block:
+//   S = Q K^T (tensor cores, operands from swizzled shared memory through LDSM),
+//   mask, online softmax (S becomes P in registers), O += P V (P stays in registers).
+// Global -> shared traffic is cp.async: V of block n streams in while S is computed, K of block n-1
+// while softmax and P V run, so loads overlap the math with one K and one V buffer.
+#pragma once
+#include <cute/tensor.hpp>
+
+#include "flash_cute/fwd_traits.h"
+#include "flash_cute/params.h"
+#include "flash_cute/softmax.h"
+#include "flash_cute/utils.h"
+
+namespace flash_cute {
+using namespace cute;
+
+// Scores outside the key range (ragged last block) or above the causal diagonal become -inf.
+template <bool kCausal, class Scores, class Coords>
+CUTE_DEVICE void mask_scores(Scores& scores, Coords const& coords, int row0, int col0,
+                             int seqlen_q, int seqlen_k) {
+  const int diagonal = seqlen_k - seqlen_q;  // bottom-right alignment: key j visible iff j <= i + diagonal
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(scores); ++r) {
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(scores); ++c) {
+      const int row = row0 + get<0>(coords(r, c));
+      const int col = col0 + get<1>(coords(r, c));
+      if (col >= seqlen_k || (kCausal && col > row + diagonal)) scores(r, c) = -INFINITY;
+    }
+  }
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr bool kCausal = Traits::kCausal;
+  using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
+  using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
+  using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
+
+  extern __shared__ __align__(128) char smem_bytes[];
+  auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
+
+  const int tid = threadIdx.x;
+  // Causal: the last query blocks see the most keys; launching them first shortens the tail.
+  const int m_block = kCausal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int head_k = head / (p.heads / p.heads_k);
+  const int row0 = m_block * kBlockM;
+  const int rows_q = min(kBlockM, p.seqlen_q - row0);  // valid query rows of this block
+
+  int n_blocks = ceil_div(p.seqlen_k, kBlockN);
+  if constexpr (kCausal) {
+    // The block's last row sees keys < row0 + kBlockM + seqlen_k - seqlen_q.
+    n_blocks = min(n_blocks, ceil_div(max(0, row0 + kBlockM + p.seqlen_k - p.seqlen_q), kBlockN));
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Global tiles (64-bit offsets) and their shared-memory homes
+  // ------------------------------------------------------------------------------------------
+  auto q_ptr = static_cast<const Element*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
+               row0 * p.q_row_stride;
+  auto k_ptr = static_cast<const Element*>(p.k) + batch * p.k_batch_stride + head_k * p.k_head_stride;
+  auto v_ptr = static_cast<const Element*>(p.v) + batch * p.v_batch_stride + head_k * p.v_head_stride;
+  auto o_ptr = static_cast<Element*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride +
+               row0 * p.o_row_stride;
+  float* lse_ptr = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + row0;
+
+  Tensor gQ = make_tensor(make_gmem_ptr(q_ptr), TileQ{}, make_stride(p.q_row_stride, _1{}));
+  Tensor gO = make_tensor(make_gmem_ptr(o_ptr), TileQ{}, make_stride(p.o_row_stride, _1{}));
+  // (kBlockN, kHeadDim, n): key block n at rows [n * kBlockN, (n + 1) * kBlockN)
+  Tensor gK = make_tensor(make_gmem_ptr(k_ptr), make_shape(Int<kBlockN>{}, Int<kHeadDim>{}, max(n_blocks, 1)),
+                          make_stride(p.k_row_stride, _1{}, p.k_row_stride * kBlockN));
+  Tensor gV = make_tensor(make_gmem_ptr(v_ptr), make_shape(Int<kBlockN>{}, Int<kHeadDim>{}, max(n_blocks, 1)),
+                          make_stride(p.v_row_stride, _1{}, p.v_row_stride * kBlockN));
+
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutKV{});
+  Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
+  Tensor sO = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutO{});
+
+  // Output path: registers -> shared (sO) -> 16-byte global stores, rows and columns predicated.
+  typename Traits::GmemTiledCopyStore store_copy;
+  auto store_thr = store_copy.get_thread_slice(tid);
+  Tensor tOsO = store_thr.partition_S(sO);                            // (CPY, CPY_M, CPY_K)
+  Tensor tOgO = store_thr.partition_D(gO);                            // (CPY, CPY_M, CPY_K)
+  Tensor tOcO = store_thr.partition_D(make_identity_tensor(TileQ{}));  // (row, col) of each
+
+  if (n_blocks <= 0) {
+    // No query row of this block sees any key (causal with seqlen_q > seqlen_k, or no keys at
+    // all): output 0 and lse +inf, as the official package.
+    Tensor zeros = make_tensor<Element>(shape(tOgO));
+    clear(zeros);
+    copy_rows_bounded(store_copy, zeros, tOgO, tOcO, rows_q, p.head_dim);
+    for (int r = tid; r < rows_q; r += Traits::kThreads) lse_ptr[r] = INFINITY;
+    return;
+  }
+
+  typename Traits::GmemTiledCopyAsync load_copy;
+  auto load_thr = load_copy.get_thread_slice(tid);
+  Tensor tQgQ = load_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_K)
+  Tensor tQsQ = load_thr.partition_D(sQ);
+  Tensor tQcQ = load_thr.partition_S(make_identity_tensor(TileQ{}));
+  Tensor tKgK = load_thr.partition_S(gK);  // (CPY, CPY_N, CPY_K, n)
+  Tensor tKsK = load_thr.partition_D(sK);
+  Tensor tVgV = load_thr.partition_S(gV);  // (CPY, CPY_N, CPY_K, n)
+  Tensor tVsV = load_thr.partition_D(sV);
+  Tensor tKcK = load_thr.partition_S(make_identity_tensor(TileKV{}));
+
+  // ------------------------------------------------------------------------------------------
+  // MMA partitions
+  // ------------------------------------------------------------------------------------------
+  typename Traits::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor tSrQ = make_tensor<Element>(partition_shape_A(mma, TileQ{}));   // (MMA, MMA_M, MMA_K)
+  Tensor tSrK = make_tensor<Element>(partition_shape_B(mma, TileKV{}));  // (MMA, MMA_N, MMA_K)
+  Tensor tOrVt = make_tensor<Element>(partition_shape_B(mma, Shape<Int<kHeadDim>, Int<kBlockN>>{}));
+  Tensor acc_o = partition_fragment_C(mma, TileQ{});  // (MMA, MMA_M, MMA_D) fp32
+  clear(acc_o);
+  Tensor acc_o_rc = make_tensor(acc_o.data(), rowcol_layout(acc_o.layout()));  // (rows, cols)
+
+  auto smem_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
+  auto smem_copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma);
+  auto smem_copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma);
+  Tensor tSsQ = smem_copy_q.get_thread_slice(tid).partition_S(sQ);    // (CPY, MMA_M, MMA_K)
+  Tensor tSsK = smem_copy_k.get_thread_slice(tid).partition_S(sK);    // (CPY, MMA_N, MMA_K)
+  Tensor tOsVt = smem_copy_v.get_thread_slice(tid).partition_S(sVt);  // (CPY, MMA_D, MMA_N)
+
+  // (row, col) of every score this thread holds, for masking
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(TileS{}));
+  Tensor tScS_rc = make_tensor(tScS.data(), rowcol_layout(tScS.layout()));
+
+  constexpr int kRows = decltype(size<0>(acc_o_rc))::value;
+  OnlineSoftmax<kRows> softmax;
+
+  // ------------------------------------------------------------------------------------------
+  // Prologue: Q and the last key block
+  // ------------------------------------------------------------------------------------------
+  const int d = p.head_dim;
+  auto load_k = [&](int n) {
+    copy_rows_zfill(load_copy, tKgK(_, _, _, n), tKsK, tKcK, p.seqlen_k - n * kBlockN, d);
+  };
+  auto load_v = [&](int n) {
+    copy_rows_zfill(load_copy, tVgV(_, _, _, n), tVsV, tKcK, p.seqlen_k - n * kBlockN, d);
+  };
+  copy_rows_zfill(load_copy, tQgQ, tQsQ, tQcQ, rows_q, d);
+  load_k(n_blocks - 1);
+  cp_async_fence();
+
+  // ------------------------------------------------------------------------------------------
+  // One key block
+  // ------------------------------------------------------------------------------------------
+  auto step = [&](int n, auto is_first, auto needs_mask) {
+    Tensor acc_s = partition_fragment_C(mma, TileS{});  // (MMA, MMA_M, MMA_N) fp32
+    clear(acc_s);
+    cp_async_wait<0>();  // K[n] has landed ...
+    __syncthreads();     // ... for every thread, and nobody still reads V[n + 1]
+    load_v(n);
+    cp_async_fence();
+
+    gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, smem_copy_q, smem_copy_k);
+    Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+    if constexpr (decltype(needs_mask)::value)
+      mask_scores<kCausal>(scores, tScS_rc, row0, n * kBlockN, p.seqlen_q, p.seqlen_k);
+
+    cp_async_wait<0>();  // V[n] has landed ...
+    __syncthreads();     // ... and nobody still reads K[n]
+    if (n > 0) {
+      load_k(n - 1);
+      cp_async_fence();
+    }
+
+    softmax.template update<decltype(is_first)::value>(scores, acc_o_rc, p.scale_log2);
+    Tensor rP = make_converted<Element>(acc_s);
+    Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a_layout(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
+    gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, mma, smem_copy_v);
+  };
+
+  // Masked blocks first: the ragged last key block, and for causal the blocks the diagonal cuts.
+  constexpr int kMaskedSteps = kCausal ? ceil_div(kBlockM, kBlockN) + 1 : 1;
+  int n = n_blocks - 1;
+  step(n, true_type{}, true_type{});
+  --n;
+  CUTE_UNROLL
+  for (int i = 1; i < kMaskedSteps; ++i, --n) {
+    if (n < 0) break;
+    step(n, false_type{}, true_type{});
+  }
+  for (; n >= 0; --n) step(n, false_type{}, false_type{});
+
+  // ------------------------------------------------------------------------------------------
+  // Epilogue: normalise, write lse, stage O through shared memory, store
+  // ------------------------------------------------------------------------------------------
+  float lse[kRows];
+  softmax.finalize(acc_o_rc, p.scale, lse);
+
+  Tensor tOcO_mma = thr_mma.partition_C(make_identity_tensor(TileQ{}));
+  Tensor tOcO_rc = make_tensor(tOcO_mma.data(), rowcol_layout(tOcO_mma.layout()));
+  if (get<1>(tOcO_rc(0, 0)) == 0) {  // one thread of each quad holds column 0 of its rows
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int row = get<0>(tOcO_rc(r, 0));
+      if (row < rows_q) lse_ptr[row] = lse[r];
+    }
+  }
+
+  // Q's buffer is free: every thread passed the barrier after its last S = Q K^T.
+  Tensor rO = make_converted<Element>(acc_o);
+  auto smem_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma);
+  copy(smem_copy_o, make_tensor(rO.data(), smem_copy_o.retile(rO.layout())), smem_copy_o.get_thread_slice(tid).partition_D(sO));
+  __syncthreads();
+  Tensor tOrO = make_tensor<Element>(shape(tOsO));
+  copy(store_copy, tOsO, tOrO);
+  copy_rows_bounded(store_copy, tOrO, tOgO, tOcO, rows_q, d);
+}
+
+}  // namespace flash_cute

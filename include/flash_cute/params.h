@@ -1,0 +1,36 @@
+// The plain-old-data interface between the host (binding, dispatch) and the kernels.
+// No CuTe, no CUDA and no torch in here: the binding and the dispatch layer include only this.
+#pragma once
+#include <cstdint>
+
+namespace flash_cute {
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+inline const char* dtype_name(DType t) { return t == DType::kFloat16 ? "fp16" : "bf16"; }
+
+// Forward pass of softmax(Q K^T * scale) V for tensors laid out as (batch, seqlen, heads, head_dim)
+// with the last dimension contiguous. All strides are in elements.
+struct FwdParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  float* lse = nullptr;  // (batch, heads, seqlen_q), float32
+
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
+  int64_t lse_batch_stride = 0, lse_head_stride = 0;  // the seqlen stride of lse is 1
+
+  int batch = 0, seqlen_q = 0, seqlen_k = 0;
+  int heads = 0, heads_k = 0;  // heads % heads_k == 0 (MQA / GQA)
+  int head_dim = 0;            // runtime head dim, <= the kernel's compile-time head dim, multiple of 8
+
+  float scale = 0.f;       // softmax scale
+  float scale_log2 = 0.f;  // scale * log2(e): the kernel works with exp2
+  bool causal = false;     // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
+};
+
+}  // namespace flash_cute

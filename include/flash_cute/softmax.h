@@ -1,0 +1,70 @@
+// Online softmax over the key blocks of one query block, in registers.
+//
+// For each query row the kernel keeps the running maximum m and the running sum l of
+// exp(scale * (s - m)) over the keys seen so far; when a new block raises the maximum, the partial
+// output and l are rescaled by exp(scale * (m_old - m_new)). exp(x) is computed as
+// exp2(x * log2 e) so that scale * log2 e folds into one FFMA ahead of the EX2.
+//
+// A row whose scores are all -inf (every key masked) keeps m = -inf; it is exponentiated against 0
+// instead, so its probabilities are 0 (never NaN) and finalize() reports sum 0: output 0, lse +inf.
+#pragma once
+#include <cmath>
+#include <cute/tensor.hpp>
+
+#include "flash_cute/utils.h"
+
+namespace flash_cute {
+using namespace cute;
+
+template <int kRows>
+struct OnlineSoftmax {
+  float row_max[kRows];
+  float row_sum[kRows];  // per-thread partial sums; reduced across the quad in finalize()
+
+  // scores, acc_o: (rows, cols) views of the S and O accumulators. Overwrites scores with the
+  // unnormalised probabilities exp(scale * (s - m)).
+  template <bool kFirst, class S, class O>
+  CUTE_DEVICE void update(S& scores, O& acc_o, float scale_log2) {
+    static_assert(decltype(size<0>(scores))::value == kRows);
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float m = kFirst ? -INFINITY : row_max[r];
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) m = fmaxf(m, scores(r, c));
+      m = quad_max(m);
+      const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
+      if constexpr (!kFirst) {
+        // row_max[r] <= m, so the factor is in [0, 1]; exp2(-inf) = 0 for a row that had no key yet.
+        const float correction = exp2f(row_max[r] * scale_log2 - m_scaled);
+        row_sum[r] *= correction;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= correction;
+      }
+      row_max[r] = m;
+      float sum = 0.f;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) {
+        const float p = exp2f(scores(r, c) * scale_log2 - m_scaled);
+        scores(r, c) = p;
+        sum += p;
+      }
+      row_sum[r] = kFirst ? sum : row_sum[r] + sum;
+    }
+  }
+
+  // Normalises acc_o by the row sums and returns nothing; lse[r] gets log(sum exp(scale * s)).
+  template <class O>
+  CUTE_DEVICE void finalize(O& acc_o, float scale, float (&lse)[kRows]) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const float sum = quad_sum(row_sum[r]);
+      const bool empty = sum == 0.f || sum != sum;
+      const float inv = empty ? 1.f : 1.f / sum;
+      lse[r] = empty ? INFINITY : row_max[r] * scale + __logf(sum);
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= inv;
+    }
+  }
+};
+
+}  // namespace flash_cute

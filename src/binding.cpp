@@ -1,0 +1,71 @@
+// The Python module flash_cute._C. It takes plain values (device pointers as integers, sizes,
+// strides in elements, the CUDA stream handle) and links no libtorch: Python validates and
+// allocates with torch, so one wheel works with every torch version.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+
+#include "dispatch.h"
+#include "flash_cute/launch.h"
+
+namespace py = pybind11;
+using flash_cute::DType;
+using flash_cute::FwdParams;
+using Strides3 = std::array<int64_t, 3>;  // (batch, seqlen, head) strides; the head-dim stride is 1
+
+namespace {
+
+void fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, int batch, int seqlen_q,
+         int seqlen_k, int heads, int heads_k, int head_dim, Strides3 q_stride, Strides3 k_stride,
+         Strides3 v_stride, Strides3 o_stride, std::array<int64_t, 2> lse_stride, double softmax_scale,
+         bool causal, int dtype, int device, uintptr_t stream) {
+  FwdParams p;
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.o = reinterpret_cast<void*>(o);
+  p.lse = reinterpret_cast<float*>(lse);
+  std::tie(p.q_batch_stride, p.q_row_stride, p.q_head_stride) = std::tuple_cat(q_stride);
+  std::tie(p.k_batch_stride, p.k_row_stride, p.k_head_stride) = std::tuple_cat(k_stride);
+  std::tie(p.v_batch_stride, p.v_row_stride, p.v_head_stride) = std::tuple_cat(v_stride);
+  std::tie(p.o_batch_stride, p.o_row_stride, p.o_head_stride) = std::tuple_cat(o_stride);
+  p.lse_batch_stride = lse_stride[0];
+  p.lse_head_stride = lse_stride[1];
+  p.batch = batch;
+  p.seqlen_q = seqlen_q;
+  p.seqlen_k = seqlen_k;
+  p.heads = heads;
+  p.heads_k = heads_k;
+  p.head_dim = head_dim;
+  p.scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+  p.causal = causal;
+  flash_cute::fwd(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "flash_cute kernels (CuTe); called by flash_cute.flash_attn_interface, not directly.";
+  m.def("fwd", &fwd, py::call_guard<py::gil_scoped_release>(),
+        "Forward attention on device pointers; see flash_cute/_ops.py for the arguments.");
+  m.def("built_fwd_kernels", &flash_cute::built_fwd_kernels,
+        "(dtype, head-dim bucket, causal) of each forward kernel in this build");
+  m.def("head_dim_bucket", &flash_cute::head_dim_bucket, "head dim -> the kernel head dim that runs it");
+  m.def("fwd_tile", [](int head_dim, bool causal) {
+    const flash_cute::FwdTile t = flash_cute::fwd_tile(flash_cute::head_dim_bucket(head_dim), causal);
+    return py::make_tuple(t.block_m, t.block_n, t.warps);
+  }, "(block_m, block_n, warps) of the forward kernel for this head dim");
+  py::dict build;
+  build["cuda_archs"] = FLASH_CUTE_CUDA_ARCHS_STR;
+  build["head_dims"] = FLASH_CUTE_HEAD_DIMS_STR;
+  build["dtypes"] = FLASH_CUTE_DTYPES_STR;
+  build["cutlass"] = FLASH_CUTE_CUTLASS_STR;
+  build["cuda_runtime"] = CUDART_VERSION;
+  m.attr("build_config") = build;
+  m.attr("kDTypeFloat16") = static_cast<int>(DType::kFloat16);
+  m.attr("kDTypeBFloat16") = static_cast<int>(DType::kBFloat16);
+}

@@ -1,0 +1,78 @@
+#include "dispatch.h"
+
+#include <stdexcept>
+
+#include "flash_cute/cuda_check.h"
+#include "flash_cute/launch.h"
+#include "kernel_registry.h"  // generated: FLASH_CUTE_FWD_KERNELS(X)
+
+namespace flash_cute {
+namespace {
+
+using FwdFn = void (*)(const FwdParams&, cudaStream_t);
+struct FwdKernel {
+  DType dtype;
+  int head_dim;
+  bool causal;
+  FwdFn fn;
+};
+
+#define FLASH_CUTE_FWD_ENTRY(dt, hd, causal) {DType::dt, hd, causal, &run_fwd<DType::dt, hd, causal>},
+constexpr FwdKernel kFwdKernels[] = {FLASH_CUTE_FWD_KERNELS(FLASH_CUTE_FWD_ENTRY)};
+#undef FLASH_CUTE_FWD_ENTRY
+
+// Makes `device` current for the launch and restores the caller's device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+void check_compute_capability(int device) {
+  int major = 0, minor = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+             "reading the compute capability");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
+             "reading the compute capability");
+  if (major < 8) {
+    throw std::runtime_error("flash_cute: needs an Ampere or newer GPU (compute capability >= 8.0); device " +
+                             std::to_string(device) + " has " + std::to_string(major) + "." +
+                             std::to_string(minor));
+  }
+}
+
+}  // namespace
+
+void fwd(const FwdParams& p, DType dtype, int device, cudaStream_t stream) {
+  const int bucket = head_dim_bucket(p.head_dim);
+  const FwdKernel* kernel = nullptr;
+  for (const FwdKernel& k : kFwdKernels)
+    if (k.dtype == dtype && k.head_dim == bucket && k.causal == p.causal) kernel = &k;
+  if (kernel == nullptr) {
+    throw std::runtime_error(
+        std::string("flash_cute: this build has no forward kernel for ") + dtype_name(dtype) +
+        ", head dim " + std::to_string(p.head_dim) + " (bucket " + std::to_string(bucket) + ")" +
+        (p.causal ? ", causal" : "") + ". It was built with FLASH_CUTE_HEAD_DIMS=" FLASH_CUTE_HEAD_DIMS_STR
+        " and FLASH_CUTE_DTYPES=" FLASH_CUTE_DTYPES_STR "; rebuild with FLASH_CUTE_HEAD_DIMS including " +
+        std::to_string(bucket) + " and FLASH_CUTE_DTYPES including " + dtype_name(dtype));
+  }
+  DeviceGuard guard(device);
+  check_compute_capability(device);
+  kernel->fn(p, stream);
+}
+
+std::vector<std::tuple<std::string, int, bool>> built_fwd_kernels() {
+  std::vector<std::tuple<std::string, int, bool>> out;
+  for (const FwdKernel& k : kFwdKernels) out.emplace_back(dtype_name(k.dtype), k.head_dim, k.causal);
+  return out;
+}
+
+}  // namespace flash_cute

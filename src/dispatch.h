@@ -1,0 +1,20 @@
+// Picks the compiled kernel for a call and launches it on the caller's device and stream.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "flash_cute/params.h"
+
+namespace flash_cute {
+
+// Throws std::runtime_error (no kernel for this configuration in this build, unsupported GPU,
+// CUDA error). The caller has validated shapes, strides and alignment.
+void fwd(const FwdParams& params, DType dtype, int device, cudaStream_t stream);
+
+// (dtype name, head-dim bucket, causal) of every forward kernel in this build.
+std::vector<std::tuple<std::string, int, bool>> built_fwd_kernels();
+
+}  // namespace flash_cute
