@@ -145,56 +145,49 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
   // Prologue: Q and the last key block
   // ------------------------------------------------------------------------------------------
   const int d = p.head_dim;
-  auto load_k = [&](int n) {
-    copy_rows_zfill(load_copy, tKgK(_, _, _, n), tKsK, tKcK, p.seqlen_k - n * kBlockN, d);
-  };
-  auto load_v = [&](int n) {
-    copy_rows_zfill(load_copy, tVgV(_, _, _, n), tVsV, tKcK, p.seqlen_k - n * kBlockN, d);
+  // Key block n needs row predicates (and zero fill) only when it runs past seqlen_k; columns
+  // need them only when the head dim is below the kernel's. Full tiles take the plain copy.
+  auto load_kv = [&](auto const& src, auto& dst, int n) {
+    const int rows = p.seqlen_k - n * kBlockN;
+    if (rows >= kBlockN && d == kHeadDim) copy(load_copy, src(_, _, _, n), dst);
+    else copy_rows_zfill(load_copy, src(_, _, _, n), dst, tKcK, rows, d);
   };
   copy_rows_zfill(load_copy, tQgQ, tQsQ, tQcQ, rows_q, d);
-  load_k(n_blocks - 1);
+  load_kv(tKgK, tKsK, n_blocks - 1);
   cp_async_fence();
 
+  const int diagonal = p.seqlen_k - p.seqlen_q;
   // ------------------------------------------------------------------------------------------
-  // One key block
+  // Main loop over key blocks, last to first. One call site for the body keeps it inlined (the
+  // accumulators must stay in registers); masking is a uniform branch.
   // ------------------------------------------------------------------------------------------
-  auto step = [&](int n, auto is_first, auto needs_mask) {
+  for (int n = n_blocks - 1; n >= 0; --n) {
     Tensor acc_s = partition_fragment_C(mma, TileS{});  // (MMA, MMA_M, MMA_N) fp32
     clear(acc_s);
     cp_async_wait<0>();  // K[n] has landed ...
     __syncthreads();     // ... for every thread, and nobody still reads V[n + 1]
-    load_v(n);
+    load_kv(tVgV, tVsV, n);
     cp_async_fence();
 
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, smem_copy_q, smem_copy_k);
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-    if constexpr (decltype(needs_mask)::value)
+    // The block needs a mask if it runs past seqlen_k or, causal, past the diagonal of row0.
+    const int col_end = (n + 1) * kBlockN;
+    if (col_end > p.seqlen_k || (kCausal && col_end - 1 > row0 + diagonal))
       mask_scores<kCausal>(scores, tScS_rc, row0, n * kBlockN, p.seqlen_q, p.seqlen_k);
 
     cp_async_wait<0>();  // V[n] has landed ...
     __syncthreads();     // ... and nobody still reads K[n]
     if (n > 0) {
-      load_k(n - 1);
+      load_kv(tKgK, tKsK, n - 1);
       cp_async_fence();
     }
 
-    softmax.template update<decltype(is_first)::value>(scores, acc_o_rc, p.scale_log2);
+    softmax.update(scores, acc_o_rc, p.scale_log2);
     Tensor rP = make_converted<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a_layout(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
     gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, mma, smem_copy_v);
-  };
-
-  // Masked blocks first: the ragged last key block, and for causal the blocks the diagonal cuts.
-  constexpr int kMaskedSteps = kCausal ? ceil_div(kBlockM, kBlockN) + 1 : 1;
-  int n = n_blocks - 1;
-  step(n, true_type{}, true_type{});
-  --n;
-  CUTE_UNROLL
-  for (int i = 1; i < kMaskedSteps; ++i, --n) {
-    if (n < 0) break;
-    step(n, false_type{}, true_type{});
   }
-  for (; n >= 0; --n) step(n, false_type{}, false_type{});
 
   // ------------------------------------------------------------------------------------------
   // Epilogue: normalise, write lse, stage O through shared memory, store

@@ -83,6 +83,8 @@ struct FwdTraits
     cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 99 * 1024,
+                "every forward tile must fit the smallest Ampere-or-newer shared memory (99 KB)");
 };
 
 }  // namespace flash_cute

@@ -24,14 +24,16 @@ struct FwdTile {
 };
 
 constexpr FwdTile fwd_tile(int head_dim, bool /*causal*/) {
-  // 4 warps own 16 query rows each x 2 (block_m 128); 8 warps for the large head dims keep the
-  // O accumulator (block_m x head_dim fp32) within the register file.
-  if (head_dim <= 32) return {128, 128, 4};
-  if (head_dim <= 64) return {128, 128, 4};
-  if (head_dim <= 96) return {128, 64, 4};
-  if (head_dim <= 128) return {128, 64, 4};
-  if (head_dim <= 160) return {128, 64, 8};
-  return {128, 64, 8};
+  // Chosen on an H100 (benchmark/run.py, docs/performance-log.md): the tiles that keep the O and
+  // S accumulators plus one k-slice of operands within 255 registers without spills. d128:
+  // 128 x 32 ran 1.00x torch's FA2 where 128 x 64 (104 bytes of spills) ran 0.96x and 128 x 64
+  // with 8 warps 0.87x. Large head dims use 8 warps (16 query rows each) so acc_o fits.
+  // Every tile needs at most 96 KB of shared memory, so each kernel also runs on the GPUs with
+  // the least (sm_86, sm_89: 99 KB per block); FwdTraits asserts it.
+  if (head_dim <= 64) return {128, 64, 4};
+  if (head_dim <= 128) return {128, 32, 4};
+  if (head_dim <= 192) return {128, 64, 8};
+  return {128, 32, 8};
 }
 
 // One explicit instantiation of this per (dtype, head-dim bucket, causal) lives in its own

@@ -18,28 +18,33 @@ using namespace cute;
 
 template <int kRows>
 struct OnlineSoftmax {
+  // Before the first block: m = -inf and l = 0, so the first update's rescale multiplies the
+  // (zero) accumulator by exp2(-inf) = 0 and needs no special case.
   float row_max[kRows];
   float row_sum[kRows];  // per-thread partial sums; reduced across the quad in finalize()
 
+  CUTE_DEVICE OnlineSoftmax() {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      row_max[r] = -INFINITY;
+      row_sum[r] = 0.f;
+    }
+  }
+
   // scores, acc_o: (rows, cols) views of the S and O accumulators. Overwrites scores with the
-  // unnormalised probabilities exp(scale * (s - m)).
-  template <bool kFirst, class S, class O>
+  // unnormalised probabilities exp(scale * (s - m)) and rescales acc_o to the new maximum.
+  template <class S, class O>
   CUTE_DEVICE void update(S& scores, O& acc_o, float scale_log2) {
     static_assert(decltype(size<0>(scores))::value == kRows);
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      float m = kFirst ? -INFINITY : row_max[r];
+      float m = row_max[r];
       CUTE_UNROLL
       for (int c = 0; c < size<1>(scores); ++c) m = fmaxf(m, scores(r, c));
       m = quad_max(m);
       const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
-      if constexpr (!kFirst) {
-        // row_max[r] <= m, so the factor is in [0, 1]; exp2(-inf) = 0 for a row that had no key yet.
-        const float correction = exp2f(row_max[r] * scale_log2 - m_scaled);
-        row_sum[r] *= correction;
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= correction;
-      }
+      // row_max[r] <= m, so the factor is in [0, 1]; exp2(-inf) = 0 for a row that had no key yet.
+      const float correction = exp2f(row_max[r] * scale_log2 - m_scaled);
       row_max[r] = m;
       float sum = 0.f;
       CUTE_UNROLL
@@ -48,7 +53,9 @@ struct OnlineSoftmax {
         scores(r, c) = p;
         sum += p;
       }
-      row_sum[r] = kFirst ? sum : row_sum[r] + sum;
+      row_sum[r] = row_sum[r] * correction + sum;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= correction;
     }
   }
 

@@ -1,0 +1,93 @@
+"""The public surface: the official flash_attn v2.8 signature, the module layout, and the
+torch.library operator (schema, fake implementation, torch.compile)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import flash_cute
+import flash_cute.flash_attn_interface
+from helpers import make_qkv
+
+_P = inspect.Parameter
+# flash_attn.flash_attn_interface.flash_attn_func in flash_attn v2.8: (name, default).
+OFFICIAL_FLASH_ATTN_FUNC = [
+    ("q", _P.empty),
+    ("k", _P.empty),
+    ("v", _P.empty),
+    ("dropout_p", 0.0),
+    ("softmax_scale", None),
+    ("causal", False),
+    ("window_size", (-1, -1)),
+    ("softcap", 0.0),
+    ("alibi_slopes", None),
+    ("deterministic", False),
+    ("return_attn_probs", False),
+]
+
+
+def test_flash_attn_func_signature_is_official():
+    params = list(inspect.signature(flash_cute.flash_attn_func).parameters.values())
+    assert [p.name for p in params] == [name for name, _ in OFFICIAL_FLASH_ATTN_FUNC]
+    for p, (name, default) in zip(params, OFFICIAL_FLASH_ATTN_FUNC):
+        assert p.kind is _P.POSITIONAL_OR_KEYWORD, f"{name} is {p.kind}"
+        assert p.default == default and type(p.default) is type(default), f"{name}: default {p.default!r}"
+
+
+def test_module_layout():
+    assert flash_cute.flash_attn_interface.flash_attn_func is flash_cute.flash_attn_func
+    assert isinstance(flash_cute.__version__, str)
+    assert all(part.isdigit() for part in flash_cute.__version__.split(".")[:2])
+    for name in flash_cute.__all__:
+        assert hasattr(flash_cute, name), name
+
+
+def test_positional_arguments_follow_official_order():
+    """Positional calls written against flash_attn mean the same thing here."""
+    q, k, v = make_qkv(1, 9, 11, 2, 1, 16, torch.float32)
+    by_position = flash_cute.flash_attn_func(q, k, v, 0.0, 0.5, True, (-1, -1), 0.0, None, False, True)
+    by_name = flash_cute.flash_attn_func(q, k, v, softmax_scale=0.5, causal=True, return_attn_probs=True)
+    assert len(by_position) == 3
+    assert torch.equal(by_position[0], by_name[0]) and torch.equal(by_position[1], by_name[1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_fwd(causal):
+    """torch.library.opcheck: schema, autograd registration, fake tensor and AOT dispatch."""
+    q, k, v = make_qkv(2, 16, 24, 4, 2, 16, torch.float32)
+    torch.library.opcheck(torch.ops.flash_cute.fwd.default, (q, k, v, 0.25, causal))
+
+
+def _is_missing_compiler(exc):
+    """True when exc (or what it wraps) is inductor's "no C++ compiler" error."""
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, InvalidCxxCompiler):
+            return True
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__
+    return False
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    """flash_attn_func compiles without graph breaks and gives the eager result."""
+
+    def f(q, k, v):
+        return flash_cute.flash_attn_func(q, k, v, causal=True) * 2 + 1
+
+    q, k, v = make_qkv(1, 12, 20, 2, 1, 20, torch.float32)  # head dim 20: the padding path too
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    try:
+        got = compiled(q, k, v)
+    except Exception as exc:
+        if _is_missing_compiler(exc):
+            pytest.skip(f"torch.compile needs a C++ compiler: {exc}")
+        raise
+    torch.testing.assert_close(got, f(q, k, v), rtol=1e-6, atol=1e-6)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One visit to the GPU host: tests, a compute-sanitizer sweep and the benchmark, on the wheel that
+# ../shared/tools/gpu-build unpacked into .gpu/site. Logs go to $OUT (or ./device-out); the short
+# tables come last. Usage (device tool, carry .gpu):  bash tools/device-check.sh [quick|full|bench]
+set -uo pipefail
+mode=${1:-quick}
+out=${OUT:-device-out}
+mkdir -p "$out"
+# Python sources travel with the checkout: refresh them so a Python-only change needs no rebuild.
+cp python/flash_cute/*.py .gpu/site/flash_cute/
+export PYTHONPATH=$PWD/.gpu/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+python3 -c "import flash_cute; print(flash_cute.__version__, flash_cute.build_info())" | tee -a "$out/gpu.txt"
+
+if [ "$mode" != bench ]; then
+  python3 -m pytest tests -x -q -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -n 25
+  # Small ragged sweep under memcheck and racecheck.
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 1 python3 - <<'PY' > "$out/sanitizer-$tool.log" 2>&1
+import torch, flash_cute
+torch.manual_seed(0)
+for d in (40, 64, 128, 256):
+    for sq, sk in ((1, 1), (113, 203), (257, 97)):
+        for causal in (False, True):
+            q = torch.randn(2, sq, 4, d, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(2, sk, 2, d, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            try:
+                flash_cute.flash_attn_func(q, k, v, causal=causal)
+            except RuntimeError as e:
+                if "FLASH_CUTE_HEAD_DIMS" not in str(e): raise
+torch.cuda.synchronize()
+print("sweep done")
+PY
+    echo "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|sweep done' "$out/sanitizer-$tool.log" | tr '\n' ' '))"
+  done
+fi
+
+if [ "$mode" = full ]; then
+  python3 benchmark/run.py --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -n 60
+else
+  python3 benchmark/run.py --quick --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -n 40
+fi
