@@ -19,7 +19,7 @@ if [ "$mode" != bench ]; then
     compute-sanitizer --tool $tool --error-exitcode 1 python3 - <<'PY' > "$out/sanitizer-$tool.log" 2>&1
 import torch, flash_cute
 torch.manual_seed(0)
-for d in (40, 64, 128, 256):
+for d in (40, 96, 128, 224, 256):
     for sq, sk in ((1, 1), (113, 203), (257, 97)):
         for causal in (False, True):
             q = torch.randn(2, sq, 4, d, device="cuda", dtype=torch.bfloat16)

@@ -1,5 +1,6 @@
 // Host-side launch of the forward kernel; included by the generated instantiation units only.
 #pragma once
+#include <cstdlib>
 #include <string>
 
 #include "flash_cute/cuda_check.h"
@@ -8,22 +9,10 @@
 
 namespace flash_cute {
 
-template <DType kDType, int kHeadDim, bool kCausal>
-void run_fwd(const FwdParams& p, cudaStream_t stream) {
-  using Traits = FwdTraits<kDType, kHeadDim, kCausal>;
+template <class Traits>
+void launch_fwd(const FwdParams& p, cudaStream_t stream, const std::string& name) {
   constexpr int kSmem = Traits::kSmemBytes;
-  const std::string name = std::string("forward kernel (") + dtype_name(kDType) + ", head dim " +
-                           std::to_string(kHeadDim) + (kCausal ? ", causal)" : ")");
   auto kernel = &fwd_kernel<Traits>;
-  int device = 0, smem_optin = 0;
-  check_cuda(cudaGetDevice(&device), name + ": cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             name + ": reading the shared-memory limit");
-  if (kSmem > smem_optin) {
-    throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(kSmem) +
-                             " bytes of shared memory per block; this GPU allows " +
-                             std::to_string(smem_optin));
-  }
   if (kSmem > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
                name + ": raising the shared-memory limit");
@@ -31,6 +20,28 @@ void run_fwd(const FwdParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
   check_cuda(cudaGetLastError(), name + " launch");
+}
+
+template <DType kDType, int kHeadDim, bool kCausal>
+void run_fwd(const FwdParams& p, cudaStream_t stream) {
+  using Traits = FwdTraits<kDType, kHeadDim, kCausal>;
+  using SmallTraits = FwdTraits<kDType, kHeadDim, kCausal, /*kSmallSmem=*/true>;
+  constexpr bool kHasSmallTile = !(fwd_tile(kHeadDim, kCausal) == fwd_tile(kHeadDim, kCausal, true));
+  const std::string name = std::string("forward kernel (") + dtype_name(kDType) + ", head dim " +
+                           std::to_string(kHeadDim) + (kCausal ? ", causal)" : ")");
+  int device = 0, smem_optin = 0;
+  check_cuda(cudaGetDevice(&device), name + ": cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             name + ": reading the shared-memory limit");
+  // Testing hook: run the small-shared-memory tile on any GPU, so the H100 covers it too.
+  const bool force_small = std::getenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE") != nullptr;
+  if (Traits::kSmemBytes <= smem_optin && !(kHasSmallTile && force_small))
+    return launch_fwd<Traits>(p, stream, name);
+  if constexpr (kHasSmallTile) {
+    if (SmallTraits::kSmemBytes <= smem_optin) return launch_fwd<SmallTraits>(p, stream, name);
+  }
+  throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(SmallTraits::kSmemBytes) +
+                           " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin));
 }
 
 }  // namespace flash_cute

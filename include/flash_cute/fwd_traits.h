@@ -46,6 +46,7 @@ struct TraitsBase {
   static constexpr int kElemsPerVec = 16 / sizeof(Element);
   static constexpr int kThreadsPerRow = kSmemChunk / kElemsPerVec;
   static_assert(kThreads % kThreadsPerRow == 0);
+  static constexpr int kGmemRowsPerPass = kThreads / kThreadsPerRow;
   using GmemThreadLayout = Layout<Shape<Int<kThreads / kThreadsPerRow>, Int<kThreadsPerRow>>,
                                   Stride<Int<kThreadsPerRow>, _1>>;
   using GmemValLayout = Layout<Shape<_1, Int<kElemsPerVec>>>;
@@ -56,19 +57,22 @@ struct TraitsBase {
       Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{}, GmemThreadLayout{}, GmemValLayout{}));
 };
 
-template <DType kDType, int kHeadDim_, bool kCausal_>
-struct FwdTraits
-    : TraitsBase<typename ElementOf<kDType>::type, kHeadDim_, fwd_tile(kHeadDim_, kCausal_).warps> {
+template <DType kDType, int kHeadDim_, bool kCausal_, bool kSmallSmem_ = false>
+struct FwdTraits : TraitsBase<typename ElementOf<kDType>::type, kHeadDim_,
+                              fwd_tile(kHeadDim_, kCausal_, kSmallSmem_).warps> {
   using Base = TraitsBase<typename ElementOf<kDType>::type, kHeadDim_,
-                          fwd_tile(kHeadDim_, kCausal_).warps>;
+                          fwd_tile(kHeadDim_, kCausal_, kSmallSmem_).warps>;
   using typename Base::Element;
   using typename Base::SmemLayoutAtom;
   static constexpr bool kCausal = kCausal_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = fwd_tile(kHeadDim, kCausal).block_m;
-  static constexpr int kBlockN = fwd_tile(kHeadDim, kCausal).block_n;
+  static constexpr bool kSmallSmem = kSmallSmem_;
+  static constexpr int kBlockM = fwd_tile(kHeadDim, kCausal, kSmallSmem).block_m;
+  static constexpr int kBlockN = fwd_tile(kHeadDim, kCausal, kSmallSmem).block_n;
   static_assert(kBlockM % (16 * Base::kWarps) == 0, "each warp owns whole m16 row groups");
   static_assert(kBlockN % 16 == 0);
+  static_assert(kBlockM % Base::kGmemRowsPerPass == 0 && kBlockN % Base::kGmemRowsPerPass == 0,
+                "one pass of the global-memory copy must not cover more rows than a tile has");
 
   using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
@@ -83,8 +87,8 @@ struct FwdTraits
     cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
-  static_assert(kSmemBytes <= 99 * 1024,
-                "every forward tile must fit the smallest Ampere-or-newer shared memory (99 KB)");
+  static_assert(kSmemBytes <= (kSmallSmem ? kSmallSmemBytes : 227 * 1024),
+                "the tile does not fit the shared memory of the GPUs it is for");
 };
 
 }  // namespace flash_cute

@@ -21,19 +21,26 @@ constexpr int head_dim_bucket(int head_dim) {
 // One table, read by the kernel traits on the device and by the dispatch layer on the host.
 struct FwdTile {
   int block_m, block_n, warps;
+  constexpr bool operator==(const FwdTile& o) const {
+    return block_m == o.block_m && block_n == o.block_n && warps == o.warps;
+  }
 };
 
-constexpr FwdTile fwd_tile(int head_dim, bool /*causal*/) {
-  // Chosen on an H100 (benchmark/run.py, docs/performance-log.md): the tiles that keep the O and
-  // S accumulators plus one k-slice of operands within 255 registers without spills. d128:
-  // 128 x 32 ran 1.00x torch's FA2 where 128 x 64 (104 bytes of spills) ran 0.96x and 128 x 64
-  // with 8 warps 0.87x. Large head dims use 8 warps (16 query rows each) so acc_o fits.
-  // Every tile needs at most 96 KB of shared memory, so each kernel also runs on the GPUs with
-  // the least (sm_86, sm_89: 99 KB per block); FwdTraits asserts it.
+// Shared memory per block on the Ampere-or-newer GPUs with the least of it (sm_86, sm_89).
+inline constexpr int kSmallSmemBytes = 99 * 1024;
+
+// `small_smem`: the tile for GPUs with only kSmallSmemBytes per block; it differs from the
+// default where the default needs more (d224, d256), and run_fwd picks it at run time.
+constexpr FwdTile fwd_tile(int head_dim, bool /*causal*/, bool small_smem = false) {
+  // Chosen on an H100 (benchmark/run.py; docs/performance-log.md has the numbers): 4 warps of
+  // 32 query rows where the O and S accumulators fit the registers without (much) spilling;
+  // d128: 128 x 32 ran 1.00x torch's FA2 where 128 x 64 (104 B of spills) ran 0.96x and
+  // 128 x 64 with 8 warps 0.87x. Larger head dims take 8 warps of 16 rows so acc_o fits;
+  // d256 with 128 x 64 ran 1.00-1.04x where 128 x 32 ran 0.84x.
   if (head_dim <= 64) return {128, 64, 4};
   if (head_dim <= 128) return {128, 32, 4};
-  if (head_dim <= 192) return {128, 64, 8};
-  return {128, 32, 8};
+  if (head_dim <= 192) return {128, 64, 8};  // 96 KB of shared memory at d192
+  return small_smem ? FwdTile{64, 64, 4} : FwdTile{128, 64, 8};  // 96 KB : 112 / 128 KB
 }
 
 // One explicit instantiation of this per (dtype, head-dim bucket, causal) lives in its own
