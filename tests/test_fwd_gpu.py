@@ -68,6 +68,37 @@ def test_forward_gqa(dtype, head_dim, seqlen_q, seqlen_k, causal, nheads_k):
     _check(q, k, v, causal=causal)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(113, 203), (1025, 97), (300, 300)])
+@pytest.mark.parametrize("head_dim", [200, 224, 256])
+def test_forward_small_smem_tile(monkeypatch, head_dim, seqlen_q, seqlen_k, causal):
+    """The tile that GPUs with 99 KB of shared memory per block (sm_86, sm_89) run for head dims
+    above 192, forced on this GPU through the kernels' testing hook."""
+    require_kernel(torch.bfloat16, head_dim, causal)
+    monkeypatch.setenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE", "1")
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, 4, 2, head_dim, torch.bfloat16, "cuda")
+    _check(q, k, v, causal=causal)
+
+
+def test_small_smem_tile_hook_selects_that_kernel(monkeypatch):
+    """The hook above really launches the other kernel: the profiler sees its template name."""
+    require_kernel(torch.bfloat16, 256, False)
+    q, k, v = make_qkv(1, 128, 128, 2, 2, 256, torch.bfloat16, "cuda")
+
+    def launched_kernels():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            flash_cute.flash_attn_func(q, k, v)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if "fwd_kernel" in e.name]
+
+    default = launched_kernels()
+    monkeypatch.setenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE", "1")
+    small = launched_kernels()
+    assert default and small, (default, small)
+    assert all("256, false, false>" in name for name in default), default
+    assert all("256, false, true>" in name for name in small), small
+
+
 @pytest.mark.parametrize("nheads_k", [3, 1])
 @pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -253,3 +284,23 @@ def test_missing_kernel_names_build_option():
     q, k, v = make_qkv(1, 16, 16, 2, 2, bucket, dtypes[name], "cuda")
     with pytest.raises(RuntimeError, match="FLASH_CUTE_HEAD_DIMS"):
         flash_cute.flash_attn_func(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
+def test_opcheck_cuda(causal):
+    """torch.library.opcheck of the CUDA kernel path: schema, fake tensor, autograd registration."""
+    require_kernel(torch.bfloat16, 64, causal)
+    q, k, v = make_qkv(2, 97, 113, 4, 2, 64, torch.bfloat16, "cuda")
+    torch.library.opcheck(torch.ops.flash_cute.fwd.default, (q, k, v, 0.125, causal))
+
+
+def test_torch_compile_cuda():
+    """torch.compile(fullgraph=True) traces the op and gives the eager result bit for bit."""
+    require_kernel(torch.bfloat16, 128, True)
+    q, k, v = make_qkv(2, 300, 300, 4, 4, 128, torch.bfloat16, "cuda")
+
+    def f(q, k, v):
+        return flash_cute.flash_attn_func(q * 2, k, v, causal=True) + 1
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(q, k, v), f(q, k, v))
