@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
     // all): output 0 and lse +inf, as the official package.
     Tensor zeros = make_tensor<Element>(shape(tOgO));
     clear(zeros);
-    copy_rows_bounded(store_copy, zeros, tOgO, tOcO, rows_q, p.head_dim);
+    copy_predicated</*kZeroFill=*/false>(store_copy, zeros, tOgO, tOcO, rows_q, p.head_dim);
     for (int r = tid; r < rows_q; r += Traits::kThreads) lse_ptr[r] = INFINITY;
     return;
   }
@@ -150,9 +150,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
   auto load_kv = [&](auto const& src, auto& dst, int n) {
     const int rows = p.seqlen_k - n * kBlockN;
     if (rows >= kBlockN && d == kHeadDim) copy(load_copy, src(_, _, _, n), dst);
-    else copy_rows_zfill(load_copy, src(_, _, _, n), dst, tKcK, rows, d);
+    else copy_predicated</*kZeroFill=*/true>(load_copy, src(_, _, _, n), dst, tKcK, rows, d);
   };
-  copy_rows_zfill(load_copy, tQgQ, tQsQ, tQcQ, rows_q, d);
+  copy_predicated</*kZeroFill=*/true>(load_copy, tQgQ, tQsQ, tQcQ, rows_q, d);
   load_kv(tKgK, tKsK, n_blocks - 1);
   cp_async_fence();
 
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
   __syncthreads();
   Tensor tOrO = make_tensor<Element>(shape(tOsO));
   copy(store_copy, tOsO, tOrO);
-  copy_rows_bounded(store_copy, tOrO, tOgO, tOcO, rows_q, d);
+  copy_predicated</*kZeroFill=*/false>(store_copy, tOrO, tOgO, tOcO, rows_q, d);
 }
 
 }  // namespace flash_cute

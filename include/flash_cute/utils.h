@@ -81,37 +81,22 @@ CUTE_DEVICE void gemm_reg_smem(Acc& acc, RA const& rA, RB& rB, SB const& sB, Til
 }
 
 // ---------------------------------------------------------------------------------------------
-// Predicated tile copies. `coord` is the identity tensor partitioned like `src`: element i holds
-// the (row, col) it copies. Rows >= max_rows and columns >= max_cols are not read; for loads into
-// shared memory they are zero-filled, so a ragged tile computes as if padded with zeros (a NaN
-// left over in shared memory would survive a multiplication by a zero probability).
+// Predicated tile copy. `coord` is the identity tensor partitioned like `src`: element i holds the
+// (row, col) it copies. Rows >= max_rows and columns >= max_cols are not read. With kZeroFill
+// (loads into shared memory) they are zero-filled instead, so a ragged tile computes as if padded
+// with zeros: a NaN left over in shared memory would survive a multiplication by a zero
+// probability. Without it (stores to global memory) they are skipped.
 // ---------------------------------------------------------------------------------------------
-template <class TiledCopy, class Src, class Dst, class Coord>
-CUTE_DEVICE void copy_rows_zfill(TiledCopy const& tiled_copy, Src const& src, Dst&& dst,
+template <bool kZeroFill, class TiledCopy, class Src, class Dst, class Coord>
+CUTE_DEVICE void copy_predicated(TiledCopy const& tiled_copy, Src const& src, Dst&& dst,
                                  Coord const& coord, int max_rows, int max_cols) {
   CUTE_UNROLL
   for (int m = 0; m < size<1>(src); ++m) {
-    if (get<0>(coord(0, m, 0)) < max_rows) {
-      CUTE_UNROLL
-      for (int k = 0; k < size<2>(src); ++k) {
-        if (get<1>(coord(0, m, k)) < max_cols) copy(tiled_copy, src(_, m, k), dst(_, m, k));
-        else clear(dst(_, m, k));
-      }
-    } else {
-      clear(dst(_, m, _));
-    }
-  }
-}
-
-template <class TiledCopy, class Src, class Dst, class Coord>
-CUTE_DEVICE void copy_rows_bounded(TiledCopy const& tiled_copy, Src const& src, Dst&& dst,
-                                   Coord const& coord, int max_rows, int max_cols) {
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(src); ++m) {
-    if (get<0>(coord(0, m, 0)) < max_rows) {
-      CUTE_UNROLL
-      for (int k = 0; k < size<2>(src); ++k)
-        if (get<1>(coord(0, m, k)) < max_cols) copy(tiled_copy, src(_, m, k), dst(_, m, k));
+    const bool row_ok = get<0>(coord(0, m, 0)) < max_rows;
+    CUTE_UNROLL
+    for (int k = 0; k < size<2>(src); ++k) {
+      if (row_ok && get<1>(coord(0, m, k)) < max_cols) copy(tiled_copy, src(_, m, k), dst(_, m, k));
+      else if constexpr (kZeroFill) clear(dst(_, m, k));
     }
   }
 }
