@@ -12,17 +12,18 @@
 #include "flash_cute/launch.h"
 
 namespace py = pybind11;
+using flash_cute::BwdParams;
 using flash_cute::DType;
 using flash_cute::FwdParams;
 using Strides3 = std::array<int64_t, 3>;  // (batch, seqlen, head) strides; the head-dim stride is 1
 
 namespace {
 
-void fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, int batch, int seqlen_q,
-         int seqlen_k, int heads, int heads_k, int head_dim, Strides3 q_stride, Strides3 k_stride,
-         Strides3 v_stride, Strides3 o_stride, std::array<int64_t, 2> lse_stride, double softmax_scale,
-         bool causal, int dtype, int device, uintptr_t stream) {
-  FwdParams p;
+// The forward's part of the parameters, shared by fwd() and bwd().
+void set_fwd_params(FwdParams& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse,
+                    int batch, int seqlen_q, int seqlen_k, int heads, int heads_k, int head_dim,
+                    Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride,
+                    std::array<int64_t, 2> lse_stride, double softmax_scale, bool causal) {
   p.q = reinterpret_cast<const void*>(q);
   p.k = reinterpret_cast<const void*>(k);
   p.v = reinterpret_cast<const void*>(v);
@@ -43,7 +44,43 @@ void fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, int 
   p.scale = static_cast<float>(softmax_scale);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   p.causal = causal;
+}
+
+void fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, int batch, int seqlen_q,
+         int seqlen_k, int heads, int heads_k, int head_dim, Strides3 q_stride, Strides3 k_stride,
+         Strides3 v_stride, Strides3 o_stride, std::array<int64_t, 2> lse_stride, double softmax_scale,
+         bool causal, int dtype, int device, uintptr_t stream) {
+  FwdParams p;
+  set_fwd_params(p, q, k, v, o, lse, batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, q_stride,
+                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal);
   flash_cute::fwd(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
+}
+
+// lse, dsum: contiguous (batch, heads, seqlen_q); dq and dq_accum: contiguous (batch, seqlen_q,
+// heads, head_dim), so they share dq_stride.
+void bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t dq,
+         uintptr_t dk, uintptr_t dv, uintptr_t dq_accum, uintptr_t dsum, uintptr_t dq_semaphore, int batch,
+         int seqlen_q, int seqlen_k, int heads, int heads_k, int head_dim, bool expand_gqa,
+         Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride, Strides3 dout_stride,
+         Strides3 dq_stride, Strides3 dk_stride, Strides3 dv_stride, double softmax_scale, bool causal,
+         int dtype, int device, uintptr_t stream) {
+  BwdParams p;
+  const std::array<int64_t, 2> lse_stride = {int64_t(heads) * seqlen_q, seqlen_q};
+  set_fwd_params(p, q, k, v, o, lse, batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, q_stride,
+                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal);
+  p.dout = reinterpret_cast<const void*>(dout);
+  p.dq = reinterpret_cast<void*>(dq);
+  p.dk = reinterpret_cast<void*>(dk);
+  p.dv = reinterpret_cast<void*>(dv);
+  p.dq_accum = reinterpret_cast<float*>(dq_accum);
+  p.dsum = reinterpret_cast<float*>(dsum);
+  p.dq_semaphore = reinterpret_cast<int*>(dq_semaphore);
+  std::tie(p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride) = std::tuple_cat(dout_stride);
+  std::tie(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride) = std::tuple_cat(dq_stride);
+  std::tie(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride) = std::tuple_cat(dk_stride);
+  std::tie(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride) = std::tuple_cat(dv_stride);
+  p.expand_gqa = expand_gqa;
+  flash_cute::bwd(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
 }
 
 }  // namespace
@@ -52,6 +89,14 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "flash_cute kernels (CuTe); called by flash_cute.flash_attn_interface, not directly.";
   m.def("fwd", &fwd, py::call_guard<py::gil_scoped_release>(),
         "Forward attention on device pointers; see flash_cute/_ops.py for the arguments.");
+  m.def("bwd", &bwd, py::call_guard<py::gil_scoped_release>(),
+        "Backward attention on device pointers; see flash_cute/_ops.py for the arguments.");
+  m.def("built_bwd_kernels", &flash_cute::built_bwd_kernels,
+        "(dtype, head-dim bucket) of each backward kernel in this build");
+  m.def("bwd_tile", [](int head_dim) {
+    const flash_cute::BwdTile t = flash_cute::bwd_tile(flash_cute::head_dim_bucket(head_dim));
+    return py::make_tuple(t.block_m, t.block_n, t.warps);
+  }, "(block_m, block_n, warps) of the backward kernel for this head dim");
   m.def("built_fwd_kernels", &flash_cute::built_fwd_kernels,
         "(dtype, head-dim bucket, causal) of each forward kernel in this build");
   m.def("head_dim_bucket", &flash_cute::head_dim_bucket, "head dim -> the kernel head dim that runs it");

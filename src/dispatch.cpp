@@ -4,7 +4,7 @@
 
 #include "flash_cute/cuda_check.h"
 #include "flash_cute/launch.h"
-#include "kernel_registry.h"  // generated: FLASH_CUTE_FWD_KERNELS(X)
+#include "kernel_registry.h"  // generated: FLASH_CUTE_FWD_KERNELS(X), FLASH_CUTE_BWD_KERNELS(X)
 
 namespace flash_cute {
 namespace {
@@ -20,6 +20,25 @@ struct FwdKernel {
 #define FLASH_CUTE_FWD_ENTRY(dt, hd, causal) {DType::dt, hd, causal, &run_fwd<DType::dt, hd, causal>},
 constexpr FwdKernel kFwdKernels[] = {FLASH_CUTE_FWD_KERNELS(FLASH_CUTE_FWD_ENTRY)};
 #undef FLASH_CUTE_FWD_ENTRY
+
+using BwdFn = void (*)(const BwdParams&, cudaStream_t);
+struct BwdKernel {
+  DType dtype;
+  int head_dim;
+  BwdFn fn;
+};
+
+#define FLASH_CUTE_BWD_ENTRY(dt, hd) {DType::dt, hd, &run_bwd<DType::dt, hd>},
+constexpr BwdKernel kBwdKernels[] = {FLASH_CUTE_BWD_KERNELS(FLASH_CUTE_BWD_ENTRY)};
+#undef FLASH_CUTE_BWD_ENTRY
+
+std::string missing_kernel_message(const char* direction, DType dtype, int head_dim, int bucket, bool causal) {
+  return std::string("flash_cute: this build has no ") + direction + " kernel for " + dtype_name(dtype) +
+         ", head dim " + std::to_string(head_dim) + " (bucket " + std::to_string(bucket) + ")" +
+         (causal ? ", causal" : "") + ". It was built with FLASH_CUTE_HEAD_DIMS=" FLASH_CUTE_HEAD_DIMS_STR
+         " and FLASH_CUTE_DTYPES=" FLASH_CUTE_DTYPES_STR "; rebuild with FLASH_CUTE_HEAD_DIMS including " +
+         std::to_string(bucket) + " and FLASH_CUTE_DTYPES including " + dtype_name(dtype);
+}
 
 // Makes `device` current for the launch and restores the caller's device afterwards.
 class DeviceGuard {
@@ -56,17 +75,27 @@ void fwd(const FwdParams& p, DType dtype, int device, cudaStream_t stream) {
   const FwdKernel* kernel = nullptr;
   for (const FwdKernel& k : kFwdKernels)
     if (k.dtype == dtype && k.head_dim == bucket && k.causal == p.causal) kernel = &k;
-  if (kernel == nullptr) {
-    throw std::runtime_error(
-        std::string("flash_cute: this build has no forward kernel for ") + dtype_name(dtype) +
-        ", head dim " + std::to_string(p.head_dim) + " (bucket " + std::to_string(bucket) + ")" +
-        (p.causal ? ", causal" : "") + ". It was built with FLASH_CUTE_HEAD_DIMS=" FLASH_CUTE_HEAD_DIMS_STR
-        " and FLASH_CUTE_DTYPES=" FLASH_CUTE_DTYPES_STR "; rebuild with FLASH_CUTE_HEAD_DIMS including " +
-        std::to_string(bucket) + " and FLASH_CUTE_DTYPES including " + dtype_name(dtype));
-  }
+  if (kernel == nullptr) throw std::runtime_error(missing_kernel_message("forward", dtype, p.head_dim, bucket, p.causal));
   DeviceGuard guard(device);
   check_compute_capability(device);
   kernel->fn(p, stream);
+}
+
+void bwd(const BwdParams& p, DType dtype, int device, cudaStream_t stream) {
+  const int bucket = head_dim_bucket(p.head_dim);
+  const BwdKernel* kernel = nullptr;
+  for (const BwdKernel& k : kBwdKernels)
+    if (k.dtype == dtype && k.head_dim == bucket) kernel = &k;
+  if (kernel == nullptr) throw std::runtime_error(missing_kernel_message("backward", dtype, p.head_dim, bucket, false));
+  DeviceGuard guard(device);
+  check_compute_capability(device);
+  kernel->fn(p, stream);
+}
+
+std::vector<std::tuple<std::string, int>> built_bwd_kernels() {
+  std::vector<std::tuple<std::string, int>> out;
+  for (const BwdKernel& k : kBwdKernels) out.emplace_back(dtype_name(k.dtype), k.head_dim);
+  return out;
 }
 
 std::vector<std::tuple<std::string, int, bool>> built_fwd_kernels() {

@@ -14,7 +14,13 @@ namespace flash_cute {
 // CUDA error). The caller has validated shapes, strides and alignment.
 void fwd(const FwdParams& params, DType dtype, int device, cudaStream_t stream);
 
+// Backward pass: rowsum(dout * out), the main kernel and the dQ conversion. Same errors as fwd().
+void bwd(const BwdParams& params, DType dtype, int device, cudaStream_t stream);
+
 // (dtype name, head-dim bucket, causal) of every forward kernel in this build.
 std::vector<std::tuple<std::string, int, bool>> built_fwd_kernels();
+
+// (dtype name, head-dim bucket) of every backward kernel in this build.
+std::vector<std::tuple<std::string, int>> built_bwd_kernels();
 
 }  // namespace flash_cute

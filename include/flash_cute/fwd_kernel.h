@@ -10,28 +10,13 @@
 #include <cute/tensor.hpp>
 
 #include "flash_cute/fwd_traits.h"
+#include "flash_cute/mask.h"
 #include "flash_cute/params.h"
 #include "flash_cute/softmax.h"
 #include "flash_cute/utils.h"
 
 namespace flash_cute {
 using namespace cute;
-
-// Scores outside the key range (ragged last block) or above the causal diagonal become -inf.
-template <bool kCausal, class Scores, class Coords>
-CUTE_DEVICE void mask_scores(Scores& scores, Coords const& coords, int row0, int col0,
-                             int seqlen_q, int seqlen_k) {
-  const int diagonal = seqlen_k - seqlen_q;  // bottom-right alignment: key j visible iff j <= i + diagonal
-  CUTE_UNROLL
-  for (int r = 0; r < size<0>(scores); ++r) {
-    CUTE_UNROLL
-    for (int c = 0; c < size<1>(scores); ++c) {
-      const int row = row0 + get<0>(coords(r, c));
-      const int col = col0 + get<1>(coords(r, c));
-      if (col >= seqlen_k || (kCausal && col > row + diagonal)) scores(r, c) = -INFINITY;
-    }
-  }
-}
 
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
@@ -174,7 +159,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
     // The block needs a mask if it runs past seqlen_k or, causal, past the diagonal of row0.
     const int col_end = (n + 1) * kBlockN;
     if (col_end > p.seqlen_k || (kCausal && col_end - 1 > row0 + diagonal))
-      mask_scores<kCausal>(scores, tScS_rc, row0, n * kBlockN, p.seqlen_q, p.seqlen_k);
+      mask_scores(scores, tScS_rc, row0, n * kBlockN, p.seqlen_q, p.seqlen_k, kCausal);
 
     cp_async_wait<0>();  // V[n] has landed ...
     __syncthreads();     // ... and nobody still reads K[n]

@@ -33,4 +33,29 @@ struct FwdParams {
   bool causal = false;     // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
 };
 
+// Backward pass: the forward's inputs, output o and lse, plus the output gradient dout, and the
+// gradients dq (batch, seqlen_q, heads, d), dk and dv (batch, seqlen_k, dkv_heads, d).
+struct BwdParams : FwdParams {
+  const void* dout = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  // Workspace, float32: dQ accumulator (batch, seqlen_q, heads, head_dim) contiguous and zeroed;
+  // rowsum(dout * o) with lse's shape and strides.
+  float* dq_accum = nullptr;
+  float* dsum = nullptr;
+  // deterministic: int32 counters (batch, heads, ceil(seqlen_q / block_m)), zeroed; the CTAs add
+  // into dq_accum in key-block order. nullptr: unordered atomics.
+  int* dq_semaphore = nullptr;
+
+  int64_t dout_batch_stride = 0, dout_row_stride = 0, dout_head_stride = 0;
+  int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
+  int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
+  int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+
+  // GQA/MQA: false: one CTA per KV head walks all the query heads that share it and writes dk, dv
+  // with heads_k heads. true: one CTA per query head; dk, dv have `heads` heads, summed by the caller.
+  bool expand_gqa = false;
+};
+
 }  // namespace flash_cute

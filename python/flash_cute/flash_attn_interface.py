@@ -151,7 +151,9 @@ def flash_attn_func(
     head_dim = q.shape[-1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    out, lse = _ops.fwd(_pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v), float(softmax_scale), causal)
+    out, lse = _ops.fwd(
+        _pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v), float(softmax_scale), causal, bool(deterministic)
+    )
     out = out[..., :head_dim]
     if return_attn_probs:
         return out, lse, torch.empty(0, dtype=q.dtype, device=q.device)

@@ -1,21 +1,43 @@
 """Attention in plain PyTorch, computed the way the CUDA kernels compute it.
 
 This module is three things at once: the implementation behind CPU tensors (so models that use
-flash_cute can be unit-tested without a GPU) and behind float32 inputs, a test oracle's sibling,
-and a readable statement of the FlashAttention-2 algorithm:
+flash_cute can be unit-tested and trained without a GPU) and behind float32 inputs, a test
+oracle's sibling, and a readable statement of the FlashAttention-2 algorithm.
+
+Forward (:func:`attention_forward`):
 
 * the output is built one block of query rows at a time (FA2's outer loop; one CUDA thread block
   per query block);
 * each query block walks the key/value blocks, keeping for every row the running maximum ``m``,
   the running sum ``l`` of ``exp(scale * s - m)``, and an unnormalised output ``acc``; a new block
   that raises the maximum rescales ``l`` and ``acc`` by ``exp(m_old - m_new)`` (online softmax);
-* memory is linear in the sequence length: no (seqlen_q, seqlen_k) matrix is ever formed, only
-  (block_m, block_n) tiles.
+* it saves the output and, per row, the log-sum-exp ``lse = m + log(l)`` of the scaled scores:
+  all the backward pass needs to rebuild any tile of the softmax.
+
+Backward (:func:`attention_backward`), with ``P = softmax(scale * Q K^T)`` and ``O = P V``:
+
+* a preprocessing pass computes ``D = rowsum(dO * O)`` for every query row (it equals
+  ``rowsum(P * dP)``, the term the softmax gradient subtracts);
+* the outer loop is over key/value blocks (one CUDA thread block per key block, which owns that
+  block's dK and dV), the inner loop over query blocks; each tile recomputes
+  ``P = exp(scale * S - lse)`` from the saved lse, then ``dV += P^T dO``, ``dP = dO V^T``,
+  ``dS = P * (dP - D)``, ``dK += scale * dS^T Q`` and ``dQ += scale * dS K``; dQ is shared by all
+  key blocks and accumulates in float32 (the kernel's float32 dQ accumulator).
+
+Memory is linear in the sequence lengths: no (seqlen_q, seqlen_k) matrix is ever formed, only
+(block_m, block_n) tiles.
 
 Shapes follow flash_attn: q (batch, seqlen_q, nheads, d), k and v (batch, seqlen_k, nheads_k, d)
-with ``nheads % nheads_k == 0``. Causal masking is aligned to the bottom-right corner: query i
-sees key j iff ``j <= i + seqlen_k - seqlen_q``. A query row that sees no key gets output 0 and
-log-sum-exp +inf.
+with ``nheads % nheads_k == 0`` (grouped-query and multi-query attention: K and V are shared
+through broadcasting, never copied per query head; dK and dV sum over the query heads of each
+KV head). Causal masking is aligned to the bottom-right corner: query i sees key j iff
+``j <= i + seqlen_k - seqlen_q``. A query row that sees no key gets output 0, log-sum-exp +inf
+and zero gradients.
+
+The functions here also take an optional ``mask`` (the CUDA kernels do not): a boolean tensor
+(True = attend) or an additive float tensor (added to the scaled scores; -inf masks), broadcastable
+to (batch, nheads, seqlen_q, seqlen_k) and combined with ``causal``. It is for teaching and
+testing; rows it masks completely behave like the causal-empty rows above.
 """
 
 from __future__ import annotations
@@ -24,11 +46,58 @@ import math
 
 import torch
 
-__all__ = ["attention_forward", "naive_attention"]
+__all__ = ["attention_forward", "attention_backward", "naive_attention"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _group_heads(t: torch.Tensor, nheads_k: int) -> torch.Tensor:
+    """(batch, seqlen, nheads, d) -> (batch, nheads_k, groups, seqlen, d), a view: query head
+    ``h`` is group member ``h % groups`` of KV head ``h // groups``."""
+    batch, seqlen, nheads, d = t.shape
+    return t.permute(0, 2, 1, 3).reshape(batch, nheads_k, nheads // nheads_k, seqlen, d)
+
+
+def _ungroup_heads(t: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_group_heads`, as a contiguous (batch, seqlen, nheads, d) tensor."""
+    batch, nheads_k, groups, seqlen, d = t.shape
+    return t.reshape(batch, nheads_k * groups, seqlen, d).permute(0, 2, 1, 3).contiguous()
+
+
+def _group_mask(mask, batch, nheads, nheads_k, seqlen_q, seqlen_k):
+    """The optional mask as a (batch, nheads_k, groups, seqlen_q, seqlen_k) view (broadcast, not
+    copied), or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise TypeError(f"mask must be a boolean or floating-point tensor, got {type(mask).__name__}"
+                        + (f" of dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else ""))
+    full = (batch, nheads, seqlen_q, seqlen_k)
+    try:
+        mask = torch.broadcast_to(mask, full)
+    except RuntimeError:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to {full}") from None
+    return mask.unflatten(1, (nheads_k, nheads // nheads_k))
+
+
+def _mask_tile(s, m0, n0, causal, diagonal, mask):
+    """Masks a tile of scaled scores ``s`` (..., rows, cols) whose first row is query ``m0`` and
+    first column key ``n0``: causally hidden entries and entries the boolean ``mask`` rejects
+    become -inf; an additive ``mask`` is added."""
+    rows, cols = s.shape[-2:]
+    if causal:
+        i = torch.arange(m0, m0 + rows, device=s.device).unsqueeze(1)
+        j = torch.arange(n0, n0 + cols, device=s.device).unsqueeze(0)
+        s = s.masked_fill(j > i + diagonal, -math.inf)
+    if mask is not None:
+        tile = mask[..., m0 : m0 + rows, n0 : n0 + cols]
+        if tile.dtype == torch.bool:
+            s = s.masked_fill(~tile, -math.inf)
+        else:
+            s = s + tile.to(s.dtype)
+    return s
 
 
 def attention_forward(
@@ -37,6 +106,7 @@ def attention_forward(
     v: torch.Tensor,
     softmax_scale: float | None = None,
     causal: bool = False,
+    mask: torch.Tensor | None = None,
     block_m: int = 128,
     block_n: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,29 +114,28 @@ def attention_forward(
 
     ``out`` has q's shape and dtype; ``lse`` is float32 (batch, nheads, seqlen_q), the natural
     log of the softmax denominator of each row (including the scale), +inf for rows with no key.
-    Accumulates in float32 (float64 for float64 inputs).
+    Accumulates in float32 (float64 for float64 inputs). ``mask``: see the module docstring.
     """
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    groups = nheads // nheads_k
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(d)
     acc_dtype = _compute_dtype(q.dtype)
     diagonal = seqlen_k - seqlen_q  # causal: key j visible from query i iff j <= i + diagonal
 
-    # (batch, nheads_k, groups, seqlen, d): the query heads of one KV head share its K and V
-    # through broadcasting, so K and V are never copied per query head.
-    qg = q.permute(0, 2, 1, 3).reshape(batch, nheads_k, groups, seqlen_q, d)
-    kg = k.permute(0, 2, 1, 3).unsqueeze(2)  # (batch, nheads_k, 1, seqlen_k, d)
-    vg = v.permute(0, 2, 1, 3).unsqueeze(2)
+    # The query heads of one KV head share its K and V through broadcasting (a size-1 group
+    # dimension), so K and V are never copied per query head.
+    qg = _group_heads(q, nheads_k)  # (batch, nheads_k, groups, seqlen_q, d)
+    kg = _group_heads(k, nheads_k)  # (batch, nheads_k, 1, seqlen_k, d)
+    vg = _group_heads(v, nheads_k)
+    maskg = _group_mask(mask, batch, nheads, nheads_k, seqlen_q, seqlen_k)
 
-    out = torch.empty(batch, nheads_k, groups, seqlen_q, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, nheads_k, groups, seqlen_q, dtype=torch.float32, device=q.device)
+    out = torch.empty(qg.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(qg.shape[:-1], dtype=torch.float32, device=q.device)
 
     for m0 in range(0, seqlen_q, block_m):  # FA2's outer loop: one query block
         m1 = min(m0 + block_m, seqlen_q)
         q_blk = qg[..., m0:m1, :].to(acc_dtype)
-        rows = torch.arange(m0, m1, device=q.device).unsqueeze(1)
         row_max = torch.full(q_blk.shape[:-1], -math.inf, dtype=acc_dtype, device=q.device)
         row_sum = torch.zeros_like(row_max)
         acc = torch.zeros(q_blk.shape, dtype=acc_dtype, device=q.device)
@@ -76,9 +145,7 @@ def attention_forward(
         for n0 in range(0, n_end, block_n):  # inner loop: one key/value block
             n1 = min(n0 + block_n, seqlen_k)
             s = torch.matmul(q_blk, kg[..., n0:n1, :].to(acc_dtype).transpose(-1, -2)) * softmax_scale
-            if causal:
-                cols = torch.arange(n0, n1, device=q.device).unsqueeze(0)
-                s = s.masked_fill(cols > rows + diagonal, -math.inf)
+            s = _mask_tile(s, m0, n0, causal, diagonal, maskg)
             new_max = torch.maximum(row_max, s.amax(dim=-1))
             # Rows that have seen no key yet keep max -inf; exponentiate against 0 instead so
             # they produce zeros, not NaN.
@@ -94,8 +161,89 @@ def attention_forward(
         lse_blk = torch.where(empty, torch.full_like(row_sum, math.inf), row_max + torch.log(row_sum))
         lse[..., m0:m1] = lse_blk.to(torch.float32)
 
-    out = out.reshape(batch, nheads, seqlen_q, d).permute(0, 2, 1, 3).contiguous()
-    return out, lse.reshape(batch, nheads, seqlen_q)
+    return _ungroup_heads(out), lse.reshape(batch, nheads, seqlen_q)
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    block_m: int = 128,
+    block_n: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashAttention-2 backward, tiled. Returns ``(dq, dk, dv)``, typed and shaped like q, k, v.
+
+    ``dout`` is the gradient of ``out``; ``out`` and ``lse`` are what :func:`attention_forward`
+    returned for the same arguments (lse float32, as saved by the kernels; a float64 lse, such as
+    :func:`naive_attention`'s, is used at full precision). Computes in float32 (float64 for
+    float64 inputs). The gradient of the lse output itself is not part of this function (the
+    lse is an auxiliary output, as in flash_attn).
+    """
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    acc_dtype = _compute_dtype(q.dtype)
+    diagonal = seqlen_k - seqlen_q  # causal: key j visible from query i iff j <= i + diagonal
+
+    qg = _group_heads(q, nheads_k)  # (batch, nheads_k, groups, seqlen_q, d)
+    dog = _group_heads(dout, nheads_k)
+    kg = _group_heads(k, nheads_k)  # (batch, nheads_k, 1, seqlen_k, d)
+    vg = _group_heads(v, nheads_k)
+    maskg = _group_mask(mask, batch, nheads, nheads_k, seqlen_q, seqlen_k)
+    lseg = lse.reshape(qg.shape[:-1]).to(acc_dtype)  # (batch, nheads_k, groups, seqlen_q)
+
+    # Preprocessing (its own small kernel on the GPU): D = rowsum(dO * O), one value per query
+    # row. It equals rowsum(P * dP), so dS = P * (dP - D) needs no full row of P.
+    delta = (dog.to(acc_dtype) * _group_heads(out, nheads_k).to(acc_dtype)).sum(dim=-1)
+
+    dq_accum = torch.zeros(qg.shape, dtype=acc_dtype, device=q.device)  # shared by all key blocks
+    dk = torch.empty(kg.shape[:2] + kg.shape[3:], dtype=k.dtype, device=k.device)  # (b, hk, sk, d)
+    dv = torch.empty(vg.shape[:2] + vg.shape[3:], dtype=v.dtype, device=v.device)
+
+    for n0 in range(0, seqlen_k, block_n):  # outer loop: one key/value block (one CUDA CTA)
+        n1 = min(n0 + block_n, seqlen_k)
+        k_blk = kg[..., n0:n1, :].to(acc_dtype)  # (batch, nheads_k, 1, n, d)
+        v_blk = vg[..., n0:n1, :].to(acc_dtype)
+        # dK and dV of this block: registers of the CTA, summed over every query head of the
+        # group and every query block.
+        dk_acc = torch.zeros(k_blk.shape[:2] + k_blk.shape[3:], dtype=acc_dtype, device=k.device)
+        dv_acc = torch.zeros_like(dk_acc)
+
+        # Causal: query blocks whose last row sees no key of this block are skipped (the tiles
+        # the forward skips). Query i sees key n0 iff i >= n0 - diagonal.
+        m_begin = 0 if not causal else max(0, n0 - diagonal) // block_m * block_m
+        for m0 in range(m_begin, seqlen_q, block_m):  # inner loop: one query block
+            m1 = min(m0 + block_m, seqlen_q)
+            q_blk = qg[..., m0:m1, :].to(acc_dtype)  # (batch, nheads_k, groups, m, d)
+            do_blk = dog[..., m0:m1, :].to(acc_dtype)
+
+            # Recompute the probabilities from the saved lse. Masked scores are -inf and rows
+            # that see no key have lse = +inf: exp(-inf) = 0 in both cases, never NaN.
+            s = torch.matmul(q_blk, k_blk.transpose(-1, -2)) * softmax_scale
+            s = _mask_tile(s, m0, n0, causal, diagonal, maskg)
+            p = torch.exp(s - lseg[..., m0:m1].unsqueeze(-1))  # (batch, nheads_k, groups, m, n)
+
+            dv_acc += torch.einsum("bhgmn,bhgmd->bhnd", p, do_blk)  # dV += P^T dO
+            dp = torch.matmul(do_blk, v_blk.transpose(-1, -2))  # dP = dO V^T
+            ds = p * (dp - delta[..., m0:m1].unsqueeze(-1))  # dS = P * (dP - D)
+            dk_acc += softmax_scale * torch.einsum("bhgmn,bhgmd->bhnd", ds, q_blk)  # dK += scale dS^T Q
+            # dQ += scale dS K: on the GPU an atomic add into the float32 accumulator, because
+            # every key block contributes to the same rows of dQ.
+            dq_accum[..., m0:m1, :] += softmax_scale * torch.matmul(ds, k_blk)
+
+        dk[..., n0:n1, :] = dk_acc.to(k.dtype)
+        dv[..., n0:n1, :] = dv_acc.to(v.dtype)
+
+    # A final pass (another small kernel) converts the float32 dQ accumulator to q's dtype.
+    dq = _ungroup_heads(dq_accum.to(q.dtype))
+    return dq, dk.permute(0, 2, 1, 3).contiguous(), dv.permute(0, 2, 1, 3).contiguous()
 
 
 def naive_attention(
@@ -104,12 +252,15 @@ def naive_attention(
     v: torch.Tensor,
     softmax_scale: float | None = None,
     causal: bool = False,
+    mask: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention from its definition, materialising the full score matrix: the test oracle.
 
     Computes in ``dtype`` (default float64 on CPU, float32 elsewhere) and returns
-    ``(out, lse)`` in that dtype, with the same conventions as :func:`attention_forward`.
+    ``(out, lse)`` in that dtype, with the same conventions as :func:`attention_forward`
+    (``mask`` included). Differentiable with torch.autograd: rows that see no key get zero
+    gradients, not NaN.
     """
     if dtype is None:
         dtype = torch.float64 if q.device.type == "cpu" else torch.float32
@@ -121,10 +272,20 @@ def naive_attention(
     kx = k.to(dtype).repeat_interleave(groups, dim=2)
     vx = v.to(dtype).repeat_interleave(groups, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), kx) * softmax_scale
+    # One boolean "visible" matrix gathers every way of masking; masked scores are set with
+    # masked_fill, whose gradient is 0 there (this keeps empty rows' gradients free of NaN).
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
     if causal:
-        i = torch.arange(seqlen_q, device=q.device).unsqueeze(1)
-        j = torch.arange(seqlen_k, device=q.device).unsqueeze(0)
-        s = s.masked_fill(j > i + seqlen_k - seqlen_q, -math.inf)
+        visible = visible.tril(seqlen_k - seqlen_q)
+    if mask is not None:
+        mask = _group_mask(mask, batch, nheads, nheads_k, seqlen_q, seqlen_k).flatten(1, 2)
+        if mask.dtype == torch.bool:
+            visible = visible & mask
+        else:
+            bias = mask.to(dtype)
+            visible = visible & (bias != -math.inf)
+            s = s + bias.masked_fill(bias == -math.inf, 0)
+    s = s.masked_fill(~visible, -math.inf)
     lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no key
     p = torch.exp(s - torch.where(lse == -math.inf, torch.zeros_like(lse), lse).unsqueeze(-1))
     out = torch.einsum("bhqk,bkhd->bqhd", p, vx)

@@ -1,0 +1,340 @@
+// FlashAttention-2 backward kernel.
+//
+// One CTA owns kBlockN keys of one KV head: their dK and dV accumulate in registers while the CTA
+// walks the query blocks that see them (and, for GQA/MQA, every query head that shares the KV
+// head). Per query block, with lse and D = rowsum(dO * O) from the earlier passes:
+//   S  = Q K^T                 P  = exp(scale * S - lse)     (recomputed, never stored in memory)
+//   dP = dO V^T                dS = P * (dP - D)
+//   dV += P^T dO               dK += dS^T Q                  (P, dS staged in shared memory)
+//   dQ += dS K                 (fp32 atomics into a global accumulator; other CTAs add theirs)
+// The scale of dK and dQ is applied once at the end. Q and dO of the next block stream in with
+// cp.async while the current one is processed.
+#pragma once
+#include <cute/tensor.hpp>
+
+#include "flash_cute/bwd_traits.h"
+#include "flash_cute/mask.h"
+#include "flash_cute/params.h"
+#include "flash_cute/utils.h"
+
+namespace flash_cute {
+using namespace cute;
+
+// Adds a thread's dQ fragment into the fp32 accumulator. Column pairs are adjacent, so sm_90 adds
+// them with one vector atomic.
+template <class Acc, class Coords>
+CUTE_DEVICE void atomic_add_dq(Acc const& acc, Coords const& coords, float* base, int64_t row_stride,
+                               int rows, int cols) {
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(acc); ++r) {
+    const int row = get<0>(coords(r, 0));
+    if (row >= rows) continue;
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(acc); c += 2) {
+      const int col = get<1>(coords(r, c));
+      if (col >= cols) continue;  // cols is a multiple of 8: a pair is all in or all out
+      float* dst = base + row * row_stride + col;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      atomicAdd(reinterpret_cast<float2*>(dst), make_float2(acc(r, c), acc(r, c + 1)));
+#else
+      atomicAdd(dst, acc(r, c));
+      atomicAdd(dst + 1, acc(r, c + 1));
+#endif
+    }
+  }
+}
+
+// Stages a (rows, head_dim) accumulator through shared memory (`smem`, a free buffer of that
+// shape) and stores it to global memory with 16-byte stores, rows >= max_rows and columns >= d
+// skipped. Ends with the shared buffer read by every thread.
+template <class Traits, class Acc, class TiledMma, class SmemTensor, class GmemTensor>
+CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, SmemTensor& smem,
+                           GmemTensor& gmem, int max_rows, int d, int tid) {
+  using Element = typename Traits::Element;
+  Tensor scaled = make_tensor<float>(acc.layout());
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) scaled(i) = acc(i) * scale;
+  Tensor r = make_converted<Element>(scaled);
+  auto smem_copy = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma);
+  copy(smem_copy, make_tensor(r.data(), smem_copy.retile(r.layout())),
+       smem_copy.get_thread_slice(tid).partition_D(smem));
+  __syncthreads();
+  typename Traits::GmemTiledCopyStore store_copy;
+  auto thr = store_copy.get_thread_slice(tid);
+  Tensor tS = thr.partition_S(smem);
+  Tensor tG = thr.partition_D(gmem);
+  Tensor tC = thr.partition_D(make_identity_tensor(shape(gmem)));
+  Tensor tR = make_tensor<Element>(shape(tS));
+  copy(store_copy, tS, tR);
+  copy_predicated</*kZeroFill=*/false>(store_copy, tR, tG, tC, max_rows, d);
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kStages = Traits::kStages;
+  using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
+  using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
+  using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
+
+  extern __shared__ __align__(128) char smem_bytes[];
+  auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
+
+  const int tid = threadIdx.x;
+  const int n_block = blockIdx.x;
+  const int slot = blockIdx.y;  // the KV head, or with expand_gqa the query head
+  const int batch = blockIdx.z;
+  const int groups = p.heads / p.heads_k;
+  const int heads_per_cta = p.expand_gqa ? 1 : groups;
+  const int head_begin = p.expand_gqa ? slot : slot * groups;
+  const int head_k = head_begin / groups;
+  const int col0 = n_block * kBlockN;
+  const int rows_k = min(kBlockN, p.seqlen_k - col0);
+  const int d = p.head_dim;
+  const int diagonal = p.seqlen_k - p.seqlen_q;  // key j visible from query i iff j <= i + diagonal
+
+  // Query blocks that see a key of this block: with causal, those whose last row reaches col0.
+  const int m_blocks = ceil_div(p.seqlen_q, kBlockM);
+  const int m_begin = p.causal ? max(0, col0 - diagonal) / kBlockM : 0;
+  const int steps_per_head = max(0, m_blocks - m_begin);
+  const int steps = heads_per_cta * steps_per_head;
+
+  auto k_ptr = static_cast<const Element*>(p.k) + batch * p.k_batch_stride + head_k * p.k_head_stride +
+               col0 * p.k_row_stride;
+  auto v_ptr = static_cast<const Element*>(p.v) + batch * p.v_batch_stride + head_k * p.v_head_stride +
+               col0 * p.v_row_stride;
+  Tensor gK = make_tensor(make_gmem_ptr(k_ptr), TileKV{}, make_stride(p.k_row_stride, _1{}));
+  Tensor gV = make_tensor(make_gmem_ptr(v_ptr), TileKV{}, make_stride(p.v_row_stride, _1{}));
+  Tensor gdK = make_tensor(make_gmem_ptr(static_cast<Element*>(p.dk) + batch * p.dk_batch_stride +
+                                         slot * p.dk_head_stride + col0 * p.dk_row_stride),
+                           TileKV{}, make_stride(p.dk_row_stride, _1{}));
+  Tensor gdV = make_tensor(make_gmem_ptr(static_cast<Element*>(p.dv) + batch * p.dv_batch_stride +
+                                         slot * p.dv_head_stride + col0 * p.dv_row_stride),
+                           TileKV{}, make_stride(p.dv_row_stride, _1{}));
+
+  Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutKV{});
+  Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKt{});
+  Tensor sP = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutPdS{});
+  Tensor sPt = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutPdSt{});
+  Tensor sdS = make_tensor(make_smem_ptr(smem.ds.data()), typename Traits::SmemLayoutPdS{});
+  Tensor sdSt = make_tensor(make_smem_ptr(smem.ds.data()), typename Traits::SmemLayoutPdSt{});
+  auto sQ_at = [&](int stage) {
+    return make_tensor(make_smem_ptr(smem.q.data() + stage * Traits::kQStageElems), typename Traits::SmemLayoutQ{});
+  };
+  auto sdO_at = [&](int stage) {
+    return make_tensor(make_smem_ptr(smem.dout.data() + stage * Traits::kQStageElems), typename Traits::SmemLayoutQ{});
+  };
+  auto sQt_at = [&](int stage) {
+    return make_tensor(make_smem_ptr(smem.q.data() + stage * Traits::kQStageElems), typename Traits::SmemLayoutQt{});
+  };
+  auto sdOt_at = [&](int stage) {
+    return make_tensor(make_smem_ptr(smem.dout.data() + stage * Traits::kQStageElems), typename Traits::SmemLayoutQt{});
+  };
+
+  typename Traits::TiledMmadKV mma_dkv;
+  Tensor acc_dk = partition_fragment_C(mma_dkv, TileKV{});  // (MMA, MMA_N, MMA_D) fp32
+  Tensor acc_dv = partition_fragment_C(mma_dkv, TileKV{});
+  clear(acc_dk);
+  clear(acc_dv);
+
+  if (steps == 0) {
+    // No query row sees these keys (causal): their gradients are zero.
+    store_acc<Traits>(acc_dk, 0.f, mma_dkv, sK, gdK, rows_k, d, tid);
+    store_acc<Traits>(acc_dv, 0.f, mma_dkv, sV, gdV, rows_k, d, tid);
+    return;
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Global -> shared copies: K, V once; Q, dO per step
+  // ------------------------------------------------------------------------------------------
+  typename Traits::GmemTiledCopyAsync load_copy;
+  auto load_thr = load_copy.get_thread_slice(tid);
+  Tensor tKcK = load_thr.partition_S(make_identity_tensor(TileKV{}));
+  Tensor tQcQ = load_thr.partition_S(make_identity_tensor(TileQ{}));
+  copy_predicated</*kZeroFill=*/true>(load_copy, load_thr.partition_S(gK), load_thr.partition_D(sK), tKcK, rows_k, d);
+  copy_predicated</*kZeroFill=*/true>(load_copy, load_thr.partition_S(gV), load_thr.partition_D(sV), tKcK, rows_k, d);
+
+  // Step t covers query head head_begin + t / steps_per_head, query block m_begin + t % steps_per_head.
+  auto step_head = [&](int t) { return head_begin + t / steps_per_head; };
+  auto step_m = [&](int t) { return m_begin + t % steps_per_head; };
+  auto load_q_do = [&](int t, int stage) {
+    const int head = step_head(t);
+    const int row0 = step_m(t) * kBlockM;
+    auto q_ptr = static_cast<const Element*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
+                 row0 * p.q_row_stride;
+    auto do_ptr = static_cast<const Element*>(p.dout) + batch * p.dout_batch_stride +
+                  head * p.dout_head_stride + row0 * p.dout_row_stride;
+    Tensor gQ = make_tensor(make_gmem_ptr(q_ptr), TileQ{}, make_stride(p.q_row_stride, _1{}));
+    Tensor gdO = make_tensor(make_gmem_ptr(do_ptr), TileQ{}, make_stride(p.dout_row_stride, _1{}));
+    const int rows = p.seqlen_q - row0;
+    Tensor sQ = sQ_at(stage);
+    Tensor sdO = sdO_at(stage);
+    if (rows >= kBlockM && d == kHeadDim) {
+      copy(load_copy, load_thr.partition_S(gQ), load_thr.partition_D(sQ));
+      copy(load_copy, load_thr.partition_S(gdO), load_thr.partition_D(sdO));
+    } else {
+      copy_predicated<true>(load_copy, load_thr.partition_S(gQ), load_thr.partition_D(sQ), tQcQ, rows, d);
+      copy_predicated<true>(load_copy, load_thr.partition_S(gdO), load_thr.partition_D(sdO), tQcQ, rows, d);
+    }
+  };
+  load_q_do(0, 0);
+  cp_async_fence();
+
+  // ------------------------------------------------------------------------------------------
+  // MMA partitions
+  // ------------------------------------------------------------------------------------------
+  typename Traits::TiledMmaSdP mma_sdp;
+  typename Traits::TiledMmadQ mma_dq;
+  auto thr_sdp = mma_sdp.get_thread_slice(tid);
+  auto thr_dkv = mma_dkv.get_thread_slice(tid);
+  auto thr_dq = mma_dq.get_thread_slice(tid);
+
+  // S = Q K^T and dP = dO V^T: A from Q / dO, B from K / V, all (rows, head_dim) in smem.
+  auto copy_sdp_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma_sdp);
+  auto copy_sdp_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma_sdp);
+  Tensor tSrQ = thr_sdp.partition_fragment_A(sQ_at(0));   // (MMA, MMA_M, MMA_K)
+  Tensor tSrK = thr_sdp.partition_fragment_B(sK);         // (MMA, MMA_N, MMA_K)
+  Tensor tdPrdO = thr_sdp.partition_fragment_A(sdO_at(0));
+  Tensor tdPrV = thr_sdp.partition_fragment_B(sV);
+  Tensor tSsK = copy_sdp_b.get_thread_slice(tid).partition_S(sK);
+  Tensor tdPsV = copy_sdp_b.get_thread_slice(tid).partition_S(sV);
+
+  // dV += P^T dO and dK += dS^T Q: A from P^T / dS^T, B from dO^T / Q^T (transposed reads).
+  auto copy_dkv_a = make_tiled_copy_A(typename Traits::SmemCopyAtomTransposed{}, mma_dkv);
+  auto copy_dkv_b = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma_dkv);
+  Tensor tdVrPt = thr_dkv.partition_fragment_A(sPt);       // (MMA, MMA_N, MMA_M)
+  Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt_at(0));  // (MMA, MMA_D, MMA_M)
+  Tensor tdKrdSt = thr_dkv.partition_fragment_A(sdSt);
+  Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt_at(0));
+  Tensor tdVsPt = copy_dkv_a.get_thread_slice(tid).partition_S(sPt);
+  Tensor tdKsdSt = copy_dkv_a.get_thread_slice(tid).partition_S(sdSt);
+
+  // dQ = dS K: A from dS, B from K^T.
+  auto copy_dq_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma_dq);
+  auto copy_dq_b = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, mma_dq);
+  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);   // (MMA, MMA_M, MMA_N)
+  Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);   // (MMA, MMA_D, MMA_N)
+  Tensor tdQsdS = copy_dq_a.get_thread_slice(tid).partition_S(sdS);
+  Tensor tdQsKt = copy_dq_b.get_thread_slice(tid).partition_S(sKt);
+
+  // P and dS go from the S/dP accumulators to shared memory.
+  auto copy_pds = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma_sdp);
+  Tensor tPsP = copy_pds.get_thread_slice(tid).partition_D(sP);
+  Tensor tdSsdS = copy_pds.get_thread_slice(tid).partition_D(sdS);
+
+  // (row, col) of every S element and every dQ element this thread holds.
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(TileS{}));
+  Tensor tScS_rc = make_tensor(tScS.data(), rowcol_layout(tScS.layout()));
+  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(TileQ{}));
+  Tensor tdQcdQ_rc = make_tensor(tdQcdQ.data(), rowcol_layout(tdQcdQ.layout()));
+  constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+
+  // ------------------------------------------------------------------------------------------
+  // Main loop over (query head, query block)
+  // ------------------------------------------------------------------------------------------
+  for (int t = 0; t < steps; ++t) {
+    const int stage = kStages == 2 ? t % 2 : 0;
+    const int head = step_head(t);
+    const int m_block = step_m(t);
+    const int row0 = m_block * kBlockM;
+
+    // lse (as log2) and D of this thread's rows; rows past seqlen_q get lse = +inf, so P = 0.
+    const int64_t row_offset = batch * p.lse_batch_stride + head * p.lse_head_stride + row0;
+    float lse_log2[kRows], dsum[kRows];
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int row = get<0>(tScS_rc(r, 0));
+      const bool in = row0 + row < p.seqlen_q;
+      lse_log2[r] = in ? p.lse[row_offset + row] * float(M_LOG2E) : INFINITY;
+      dsum[r] = in ? p.dsum[row_offset + row] : 0.f;
+    }
+
+    cp_async_wait<0>();  // Q, dO of this step (and, at t = 0, K and V) have landed ...
+    __syncthreads();     // ... for every thread, and nobody still reads the buffers reused below
+    if (kStages == 2 && t + 1 < steps) {
+      load_q_do(t + 1, stage ^ 1);
+      cp_async_fence();
+    }
+    Tensor sQ = sQ_at(stage);
+    Tensor sdO = sdO_at(stage);
+
+    // S = Q K^T, masked, and P = exp(scale * S - lse), in registers.
+    Tensor acc_s = partition_fragment_C(mma_sdp, TileS{});  // (MMA, MMA_M, MMA_N) fp32
+    clear(acc_s);
+    gemm_smem_smem(acc_s, tSrQ, tSrK, copy_sdp_a.get_thread_slice(tid).partition_S(sQ), tSsK, mma_sdp,
+                   copy_sdp_a, copy_sdp_b);
+    Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+    if (col0 + kBlockN > p.seqlen_k || (p.causal && col0 + kBlockN - 1 > row0 + diagonal))
+      mask_scores(scores, tScS_rc, row0, col0, p.seqlen_q, p.seqlen_k, p.causal);
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) scores(r, c) = exp2f(scores(r, c) * p.scale_log2 - lse_log2[r]);
+    }
+
+    // dP = dO V^T
+    Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});
+    clear(acc_dp);
+    gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
+                   copy_sdp_a, copy_sdp_b);
+
+    // P and dS = P * (dP - D) to shared memory, in the input dtype.
+    Tensor rP = make_converted<Element>(acc_s);
+    copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
+    Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = scores(r, c) * (dp(r, c) - dsum[r]);
+    }
+    Tensor rdS = make_converted<Element>(acc_dp);
+    copy(copy_pds, make_tensor(rdS.data(), copy_pds.retile(rdS.layout())), tdSsdS);
+    __syncthreads();
+
+    // dV += P^T dO, dK += dS^T Q
+    gemm_smem_smem(acc_dv, tdVrPt, tdVrdOt, tdVsPt, copy_dkv_b.get_thread_slice(tid).partition_S(sdOt_at(stage)),
+                   mma_dkv, copy_dkv_a, copy_dkv_b);
+    gemm_smem_smem(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, copy_dkv_b.get_thread_slice(tid).partition_S(sQt_at(stage)),
+                   mma_dkv, copy_dkv_a, copy_dkv_b);
+    if (kStages == 1 && t + 1 < steps) {
+      __syncthreads();  // every thread is done with Q and dO
+      load_q_do(t + 1, 0);
+      cp_async_fence();
+    }
+
+    // dQ += dS K, added into the fp32 accumulator. Deterministic mode: key blocks add in order.
+    Tensor acc_dq = partition_fragment_C(mma_dq, TileQ{});  // (MMA, MMA_M, MMA_D) fp32
+    clear(acc_dq);
+    gemm_smem_smem(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_dq, copy_dq_a, copy_dq_b);
+    int* semaphore = nullptr;
+    if (p.dq_semaphore != nullptr) {
+      semaphore = p.dq_semaphore + (int64_t(batch) * p.heads + head) * m_blocks + m_block;
+      if (tid == 0) {
+        while (atomicAdd(semaphore, 0) != n_block) {
+        }
+      }
+      __syncthreads();
+    }
+    float* dq_ptr = p.dq_accum + batch * p.dq_batch_stride + head * p.dq_head_stride + row0 * p.dq_row_stride;
+    Tensor dq = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
+    atomic_add_dq(dq, tdQcdQ_rc, dq_ptr, p.dq_row_stride, p.seqlen_q - row0, d);
+    if (semaphore != nullptr) {
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) atomicAdd(semaphore, 1);
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Epilogue: dK (scaled) and dV through K's and V's buffers to global memory
+  // ------------------------------------------------------------------------------------------
+  __syncthreads();  // every thread is done reading K and V
+  store_acc<Traits>(acc_dk, p.scale, mma_dkv, sK, gdK, rows_k, d, tid);
+  store_acc<Traits>(acc_dv, 1.f, mma_dkv, sV, gdV, rows_k, d, tid);
+}
+
+}  // namespace flash_cute

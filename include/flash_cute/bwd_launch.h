@@ -1,0 +1,37 @@
+// Host-side launch of the backward pass; included by the generated instantiation units only.
+#pragma once
+#include <string>
+
+#include "flash_cute/bwd_kernel.h"
+#include "flash_cute/cuda_check.h"
+#include "flash_cute/launch.h"
+
+namespace flash_cute {
+
+template <DType kDType, int kHeadDim>
+void run_bwd(const BwdParams& p, cudaStream_t stream) {
+  using Traits = BwdTraits<kDType, kHeadDim>;
+  constexpr int kSmem = Traits::kSmemBytes;
+  const std::string name = std::string("backward kernel (") + dtype_name(kDType) + ", head dim " +
+                           std::to_string(kHeadDim) + ")";
+  int device = 0, smem_optin = 0;
+  check_cuda(cudaGetDevice(&device), name + ": cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             name + ": reading the shared-memory limit");
+  if (kSmem > smem_optin) {
+    throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(kSmem) +
+                             " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin));
+  }
+  auto kernel = &bwd_kernel<Traits>;
+  if (kSmem > 48 * 1024) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+               name + ": raising the shared-memory limit");
+  }
+  run_bwd_dot_do_o(p, kDType, stream);
+  const dim3 grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.expand_gqa ? p.heads : p.heads_k, p.batch);
+  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
+  check_cuda(cudaGetLastError(), name + " launch");
+  run_bwd_convert_dq(p, kDType, stream);
+}
+
+}  // namespace flash_cute

@@ -1,0 +1,65 @@
+// Every CuTe type the backward kernel uses, derived from (element type, head dim) and bwd_tile().
+#pragma once
+#include "flash_cute/fwd_traits.h"
+
+namespace flash_cute {
+using namespace cute;
+
+template <DType kDType, int kHeadDim_>
+struct BwdTraits : TraitsBase<typename ElementOf<kDType>::type, kHeadDim_, bwd_tile(kHeadDim_).warps> {
+  using Base = TraitsBase<typename ElementOf<kDType>::type, kHeadDim_, bwd_tile(kHeadDim_).warps>;
+  using typename Base::Element;
+  using typename Base::MmaAtom;
+  using typename Base::SmemLayoutAtom;
+  static constexpr BwdTile kTile = bwd_tile(kHeadDim_);
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kTile.block_m;
+  static constexpr int kBlockN = kTile.block_n;
+  static constexpr int kWarps = kTile.warps;
+  static constexpr int kStages = kTile.stages;
+  static_assert(kStages == 1 || kStages == 2);
+
+  // A TiledMMA with `wm` x (kWarps / wm) warps, each taking m16 x n16 per step (two n8 atoms, so
+  // one LDSM.x4 feeds both), for a GEMM of shape (m, n).
+  template <int wm, int m, int n>
+  using Mma = std::enable_if_t<m % (16 * wm) == 0 && n % (16 * (kWarps / wm)) == 0,
+                               TiledMMA<MmaAtom, Layout<Shape<Int<wm>, Int<kWarps / wm>, _1>>,
+                                        Tile<Int<16 * wm>, Int<16 * (kWarps / wm)>, _16>>>;
+  using TiledMmaSdP = Mma<kTile.sdp_warps_m, kBlockM, kBlockN>;  // S, dP: (block_m, block_n)
+  using TiledMmadKV = Mma<kTile.dkv_warps_n, kBlockN, kHeadDim>;  // dK, dV: (block_n, head_dim)
+  using TiledMmadQ = Mma<kTile.dq_warps_m, kBlockM, kHeadDim>;    // dQ: (block_m, head_dim)
+
+  static_assert(kBlockM % Base::kGmemRowsPerPass == 0 && kBlockN % Base::kGmemRowsPerPass == 0,
+                "one pass of the global-memory copy must not cover more rows than a tile has");
+  static_assert(kBlockN % 64 == 0, "P and dS rows are cut in 64-element chunks");
+
+  // Q and dO: (block_m, head_dim), kStages buffers each; K and V: (block_n, head_dim).
+  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  // P and dS: (block_m, block_n), written from the S/dP accumulators, read as they are (dQ = dS K)
+  // and transposed (dV += P^T dO, dK += dS^T Q).
+  using SmemLayoutPdS = decltype(tile_to_shape(
+      composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}),
+      Shape<Int<kBlockM>, Int<kBlockN>>{}));
+
+  // Transposed views of the same bytes: T(i, j) = X(j, i).
+  template <class L, int rows, int cols>
+  using Transposed = decltype(composition(L{}, make_layout(Shape<Int<rows>, Int<cols>>{}, GenRowMajor{})));
+  using SmemLayoutPdSt = Transposed<SmemLayoutPdS, kBlockN, kBlockM>;  // (block_n, block_m)
+  using SmemLayoutKt = Transposed<SmemLayoutKV, kHeadDim, kBlockN>;     // (head_dim, block_n)
+  using SmemLayoutQt = Transposed<SmemLayoutQ, kHeadDim, kBlockM>;      // (head_dim, block_m)
+  static constexpr int kQStageElems = cosize_v<SmemLayoutQ>;
+
+  struct SharedStorage {
+    cute::array_aligned<Element, kStages * kQStageElems> q;
+    cute::array_aligned<Element, kStages * kQStageElems> dout;
+    cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
+    cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
+    cute::array_aligned<Element, cosize_v<SmemLayoutPdS>> p;
+    cute::array_aligned<Element, cosize_v<SmemLayoutPdS>> ds;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 163 * 1024, "the backward tile must fit an A100's shared memory");
+};
+
+}  // namespace flash_cute

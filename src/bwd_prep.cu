@@ -1,0 +1,104 @@
+// The two memory-bound passes around the backward kernel, for both dtypes:
+//   D = rowsum(dO * O) in fp32 (the backward kernel's dS = P * (dP - D));
+//   dQ = scale * dQ_accum, converted from the fp32 accumulator to the input dtype.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <string>
+
+#include "flash_cute/cuda_check.h"
+#include "flash_cute/launch.h"
+
+namespace flash_cute {
+namespace {
+
+template <DType> struct Native;
+template <> struct Native<DType::kFloat16> {
+  using type = __half;
+  static __device__ float2 to_float2(type a, type b) { return make_float2(__half2float(a), __half2float(b)); }
+  static __device__ type from_float(float x) { return __float2half_rn(x); }
+};
+template <> struct Native<DType::kBFloat16> {
+  using type = __nv_bfloat16;
+  static __device__ float2 to_float2(type a, type b) { return make_float2(__bfloat162float(a), __bfloat162float(b)); }
+  static __device__ type from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerBlock = kThreads / 32;  // one warp per (batch, row, head)
+
+// One warp per row: lane l reads elements [8 l, 8 l + 8) of dO and O as 16-byte vectors
+// (head_dim <= 256 = 32 lanes x 8), then the warp sums.
+template <DType kDType>
+__global__ void __launch_bounds__(kThreads) dot_do_o_kernel(const BwdParams p) {
+  using T = typename Native<kDType>::type;
+  const int64_t row_id = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row_id >= int64_t(p.batch) * p.seqlen_q * p.heads) return;
+  const int head = int(row_id % p.heads);
+  const int row = int((row_id / p.heads) % p.seqlen_q);
+  const int batch = int(row_id / (int64_t(p.heads) * p.seqlen_q));
+  float sum = 0.f;
+  if (lane * 8 < p.head_dim) {
+    const T* o = static_cast<const T*>(p.o) + batch * p.o_batch_stride + row * p.o_row_stride +
+                 head * p.o_head_stride + lane * 8;
+    const T* dout = static_cast<const T*>(p.dout) + batch * p.dout_batch_stride + row * p.dout_row_stride +
+                    head * p.dout_head_stride + lane * 8;
+    const uint4 ov = *reinterpret_cast<const uint4*>(o);
+    const uint4 dv = *reinterpret_cast<const uint4*>(dout);
+    const T* oe = reinterpret_cast<const T*>(&ov);
+    const T* de = reinterpret_cast<const T*>(&dv);
+    for (int i = 0; i < 8; i += 2) {
+      const float2 a = Native<kDType>::to_float2(oe[i], oe[i + 1]);
+      const float2 b = Native<kDType>::to_float2(de[i], de[i + 1]);
+      sum += a.x * b.x + a.y * b.y;
+    }
+  }
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffff, sum, offset);
+  if (lane == 0) p.dsum[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = sum;
+}
+
+// dq_accum and dq are both contiguous (batch, seqlen_q, heads, head_dim): an elementwise pass,
+// 4 elements per thread (head_dim is a multiple of 8).
+template <DType kDType>
+__global__ void __launch_bounds__(kThreads) convert_dq_kernel(const BwdParams p, int64_t n) {
+  using T = typename Native<kDType>::type;
+  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * 4;
+  if (i >= n) return;
+  const float4 a = *reinterpret_cast<const float4*>(p.dq_accum + i);
+  T out[4] = {Native<kDType>::from_float(a.x * p.scale), Native<kDType>::from_float(a.y * p.scale),
+              Native<kDType>::from_float(a.z * p.scale), Native<kDType>::from_float(a.w * p.scale)};
+  *reinterpret_cast<uint2*>(static_cast<T*>(p.dq) + i) = *reinterpret_cast<const uint2*>(out);
+}
+
+template <DType kDType>
+void dot_do_o(const BwdParams& p, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.batch) * p.seqlen_q * p.heads;
+  const int64_t blocks = ceil_div(rows, kRowsPerBlock);
+  dot_do_o_kernel<kDType><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(p);
+  check_cuda(cudaGetLastError(), std::string("backward rowsum(dout * out) kernel (") + dtype_name(kDType) + ") launch");
+}
+
+template <DType kDType>
+void convert_dq(const BwdParams& p, cudaStream_t stream) {
+  const int64_t n = int64_t(p.batch) * p.seqlen_q * p.heads * p.head_dim;
+  const int64_t blocks = ceil_div(n, 4 * kThreads);
+  convert_dq_kernel<kDType><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(p, n);
+  check_cuda(cudaGetLastError(), std::string("backward dQ conversion kernel (") + dtype_name(kDType) + ") launch");
+}
+
+}  // namespace
+
+void run_bwd_dot_do_o(const BwdParams& p, DType dtype, cudaStream_t stream) {
+  if (dtype == DType::kFloat16) dot_do_o<DType::kFloat16>(p, stream);
+  else dot_do_o<DType::kBFloat16>(p, stream);
+}
+
+void run_bwd_convert_dq(const BwdParams& p, DType dtype, cudaStream_t stream) {
+  if (dtype == DType::kFloat16) convert_dq<DType::kFloat16>(p, stream);
+  else convert_dq<DType::kBFloat16>(p, stream);
+}
+
+}  // namespace flash_cute
