@@ -1,7 +1,15 @@
 #!/usr/bin/env python3
 """Attention throughput of flash_cute against the kernels it must match, on the FlashAttention
 papers' grid: batch * seqlen = 16k tokens, model dim 2048 (nheads = 2048 / headdim), head dims
-64/128/256, causal off/on, seqlen 512 .. 16k, bf16 and fp16.
+64/128/256, causal off/on, seqlen 512 .. 16k, bf16 and fp16; forward, backward and both.
+
+Passes (--pass); FLOPs as in the papers: 4*b*h*s*s*d per forward (halved when causal), times
+  fwd     1    the forward call
+  bwd     2.5  the backward pass alone (5 matrix products against the forward's 2): the forward
+               runs once, outside the timed region, on q, k, v that require grad; the timed call
+               is torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+  fwdbwd  3.5  the forward and torch.autograd.grad in one timed call
+Every implementation is timed the same way, with the same random dout.
 
 Implementations (columns), all fed the same (batch, seqlen, nheads, headdim) tensors:
   flash_cute   flash_cute.flash_attn_func
@@ -10,22 +18,45 @@ Implementations (columns), all fed the same (batch, seqlen, nheads, headdim) ten
   flash_attn   the official flash_attn.flash_attn_func, when it imports
 SDPA takes (batch, nheads, seqlen, headdim): it gets q.transpose(1, 2) views, made outside the
 timed region. Its flash backend transposes them back to (batch, seqlen, nheads, headdim), the
-layout the FA2 kernels read, so no input is copied. Each call's peak allocation is measured
+layout the FA2 kernels read, so no input is copied; gradients flow back through the same
+views. With fewer KV heads than query heads SDPA gets enable_gqa=True (a backend may refuse
+it: its cells then print '-'). Each call's peak allocation is measured
 (column alloc_x in the JSON/CSV) and a note is printed for an implementation that allocates
-more than its output and log-sum-exp, i.e. one that copies its inputs.
+more than its results need (forward: output and log-sum-exp; backward: dq, dk, dv and a
+float32 dQ accumulator), i.e. one that copies its inputs or uses a large workspace.
 
-Every row also compares flash_cute's output with torch-flash's (or the first other anchor that
-ran) on that very input: maxdiff, flagged with '!' above --tol.
+Every row also compares flash_cute's result with torch-flash's (or the first other anchor that
+ran) on that very input: maxdiff, flagged with '!' above --tol. For fwd it is max |out - ref|;
+for bwd (dq, dk, dv) and fwdbwd (out, dq, dk, dv) each tensor's max |x - ref| is divided by
+max(1, max |ref|), since gradients grow with the attention's concentration (a key seen by one
+query gets that query's whole dO) and one rounding step of a value near 4 is already 0.03 in bf16.
+
+Two more sections follow the grid (their numbers also go to results.json):
+  GQA backward  flash_cute's backward with each way of reducing dK/dV over the query heads of a
+                KV head (--gqa-bwd in_kernel,expand: summed in the kernel, or nheads-sized
+                buffers summed afterwards, the official package's way) beside the anchors, at
+                --gqa-shape (default batch 4, seqlen 4k, 32 query heads over 8 KV heads, d 128),
+                causal off and on. Runs by default when the grid has the bwd pass, except with
+                --quick.
+  memory        the peak memory of one forward + backward (torch.cuda.max_memory_allocated
+                above what was allocated before; q, k, v and dout not counted) of each
+                implementation, at the grid's d128 seqlen-4k shape and at the GQA shape (there
+                with both flash_cute reductions). Runs when the grid has bwd or fwdbwd, --quick
+                included (--no-memory skips it).
+The summary ends with one line per section.
 
 Examples:
-  python3 benchmark/run.py --quick                      # bf16, d 64/128/256, causal off/on, 2k and 16k
-  python3 benchmark/run.py --out bench-out               # the whole grid, plus JSON, CSV and plots
+  python3 benchmark/run.py --quick                      # fwd and bwd, bf16, d 64/128/256, causal off/on, 2k and 16k
+  python3 benchmark/run.py --out bench-out               # the whole grid (fwd, bwd, fwdbwd), JSON, CSV, plots
   python3 benchmark/run.py --hdim 128 --seqlen 4k,16k --only flash_cute,torch-flash
+  python3 benchmark/run.py --pass bwd --quick --gqa-bwd in_kernel,expand
+  python3 benchmark/run.py --pass fwd                   # the forward grid only (no extra section)
   python3 benchmark/run.py --dry-run --quick             # print the grid and exit (no GPU needed)
 
 Exit status: 0; 1 when a flash_cute result exceeded --tol or flash_cute failed for a reason
-other than a head dim left out of the build; 2 when the CUDA context died mid-run (the rows
-measured so far are still printed and written).
+other than a head dim left out of the build (in the grid or the GQA section, where each
+reduction is compared with the first); 2 when the CUDA context died mid-run (the rows measured
+so far are still printed and written).
 """
 
 from __future__ import annotations
@@ -62,10 +93,17 @@ PAPER_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 PAPER_TOKENS = 16384  # batch * seqlen
 PAPER_MODEL_DIM = 2048  # nheads * headdim
 
-# --quick: about 12 shapes x 4 implementations, well under a minute on an H100. 2k and 16k are
-# the two columns of the anchor table in shared/GPU.md.
+# --quick: 12 shapes per pass (fwd and bwd) x 4 implementations, about a minute on an H100. 2k
+# and 16k are the two columns of the anchor table in shared/GPU.md.
 QUICK_DTYPES = ("bf16",)
 QUICK_SEQLENS = (2048, 16384)
+QUICK_PASSES = ("fwd", "bwd")
+FULL_PASSES = ("fwd", "bwd", "fwdbwd")
+
+# The extra sections: GQA backward reductions and peak memory of forward + backward.
+GQA_REDUCTIONS = ("in_kernel", "expand")  # values of flash_cute._ops.GQA_BWD_REDUCTION
+DEFAULT_GQA_SHAPE = (4, 4096, 32, 8, 128)  # batch, seqlen, nheads, nheads_k, head dim
+MEMORY_SEQLEN, MEMORY_HDIM = 4096, 128  # the MHA shape of the memory section (batch, heads from the grid)
 
 IMPL_NAMES = ("flash_cute", "torch-flash", "cudnn", "flash_attn")
 # The implementation flash_cute's output is compared with: the first of these that ran.
@@ -77,19 +115,29 @@ DEFAULT_TOL = 2e-2
 
 @dataclass(frozen=True)
 class PassSpec:
-    """One timed pass. Only the forward pass exists so far; the backward pass will add
-    'bwd' (flop_factor 2.5: 5 matrix products against the forward's 2) and 'fwd_bwd' (3.5),
-    each with its own build function in PASS_BUILDERS."""
+    """One timed pass; its build function is PASS_BUILDERS[name]."""
 
     name: str
     flop_factor: float  # FLOPs relative to the forward pass
     grad_enabled: bool  # autograd on while the pass runs
-    # A call that allocates more than this many times q's bytes gets a note: it copies inputs or
-    # uses a large workspace. The forward allocates its output (1x) and log-sum-exp (a few %).
-    alloc_limit: float
+    # What one call needs to allocate, in multiples of q's bytes: the forward its output (1x) and
+    # log-sum-exp (a few %); the backward dq, dk, dv (3x) and a float32 dQ accumulator (2x);
+    # fwdbwd both. A call that allocates over half of q's bytes more gets a note: it copies
+    # inputs or uses a large workspace.
+    alloc_need: float
+    # The check divides each tensor's max |flash_cute - ref| by max(1, max |ref|) (gradients).
+    relative_check: bool = False
+
+    @property
+    def alloc_limit(self) -> float:
+        return self.alloc_need + 0.5
 
 
-PASSES = {"fwd": PassSpec("fwd", 1.0, grad_enabled=False, alloc_limit=1.5)}
+PASSES = {
+    "fwd": PassSpec("fwd", 1.0, grad_enabled=False, alloc_need=1.0),
+    "bwd": PassSpec("bwd", 2.5, grad_enabled=True, alloc_need=5.0, relative_check=True),
+    "fwdbwd": PassSpec("fwdbwd", 3.5, grad_enabled=True, alloc_need=6.0, relative_check=True),
+}
 
 
 @dataclass(frozen=True)
@@ -103,6 +151,11 @@ class Case:
     seqlen: int
     batch: int
     nheads: int
+    nheads_k: Optional[int] = None  # KV heads (GQA/MQA); None: nheads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.nheads if self.nheads_k is None else self.nheads_k
 
     @property
     def flops(self) -> float:
@@ -119,7 +172,7 @@ class Case:
     @property
     def group(self) -> tuple:
         """The summary groups rows by everything but the sequence length."""
-        return (self.pass_name, self.dtype, self.hdim, self.causal)
+        return (self.pass_name, self.dtype, self.hdim, self.causal, self.kv_heads)
 
 
 def build_grid(passes, dtypes, hdims, causals, seqlens, tokens: int, model_dim: int) -> list[Case]:
@@ -144,31 +197,38 @@ FwdFactory = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], Callable
 @dataclass
 class Impl:
     """One column. `fwd(q, k, v, causal)` is called outside the timed region and returns the
-    zero-argument call that is timed; that call returns the output as (batch, seqlen, nheads, d)."""
+    zero-argument call that is timed; that call returns the output as (batch, seqlen, nheads, d),
+    differentiably (the backward passes are built on it)."""
 
     name: str
     fwd: Optional[FwdFactory] = None
     sdpa_backend: object = None  # torch.nn.attention.SDPBackend for the SDPA columns
     unavailable: Optional[str] = None  # why it cannot run at all
     version: Optional[str] = None
+    setting: Optional[Callable[[], contextlib.AbstractContextManager]] = None  # e.g. a GQA reduction
 
     def context(self):
         """Entered around the warm-up, check and timing of every call (not inside the timed
         call, so that its cost stays out of the timing)."""
-        if self.sdpa_backend is None:
-            return contextlib.nullcontext()
-        from torch.nn.attention import sdpa_kernel
+        stack = contextlib.ExitStack()
+        if self.setting is not None:
+            stack.enter_context(self.setting())
+        if self.sdpa_backend is not None:
+            from torch.nn.attention import sdpa_kernel
 
-        return sdpa_kernel(self.sdpa_backend)
+            stack.enter_context(sdpa_kernel(self.sdpa_backend))
+        return stack
 
 
 def _sdpa_fwd(q, k, v, causal):
     # (batch, seqlen, nheads, d) -> (batch, nheads, seqlen, d) views: the strides change, the
     # memory does not. The output comes back as a (batch, nheads, seqlen, d) view of a
     # (batch, seqlen, nheads, d) buffer (flash backend; cuDNN allocates its output in q's
-    # layout); transposing it back is again a view.
+    # layout); transposing it back is again a view. Fewer KV heads than query heads: SDPA's
+    # enable_gqa (torch >= 2.5), which a backend may refuse.
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    return lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+    extra = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
+    return lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **extra).transpose(1, 2)
 
 
 def _flash_attn_api_fwd(module) -> FwdFactory:
@@ -210,6 +270,24 @@ def load_sdpa(name: str, backend_name: str) -> Impl:
     return Impl(name, fwd=_sdpa_fwd, sdpa_backend=backend, version=torch.__version__)
 
 
+@contextlib.contextmanager
+def gqa_reduction(reduction: str):
+    """Sets flash_cute._ops.GQA_BWD_REDUCTION for the duration (read when the backward runs)."""
+    from flash_cute import _ops
+
+    saved = _ops.GQA_BWD_REDUCTION
+    _ops.GQA_BWD_REDUCTION = reduction
+    try:
+        yield
+    finally:
+        _ops.GQA_BWD_REDUCTION = saved
+
+
+def reduction_variant(impl: Impl, reduction: str) -> Impl:
+    """flash_cute's column with one GQA reduction of the backward pass, named after it."""
+    return dataclasses.replace(impl, name=f"{impl.name}[{reduction}]", setting=lambda: gqa_reduction(reduction))
+
+
 def load_impls(names) -> list[Impl]:
     loaders = {
         "flash_cute": load_flash_cute,
@@ -230,14 +308,22 @@ class Inputs:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    dout: Optional[torch.Tensor] = None  # the upstream gradient, for the passes with a backward
 
 
 def make_inputs(case: Case, seed: int) -> Inputs:
-    """Random normal q, k, v (never zeros), (batch, seqlen, nheads, d), contiguous."""
+    """Random normal q, k, v (never zeros), q (batch, seqlen, nheads, d) and k, v with the case's
+    KV heads, contiguous; and dout like q for the passes with a backward."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    shape = (case.batch, case.seqlen, case.nheads, case.hdim)
-    q, k, v = (torch.randn(shape, dtype=DTYPES[case.dtype], device="cuda", generator=gen) for _ in range(3))
-    return Inputs(q, k, v)
+    dtype = DTYPES[case.dtype]
+
+    def randn(heads):
+        return torch.randn((case.batch, case.seqlen, heads, case.hdim), dtype=dtype, device="cuda", generator=gen)
+
+    x = Inputs(randn(case.nheads), randn(case.kv_heads), randn(case.kv_heads))
+    if PASSES[case.pass_name].grad_enabled:
+        x.dout = randn(case.nheads)
+    return x
 
 
 def build_fwd(impl: Impl, x: Inputs, causal: bool) -> Runner:
@@ -245,11 +331,38 @@ def build_fwd(impl: Impl, x: Inputs, causal: bool) -> Runner:
     return lambda: (call(),)
 
 
-# Each pass: impl, inputs, causal -> the timed call, which returns the tensors to compare.
-# The backward pass will add e.g. 'bwd': run the forward with requires_grad inputs once outside
-# the timed region, time torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), and return
-# (dq, dk, dv).
-PASS_BUILDERS: dict[str, Callable[[Impl, Inputs, bool], Runner]] = {"fwd": build_fwd}
+def _leaves(x: Inputs) -> tuple:
+    """q, k, v as fresh leaves that require grad and share the inputs' memory: every
+    implementation gets its own autograd graph."""
+    return tuple(t.detach().requires_grad_() for t in (x.q, x.k, x.v))
+
+
+def build_bwd(impl: Impl, x: Inputs, causal: bool) -> Runner:
+    """The forward runs here, once, outside the timed region; the timed call is the backward
+    alone (retain_graph keeps the saved tensors for the next repetition)."""
+    leaves = _leaves(x)
+    out = impl.fwd(*leaves, causal)()
+    return lambda: torch.autograd.grad(out, leaves, x.dout, retain_graph=True)
+
+
+def build_fwdbwd(impl: Impl, x: Inputs, causal: bool) -> Runner:
+    leaves = _leaves(x)
+    call = impl.fwd(*leaves, causal)
+
+    def run():
+        out = call()
+        return (out.detach(), *torch.autograd.grad(out, leaves, x.dout))
+
+    return run
+
+
+# Each pass: impl, inputs, causal -> the timed call, which returns the tensors to compare:
+# (out,), (dq, dk, dv) or (out, dq, dk, dv).
+PASS_BUILDERS: dict[str, Callable[[Impl, Inputs, bool], Runner]] = {
+    "fwd": build_fwd,
+    "bwd": build_bwd,
+    "fwdbwd": build_fwdbwd,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,8 +512,20 @@ def cuda_is_alive() -> bool:
         return False
 
 
-def max_abs_diff(outs, refs) -> float:
-    return max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, refs))
+def max_diff(outs, refs, relative: bool = False) -> float:
+    """max |a - b| over the tensor pairs; with ``relative``, each pair's divided by
+    max(1, max |b|). NaN anywhere gives NaN."""
+    worst = 0.0
+    for a, b in zip(outs, refs):
+        if a.shape != b.shape:
+            raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
+        diff = (a.float() - b.float()).abs().max().item()
+        if relative:
+            diff /= max(1.0, b.float().abs().max().item())
+        worst = diff if math.isnan(diff) else max(worst, diff)
+        if math.isnan(worst):
+            break
+    return worst
 
 
 def is_not_built(e: BaseException) -> bool:
@@ -440,7 +565,8 @@ class Bench:
         row.ref = next((r for r in REFERENCE_ORDER if r in outputs), None)
         if "flash_cute" in outputs and row.ref is not None:
             try:
-                row.max_diff = max_abs_diff(outputs["flash_cute"], outputs[row.ref])
+                row.max_diff = max_diff(outputs["flash_cute"], outputs[row.ref],
+                                        relative=PASSES[case.pass_name].relative_check)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory for the float copies
                 self.note(f"check failed at {describe_case(case)}: {short_error(e)}")
                 row.ref = None
@@ -470,10 +596,29 @@ class Bench:
             self.note(f"{impl.name}: warning: {warning_text(w)}")
         if m.alloc_x is not None and m.alloc_x > spec.alloc_limit:
             self.note(
-                f"{impl.name}: one call allocates {m.alloc_x:.2f}x the bytes of q (its output is 1x): "
-                "it copies inputs or uses a large workspace"
+                f"{impl.name}: one {spec.name} call allocates {m.alloc_x:.2f}x the bytes of q (its results "
+                f"need about {spec.alloc_need:g}x): it copies inputs or uses a large workspace",
+                key=(impl.name, spec.name, "alloc"),
             )
         return m, outs
+
+    def measure_memory(self, impl: Impl, case: Case, x: Inputs) -> Measurement:
+        """A warm-up call, then one call whose peak allocation is measured; no timing."""
+        m = Measurement(impl.name)
+        if impl.unavailable:
+            m.error = impl.unavailable
+            return m
+        spec = PASSES[case.pass_name]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with impl.context(), torch.set_grad_enabled(spec.grad_enabled):
+                    run = PASS_BUILDERS[case.pass_name](impl, x, case.causal)
+                    run()  # lazy loading, cuDNN plans and workspaces: not counted
+                    _, m.alloc_x = call_with_peak_memory(run, case.tensor_bytes)
+            except Exception as e:  # noqa: BLE001
+                self.record_failure(impl, case, m, e, caught)
+        return m
 
     def record_failure(self, impl: Impl, case: Case, m: Measurement, e: Exception, caught) -> None:
         m.ms = m.alloc_x = None
@@ -514,7 +659,12 @@ def fmt_diff(row: Row, tol: float) -> str:
 
 def describe_case(c: Case) -> str:
     return (f"{c.pass_name} {c.dtype} d{c.hdim} {'causal' if c.causal else 'non-causal'} "
-            f"seqlen {fmt_seqlen(c.seqlen)} (batch {c.batch}, heads {c.nheads})")
+            f"seqlen {fmt_seqlen(c.seqlen)} (batch {c.batch}, heads {fmt_heads(c)})")
+
+
+def fmt_heads(c: Case) -> str:
+    """'16', or '32/8' for 32 query heads over 8 KV heads."""
+    return str(c.nheads) if c.kv_heads == c.nheads else f"{c.nheads}/{c.kv_heads}"
 
 
 def has_check(impl_names: list[str]) -> bool:
@@ -542,7 +692,7 @@ class Table:
         return head + "\n" + "-" * len(head)
 
 
-CASE_COLUMNS = [("pass", 4, "<"), ("dtype", 5, "<"), ("d", 3, ">"), ("causal", 6, "<")]
+CASE_COLUMNS = [("pass", 6, "<"), ("dtype", 5, "<"), ("d", 3, ">"), ("causal", 6, "<")]
 
 
 def impl_width(name: str) -> int:
@@ -648,6 +798,137 @@ def overall_lines(rows: list[Row], impl_names: list[str], tol: float) -> list[st
 
 
 # ----------------------------------------------------------------------------------------------
+# Extra sections: the GQA reductions of the backward pass, and peak memory of forward + backward
+# ----------------------------------------------------------------------------------------------
+
+
+def gqa_case(args, pass_name: str, causal: bool) -> Case:
+    batch, seqlen, nheads, nheads_k, hdim = args.gqa_shape
+    return Case(pass_name, grid_dtypes(args)[0], hdim, causal, seqlen, batch, nheads, nheads_k)
+
+
+def memory_cases(args) -> list[Case]:
+    """fwdbwd at the grid's d128 seqlen-4k shape (MHA) and at the GQA shape; non-causal (the
+    memory does not depend on the mask)."""
+    dtype = grid_dtypes(args)[0]
+    mha = Case("fwdbwd", dtype, MEMORY_HDIM, False, MEMORY_SEQLEN, batch=max(1, args.tokens // MEMORY_SEQLEN),
+               nheads=max(1, args.model_dim // MEMORY_HDIM))
+    return [mha, gqa_case(args, "fwdbwd", False)]
+
+
+def gqa_variants(impls: list[Impl], reductions) -> list[Impl]:
+    """flash_cute once per GQA reduction, then the anchors."""
+    out = []
+    for impl in impls:
+        if impl.name == "flash_cute":
+            out += [reduction_variant(impl, r) for r in reductions]
+        else:
+            out.append(impl)
+    return out
+
+
+def fmt_bytes_mib(n: float) -> str:
+    mib = n / 2**20
+    return f"{mib:.0f}" if mib >= 10 else f"{mib:.1f}"
+
+
+def fmt_mib(m: Measurement, case: Case) -> str:
+    return "-" if m.alloc_x is None else fmt_bytes_mib(m.alloc_x * case.tensor_bytes)
+
+
+def run_gqa_section(bench: Bench, impls: list[Impl], args, log) -> list[dict]:
+    """Times the backward pass of each variant at the GQA shape, causal off and on. Returns one
+    record per (case, variant) for results.json; prints a table."""
+    variants = gqa_variants(impls, args.gqa_bwd)
+    names = [v.name for v in variants]
+    table = Table([("causal", 6, "<"), ("implementation", max(14, *map(len, names)), "<"), ("ms", 8, ">"),
+                   ("TFLOP/s", 7, ">"), ("alloc MiB", 9, ">"), ("vs first", 8, ">"), ("maxdiff", 9, "<")])
+    first = names[0]
+    log(f"GQA BACKWARD  {describe_case(gqa_case(args, 'bwd', False)).replace(' non-causal', '')}: "
+        f"flash_cute's dK/dV reductions ({', '.join(args.gqa_bwd)}) beside the anchors; "
+        f"alloc MiB: peak allocation of one backward call; vs first: time / {first}'s; "
+        f"maxdiff: vs {first} (relative, as for bwd rows)")
+    log(table.header())
+    records = []
+    for causal in grid_causals(args):
+        case = gqa_case(args, "bwd", causal)
+        x = make_inputs(case, bench.seed)
+        results, outputs = {}, {}
+        for impl in variants:
+            results[impl.name], outs = bench.measure(impl, case, x)
+            if outs is not None:
+                outputs[impl.name] = outs
+        for name in names:
+            m = results[name]
+            diff = None
+            if name != first and name in outputs and first in outputs:
+                diff = max_diff(outputs[name], outputs[first], relative=True)
+            base = results[first].ms
+            log(table.line(["yes" if causal else "no", name, fmt_num(m.ms, ".3f"), fmt_num(m.tflops, ".1f"),
+                            fmt_mib(m, case), fmt_num(m.ms / base if m.ms and base else None, ".3f"),
+                            "-" if diff is None else f"{diff:.1e}"]))
+            records.append({**dataclasses.asdict(case), "impl": name, "max_diff_vs_first": diff,
+                            **dataclasses.asdict(m)})
+        del x, outputs
+    log()
+    return records
+
+
+def run_memory_section(bench: Bench, impls: list[Impl], args, log) -> list[dict]:
+    """Peak memory of one forward + backward of each implementation (and of each flash_cute GQA
+    reduction at the GQA shape). Returns one record per (case, implementation)."""
+    cases = memory_cases(args)
+    log("MEMORY  peak allocation of one forward + backward (torch.cuda.max_memory_allocated above "
+        "what was allocated before the call; q, k, v and dout not counted); x q: in multiples of q's bytes")
+    records = []
+    for case in cases:
+        variants = gqa_variants(impls, GQA_REDUCTIONS) if case.kv_heads != case.nheads else impls
+        x = make_inputs(case, bench.seed)
+        width = max(14, *(len(v.name) for v in variants))
+        table = Table([("implementation", width, "<"), ("peak MiB", 8, ">"), ("x q", 6, ">"),
+                       ("vs torch-flash", 14, ">")])
+        log(f"{case.dtype} d{case.hdim} seqlen {fmt_seqlen(case.seqlen)} batch {case.batch} heads {fmt_heads(case)} "
+            f"(q: {fmt_bytes_mib(case.tensor_bytes)} MiB)")
+        log(table.header())
+        results = {v.name: bench.measure_memory(v, case, x) for v in variants}
+        anchor = results.get("torch-flash")
+        for name, m in results.items():
+            ratio = m.alloc_x / anchor.alloc_x if m.alloc_x and anchor is not None and anchor.alloc_x else None
+            cell = fmt_num(ratio, ".2f") if m.error is None else first_line(m.error, 60)
+            log(table.line([name, fmt_mib(m, case), fmt_num(m.alloc_x, ".2f"), cell]))
+            records.append({**dataclasses.asdict(case), "impl": name, "peak_bytes":
+                            None if m.alloc_x is None else round(m.alloc_x * case.tensor_bytes),
+                            **dataclasses.asdict(m)})
+        del x
+        log()
+    return records
+
+
+def extras_summary_lines(gqa: list[dict], memory: list[dict]) -> list[str]:
+    """One line per extra section for the summary: the reductions' time ratio, and flash_cute's
+    peak memory against torch-flash's."""
+    out = []
+    by_causal: dict = {}
+    for r in gqa:
+        by_causal.setdefault(r["causal"], {})[r["impl"]] = r
+    for causal, rs in by_causal.items():
+        timed = [(name, r["ms"]) for name, r in rs.items() if r["ms"] is not None]
+        if timed:
+            out.append(f"GQA backward ({'causal' if causal else 'non-causal'}): "
+                       + ", ".join(f"{name} {ms:.3f} ms" for name, ms in timed))
+    by_shape: dict = {}
+    for r in memory:
+        by_shape.setdefault((r["hdim"], r["seqlen"], r["batch"], r["nheads"], r["nheads_k"]), {})[r["impl"]] = r
+    for (hdim, seqlen, batch, nheads, nheads_k), rs in by_shape.items():
+        peaks = [(name, r["peak_bytes"]) for name, r in rs.items() if r["peak_bytes"] is not None]
+        if peaks:
+            heads = str(nheads) if nheads_k in (None, nheads) else f"{nheads}/{nheads_k}"
+            out.append(f"fwd+bwd peak memory, d{hdim} seqlen {fmt_seqlen(seqlen)} batch {batch} heads {heads}: "
+                       + ", ".join(f"{name} {fmt_bytes_mib(b)} MiB" for name, b in peaks))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Environment and output files
 # ----------------------------------------------------------------------------------------------
 
@@ -708,15 +989,24 @@ def flash_cute_info() -> dict:
         info["flash_cute_build"] = flash_cute.build_info()
     except Exception as e:  # noqa: BLE001
         info["flash_cute_build"] = f"unavailable: {short_error(e)}"
+        return info
+    if "bwd_kernels" not in info["flash_cute_build"]:  # build_info() may list forward kernels only
+        try:
+            from flash_cute import _C
+
+            info["flash_cute_build"]["bwd_kernels"] = _C.built_bwd_kernels()
+        except Exception as e:  # noqa: BLE001 - an extension built before the backward pass
+            info["flash_cute_build"]["bwd_kernels"] = f"unavailable: {short_error(e)}"
     return info
 
 
 def header_lines(env: dict) -> list[str]:
     build = env.get("flash_cute_build")
     if isinstance(build, dict):
-        kernels = build.get("fwd_kernels", [])
-        shown = {k: v for k, v in build.items() if k != "fwd_kernels"}
-        build = ", ".join(f"{k}={v}" for k, v in shown.items()) + f", {len(kernels)} forward kernels"
+        fwd_kernels, bwd_kernels = build.get("fwd_kernels", []), build.get("bwd_kernels", [])
+        shown = {k: v for k, v in build.items() if k not in ("fwd_kernels", "bwd_kernels")}
+        build = ", ".join(f"{k}={v}" for k, v in shown.items()) + f", {len(fwd_kernels)} forward kernels, " + (
+            f"{len(bwd_kernels)} backward kernels" if isinstance(bwd_kernels, list) else f"backward: {bwd_kernels}")
     gpu = env.get("gpu")
     gpu_line = (f"{gpu}, {env['gpu_sms']} SMs, sm_{env['gpu_capability'].replace('.', '')}, "
                 f"{env['gpu_memory_gib']} GiB" if gpu else "none visible")
@@ -733,12 +1023,12 @@ def header_lines(env: dict) -> list[str]:
     ]
 
 
-def write_json(path: Path, env: dict, rows: list[Row], args) -> None:
-    doc = {"environment": env, "options": vars(args), "rows": [r.to_dict() for r in rows]}
+def write_json(path: Path, env: dict, rows: list[Row], args, extras: Optional[dict] = None) -> None:
+    doc = {"environment": env, "options": vars(args), "rows": [r.to_dict() for r in rows], **(extras or {})}
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
-CSV_FIELDS = ["pass", "dtype", "hdim", "causal", "seqlen", "batch", "nheads", "flops",
+CSV_FIELDS = ["pass", "dtype", "hdim", "causal", "seqlen", "batch", "nheads", "nheads_k", "flops",
               "impl", "ms", "tflops", "alloc_x", "skipped", "error", "max_diff_vs_ref", "ref"]
 
 
@@ -752,7 +1042,7 @@ def write_csv(path: Path, rows: list[Row]) -> None:
             for name, m in r.results.items():
                 diff = r.max_diff if name == "flash_cute" else None
                 w.writerow([c.pass_name, c.dtype, c.hdim, int(c.causal), c.seqlen, c.batch, c.nheads,
-                            f"{c.flops:.6g}", name, m.ms, m.tflops, m.alloc_x, int(m.skipped), m.error,
+                            c.kv_heads, f"{c.flops:.6g}", name, m.ms, m.tflops, m.alloc_x, int(m.skipped), m.error,
                             diff, r.ref if diff is not None else None])
 
 
@@ -861,10 +1151,12 @@ def parse_args(argv=None):
     )
     grid = p.add_argument_group("grid (each option replaces that axis of the full or --quick grid)")
     grid.add_argument("--quick", action="store_true",
-                      help="bf16, head dims 64/128/256, causal off/on, seqlen 2k and 16k (< 1 min on an H100)")
-    grid.add_argument("--pass", dest="passes", metavar="PASS", default=["fwd"],
+                      help="passes fwd,bwd, bf16, head dims 64/128/256, causal off/on, seqlen 2k and 16k, "
+                           "no GQA section (about a minute on an H100)")
+    grid.add_argument("--pass", dest="passes", metavar="PASS",
                       type=lambda t: parse_list(t, parse_choice(tuple(PASSES)), "pass"),
-                      help=f"comma list of passes to time: {', '.join(PASSES)} (default fwd)")
+                      help=f"comma list of passes to time: {', '.join(PASSES)} "
+                           f"(default {','.join(FULL_PASSES)}; {','.join(QUICK_PASSES)} with --quick)")
     grid.add_argument("--dtype", type=lambda t: parse_list(t, parse_choice(tuple(DTYPES)), "dtype"),
                       help="comma list of bf16, fp16 (default both; bf16 with --quick)")
     grid.add_argument("--hdim", type=lambda t: parse_list(t, int, "head dim"),
@@ -877,6 +1169,17 @@ def parse_args(argv=None):
                       help=f"batch * seqlen; batch = max(1, tokens // seqlen) (default {PAPER_TOKENS})")
     grid.add_argument("--model-dim", type=int, default=PAPER_MODEL_DIM,
                       help=f"nheads * head dim; nheads = model-dim // head dim (default {PAPER_MODEL_DIM})")
+    extra = p.add_argument_group("extra sections")
+    extra.add_argument("--gqa-bwd", metavar="REDUCTION,...", type=parse_reductions,
+                       help=f"time flash_cute's backward at --gqa-shape with each GQA reduction of dK/dV, from "
+                            f"{', '.join(GQA_REDUCTIONS)}, or none (default both when the grid has bwd, "
+                            "none with --quick)")
+    extra.add_argument("--gqa-shape", metavar="B,S,H,HK,D", type=parse_gqa_shape, default=DEFAULT_GQA_SHAPE,
+                       help="batch, seqlen, query heads, KV heads, head dim of the GQA section and of the "
+                            "memory section's GQA shape (default %s)" % ",".join(map(str, DEFAULT_GQA_SHAPE)))
+    extra.add_argument("--no-memory", action="store_true",
+                       help="skip the peak-memory section (forward + backward; run by default when the grid "
+                            "has bwd or fwdbwd)")
     p.add_argument("--only", metavar="IMPL,...", default=list(IMPL_NAMES),
                    type=lambda t: parse_list(t, parse_choice(IMPL_NAMES), "implementation"),
                    help=f"implementations to run, from {', '.join(IMPL_NAMES)} (default all)")
@@ -885,7 +1188,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per measurement (default 25)")
     p.add_argument("--rep-ms", type=float, default=200.0, help="timed repetition time per measurement (default 200)")
     p.add_argument("--tol", type=float, default=DEFAULT_TOL,
-                   help=f"max |flash_cute - anchor| before a row is flagged '!' (default {DEFAULT_TOL:g})")
+                   help=f"max |flash_cute - anchor| before a row is flagged '!' (bwd, fwdbwd: relative to "
+                        f"max(1, max |anchor|)) (default {DEFAULT_TOL:g})")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="also write DIR/results.json, DIR/results.csv, DIR/log.txt and DIR/<pass>_<dtype>.png")
@@ -894,12 +1198,51 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def parse_reductions(text: str) -> list[str]:
+    return [] if text.strip() == "none" else parse_list(text, parse_choice(GQA_REDUCTIONS), "reduction")
+
+
+def parse_gqa_shape(text: str) -> tuple:
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        batch, seqlen, nheads, nheads_k, hdim = (parse_seqlen(t) if i == 1 else int(t) for i, t in enumerate(parts))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--gqa-shape wants B,S,H,HK,D, got {text!r} ({e})") from None
+    if min(batch, nheads, nheads_k, hdim) <= 0 or nheads % nheads_k:
+        raise argparse.ArgumentTypeError(f"--gqa-shape {text!r}: sizes must be positive, H a multiple of HK")
+    return (batch, seqlen, nheads, nheads_k, hdim)
+
+
+def grid_passes(args) -> list[str]:
+    return args.passes or list(QUICK_PASSES if args.quick else FULL_PASSES)
+
+
+def grid_dtypes(args) -> list[str]:
+    return args.dtype or list(QUICK_DTYPES if args.quick else DTYPES)
+
+
+def grid_causals(args) -> list[bool]:
+    return sorted(args.causal or [False, True])
+
+
+def gqa_reductions(args) -> list[str]:
+    """The GQA section's reductions ([]: no section); it needs flash_cute in --only."""
+    if "flash_cute" not in args.only:
+        return []
+    if args.gqa_bwd is not None:
+        return args.gqa_bwd
+    return [] if args.quick or "bwd" not in grid_passes(args) else list(GQA_REDUCTIONS)
+
+
+def memory_section_on(args) -> bool:
+    return not args.no_memory and any(PASSES[p].grad_enabled for p in grid_passes(args))
+
+
 def grid_from_args(args) -> list[Case]:
-    dtypes = args.dtype or (list(QUICK_DTYPES) if args.quick else list(DTYPES))
     hdims = sorted(args.hdim or PAPER_HDIMS)
-    causals = sorted(args.causal or [False, True])
     seqlens = sorted(args.seqlen or (QUICK_SEQLENS if args.quick else PAPER_SEQLENS))
-    return build_grid(args.passes, dtypes, hdims, causals, seqlens, args.tokens, args.model_dim)
+    return build_grid(grid_passes(args), grid_dtypes(args), hdims, grid_causals(args), seqlens,
+                      args.tokens, args.model_dim)
 
 
 def print_dry_run(cases: list[Case], args) -> None:
@@ -913,6 +1256,18 @@ def print_dry_run(cases: list[Case], args) -> None:
         print(table.line(case_cells(c) + [fmt_seqlen(c.seqlen), c.batch, c.nheads,
                                           f"{c.flops / 1e9:.0f}", f"{c.tensor_bytes / 2**20:.0f}"]))
     print(f"# {sum(c.flops for c in cases) / 1e12:.1f} TFLOP per implementation over all shapes")
+    if args.gqa_bwd:
+        print(f"# GQA backward: {describe_case(gqa_case(args, 'bwd', False)).replace(' non-causal', '')}, "
+              f"causal {'/'.join('on' if c else 'off' for c in grid_causals(args))}; flash_cute with "
+              f"{', '.join(args.gqa_bwd)}, and the other implementations")
+    else:
+        print("# GQA backward: not run (--gqa-bwd none, --quick, no bwd pass, or flash_cute not selected)")
+    if memory_section_on(args):
+        for c in memory_cases(args):
+            print(f"# memory: forward + backward peak at {c.dtype} d{c.hdim} seqlen {fmt_seqlen(c.seqlen)} "
+                  f"batch {c.batch} heads {fmt_heads(c)} (q: {c.tensor_bytes / 2**20:.0f} MiB)")
+    else:
+        print("# memory: not run (--no-memory, or no pass with a backward)")
 
 
 class Log:
@@ -942,8 +1297,12 @@ def validate(cases: list[Case]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.passes = grid_passes(args)
+    args.gqa_bwd = gqa_reductions(args)
     cases = grid_from_args(args)
     validate(cases)
+    if not 1 <= args.gqa_shape[4] <= 256:
+        raise SystemExit(f"--gqa-shape: head dim {args.gqa_shape[4]}: every implementation here takes 1 .. 256")
     if args.dry_run:
         print_dry_run(cases, args)
         return 0
@@ -966,14 +1325,16 @@ def main(argv=None) -> int:
             log(f"# {i.name}: column left out ({i.unavailable})")
     impl_names = [i.name for i in impls]
     log(f"# {len(cases)} shapes; batch = {args.tokens} // seqlen, nheads = {args.model_dim} // d; "
-        f"TFLOP/s from 4*b*h*s*s*d per forward (halved when causal)")
-    log(f"# maxdiff = max |flash_cute - reference| on the same input ('!' above {args.tol:g}); "
-        f"reference: the first of {', '.join(REFERENCE_ORDER)} that ran")
+        f"TFLOP/s from 4*b*h*s*s*d per forward (halved when causal), x2.5 for bwd, x3.5 for fwdbwd")
+    log(f"# maxdiff = max |flash_cute - reference| on the same input ('!' above {args.tol:g}), for bwd and "
+        f"fwdbwd per tensor divided by max(1, max |reference|); reference: the first of "
+        f"{', '.join(REFERENCE_ORDER)} that ran")
     log()
 
     bench = Bench(impls, timer, args.seed, log)
     table = row_table(impl_names)
     rows: list[Row] = []
+    extras: dict = {"gqa_bwd": [], "memory": []}
     status = 0
     log(table.header())
     try:
@@ -982,6 +1343,11 @@ def main(argv=None) -> int:
                 log()
             rows.append(bench.run_case(case))
             log(format_row(table, rows[-1], impl_names, args.tol))
+        log()
+        if args.gqa_bwd:
+            extras["gqa_bwd"] = run_gqa_section(bench, impls, args, log)
+        if memory_section_on(args):
+            extras["memory"] = run_memory_section(bench, impls, args, log)
     except FatalCudaError as e:
         log(f"# FATAL: the CUDA context died ({e}); stopping after {len(rows)} shapes")
         status = 2
@@ -990,27 +1356,36 @@ def main(argv=None) -> int:
         status = 130
     finally:
         if args.out:
-            write_outputs(args, env, rows, impl_names, log)
+            write_outputs(args, env, rows, impl_names, log, extras)
         if rows:
             log()
             for line in summary_lines(rows, impl_names, args.tol):
                 log(line)
+        for line in extras_summary_lines(extras["gqa_bwd"], extras["memory"]):
+            log(line)
         log.close()
-    if status == 0 and flash_cute_failed(rows, args.tol):
+    if status == 0 and flash_cute_failed(rows, args.tol, extras["gqa_bwd"]):
         status = 1
     return status
 
 
-def flash_cute_failed(rows: list[Row], tol: float) -> bool:
+def flash_cute_failed(rows: list[Row], tol: float, gqa: list[dict] = ()) -> bool:
+    """A flash_cute result above tol, or a flash_cute failure other than a kernel left out of
+    the build, in the grid or in the GQA section."""
     for r in rows:
         m = r.results.get("flash_cute")
         if r.flagged(tol) or (m is not None and m.error and not m.skipped):
             return True
+    for r in gqa:
+        if r["impl"].startswith("flash_cute") and (
+            (r["error"] and not r["skipped"]) or not (r["max_diff_vs_first"] is None or r["max_diff_vs_first"] <= tol)
+        ):
+            return True
     return False
 
 
-def write_outputs(args, env: dict, rows: list[Row], impl_names: list[str], log: Log) -> None:
-    write_json(args.out / "results.json", env, rows, args)
+def write_outputs(args, env: dict, rows: list[Row], impl_names: list[str], log: Log, extras: dict) -> None:
+    write_json(args.out / "results.json", env, rows, args, extras)
     write_csv(args.out / "results.csv", rows)
     written = ["results.json", "results.csv", "log.txt"]
     if rows and not args.no_plot:

@@ -56,8 +56,7 @@ void fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, int 
   flash_cute::fwd(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
 }
 
-// lse, dsum: contiguous (batch, heads, seqlen_q); dq and dq_accum: contiguous (batch, seqlen_q,
-// heads, head_dim), so they share dq_stride.
+// lse, dsum: contiguous (batch, heads, seqlen_q); dq_accum: see BwdParams.
 void bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t dq,
          uintptr_t dk, uintptr_t dv, uintptr_t dq_accum, uintptr_t dsum, uintptr_t dq_semaphore, int batch,
          int seqlen_q, int seqlen_k, int heads, int heads_k, int head_dim, bool expand_gqa,

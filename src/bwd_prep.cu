@@ -1,6 +1,6 @@
 // The two memory-bound passes around the backward kernel, for both dtypes:
 //   D = rowsum(dO * O) in fp32 (the backward kernel's dS = P * (dP - D));
-//   dQ = scale * dQ_accum, converted from the fp32 accumulator to the input dtype.
+//   dQ = scale * dQ_accum, from the padded fp32 accumulator to the input dtype and dq's layout.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -60,17 +60,26 @@ __global__ void __launch_bounds__(kThreads) dot_do_o_kernel(const BwdParams p) {
   if (lane == 0) p.dsum[batch * p.lse_batch_stride + head * p.lse_head_stride + row] = sum;
 }
 
-// dq_accum and dq are both contiguous (batch, seqlen_q, heads, head_dim): an elementwise pass,
-// 4 elements per thread (head_dim is a multiple of 8).
+// dQ = scale * dq_accum: from the padded accumulator (batch, heads, accum_rows, accum_cols) to dq
+// (batch, seqlen_q, heads, head_dim) with its strides; 4 columns per thread (head_dim is a
+// multiple of 8).
 template <DType kDType>
-__global__ void __launch_bounds__(kThreads) convert_dq_kernel(const BwdParams p, int64_t n) {
+__global__ void __launch_bounds__(kThreads) convert_dq_kernel(const BwdParams p, int accum_rows, int accum_cols) {
   using T = typename Native<kDType>::type;
-  const int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * 4;
-  if (i >= n) return;
-  const float4 a = *reinterpret_cast<const float4*>(p.dq_accum + i);
+  const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int col4 = p.head_dim / 4;
+  if (i >= int64_t(p.batch) * p.seqlen_q * p.heads * col4) return;
+  const int col = int(i % col4) * 4;
+  const int64_t row_id = i / col4;  // (batch, row, head) in row-major order
+  const int head = int(row_id % p.heads);
+  const int row = int((row_id / p.heads) % p.seqlen_q);
+  const int batch = int(row_id / (int64_t(p.heads) * p.seqlen_q));
+  const float4 a = *reinterpret_cast<const float4*>(
+      p.dq_accum + ((int64_t(batch) * p.heads + head) * accum_rows + row) * accum_cols + col);
   T out[4] = {Native<kDType>::from_float(a.x * p.scale), Native<kDType>::from_float(a.y * p.scale),
               Native<kDType>::from_float(a.z * p.scale), Native<kDType>::from_float(a.w * p.scale)};
-  *reinterpret_cast<uint2*>(static_cast<T*>(p.dq) + i) = *reinterpret_cast<const uint2*>(out);
+  T* dst = static_cast<T*>(p.dq) + batch * p.dq_batch_stride + row * p.dq_row_stride + head * p.dq_head_stride + col;
+  *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(out);
 }
 
 template <DType kDType>
@@ -82,10 +91,10 @@ void dot_do_o(const BwdParams& p, cudaStream_t stream) {
 }
 
 template <DType kDType>
-void convert_dq(const BwdParams& p, cudaStream_t stream) {
-  const int64_t n = int64_t(p.batch) * p.seqlen_q * p.heads * p.head_dim;
-  const int64_t blocks = ceil_div(n, 4 * kThreads);
-  convert_dq_kernel<kDType><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(p, n);
+void convert_dq(const BwdParams& p, int accum_rows, int accum_cols, cudaStream_t stream) {
+  const int64_t n = int64_t(p.batch) * p.seqlen_q * p.heads * (p.head_dim / 4);
+  const int64_t blocks = ceil_div(n, kThreads);
+  convert_dq_kernel<kDType><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(p, accum_rows, accum_cols);
   check_cuda(cudaGetLastError(), std::string("backward dQ conversion kernel (") + dtype_name(kDType) + ") launch");
 }
 
@@ -96,9 +105,9 @@ void run_bwd_dot_do_o(const BwdParams& p, DType dtype, cudaStream_t stream) {
   else dot_do_o<DType::kBFloat16>(p, stream);
 }
 
-void run_bwd_convert_dq(const BwdParams& p, DType dtype, cudaStream_t stream) {
-  if (dtype == DType::kFloat16) convert_dq<DType::kFloat16>(p, stream);
-  else convert_dq<DType::kBFloat16>(p, stream);
+void run_bwd_convert_dq(const BwdParams& p, DType dtype, int accum_rows, int accum_cols, cudaStream_t stream) {
+  if (dtype == DType::kFloat16) convert_dq<DType::kFloat16>(p, accum_rows, accum_cols, stream);
+  else convert_dq<DType::kBFloat16>(p, accum_rows, accum_cols, stream);
 }
 
 }  // namespace flash_cute

@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: input makers, the oracle checks (the 2x rule), output poisoning
-and the list of kernels in the build."""
+"""Helpers shared by the tests: input makers, the oracle checks (the 2x rule, for outputs and for
+gradients), output poisoning and the lists of kernels in the build."""
 
 from __future__ import annotations
 
@@ -14,6 +14,15 @@ from flash_cute.reference import naive_attention
 # Absolute slack of the 2x rule: covers the final rounding of the output when the PyTorch
 # computation in the input dtype happens to be exact (e.g. seqlen_k == 1).
 ROUNDING_TERM = 1e-4
+
+# Slack of the gradients' 2x rule, relative to the largest oracle gradient (at least 1): where
+# PyTorch's computation in the input dtype is exact (seqlen_k == 1: P == 1, dS == 0 exactly), its
+# error is 0 and the bound would be 0, while the kernels still differ from the oracle by their
+# fp32 rounding: the row sums D = rowsum(dO * O) and dP = dO V^T of d <= 256 products that cancel
+# in dS = P * (dP - D), and fp32 sums over the sequence (relative error ~ sqrt(n) * 2^-24, a few
+# 1e-6 for n of a few thousand). 1e-4 of the gradients' scale covers that with margin and stays
+# far below one ulp of fp16 (2^-11) or bf16 (2^-8), so it hides no real error.
+GRAD_ROUNDING_TERM = 1e-4
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -57,6 +66,40 @@ def assert_lse_matches(lse, ref_lse, rtol=1e-3, atol=1e-3):
     empty = torch.isposinf(ref_lse)
     assert torch.equal(torch.isposinf(lse), empty), "lse must be +inf exactly on the rows that see no key"
     torch.testing.assert_close(lse[~empty], ref_lse[~empty].float(), rtol=rtol, atol=atol)
+
+
+def naive_grads(q, k, v, dout, softmax_scale=None, causal=False, dtype=torch.float32):
+    """(dq, dk, dv) of the naive attention (the full score matrix, computed in ``dtype``) by
+    torch.autograd, for the upstream gradient ``dout``. Rows that see no key get gradient 0."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, _ = naive_attention(*leaves, softmax_scale, causal, dtype=dtype)
+    return torch.autograd.grad(out, leaves, dout.to(dtype))
+
+
+def assert_grads_2x_rule(grads, q, k, v, dout, softmax_scale=None, causal=False, oracle_dtype=torch.float32):
+    """The accuracy rule for gradients: with ``ref`` the gradients of the naive attention computed
+    in ``oracle_dtype`` by torch.autograd from the same inputs and ``pt`` the same done in the
+    input dtype, each of dq, dk, dv satisfies
+    ``max|g - ref| <= 2 * max|pt - ref| + GRAD_ROUNDING_TERM * max(1, max|ref|)``, and has q's, k's,
+    v's shape, dtype and device and no NaN. Returns the oracle's (dq, dk, dv)."""
+    ref = naive_grads(q, k, v, dout, softmax_scale, causal, oracle_dtype)
+    pt = naive_grads(q, k, v, dout, softmax_scale, causal, q.dtype)
+    for name, g, r, p, like in zip(("dq", "dk", "dv"), grads, ref, pt, (q, k, v)):
+        assert g is not None, f"{name} is None"
+        assert g.shape == like.shape, f"{name} shape {tuple(g.shape)}, expected {tuple(like.shape)}"
+        assert g.dtype == like.dtype, f"{name} dtype {g.dtype}, expected {like.dtype}"
+        assert g.device == like.device, f"{name} on {g.device}, expected {like.device}"
+        assert not g.isnan().any(), f"{name} has NaN (an element left unwritten, or a NaN computed)"
+        assert not (r.isnan().any() or p.isnan().any()), f"the naive {name} has NaN (a bug in the test)"
+        if g.numel() == 0:
+            continue
+        err = (g.to(oracle_dtype) - r).abs().max().item()
+        err_pt = (p.to(oracle_dtype) - r).abs().max().item()
+        slack = GRAD_ROUNDING_TERM * max(1.0, r.abs().max().item())
+        assert err <= 2 * err_pt + slack, (
+            f"{name}: max error {err:.3e} exceeds 2 x PyTorch's error in {q.dtype} ({err_pt:.3e}) + {slack:.1e}"
+        )
+    return ref
 
 
 def empty_rows(seqlen_q, seqlen_k, causal):
@@ -130,6 +173,32 @@ def run_poisoned(q, k, v, **kwargs):
     return out, lse
 
 
+def bwd_call_bytes(q, k, v):
+    """A generous bound on what one backward pass allocates on the device: the gradients, the fp32
+    dQ accumulator (rows padded to a whole tile of at most 128, columns to a head-dim bucket of
+    at most 256), the nheads-sized dK/dV of the "expand" GQA reduction, padded and aligned
+    copies, and the per-row vectors."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    d_pad = -(-d // 8) * 8
+    per_q = b * sq * h * d_pad * q.element_size()
+    per_kv_head = b * sk * h * d_pad * q.element_size()  # k-sized, but with nheads heads
+    dq_accum = b * h * (sq + 128) * 256 * 4
+    return 16 * (per_q + per_kv_head) + 2 * dq_accum + 16 * b * h * sq + _SMALL_REQUEST
+
+
+def run_backward(q, k, v, dout, poison=True, **kwargs):
+    """flash_attn_func(q, k, v, **kwargs) on leaves that share q's, k's, v's memory and layout,
+    then torch.autograd.grad with upstream gradient ``dout``; with ``poison``, the memory the
+    backward pass allocates is NaN-poisoned first. Returns (out, dq, dk, dv)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, _, _ = flash_cute.flash_attn_func(q, k, v, return_attn_probs=True, **kwargs)
+    if poison:
+        poison_allocator(bwd_call_bytes(q, k, v))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    return out.detach(), dq, dk, dv
+
+
 @functools.cache
 def built_kernels():
     """{(dtype name, head-dim bucket, causal)} of the forward kernels in this build."""
@@ -147,3 +216,28 @@ def require_kernel(dtype, head_dim, causal):
     kernel = (DTYPE_NAMES[dtype], bucket, bool(causal))
     if kernel not in built_kernels():
         pytest.skip(f"this build has no forward kernel {kernel} (dtype, head-dim bucket, causal)")
+
+
+@functools.cache
+def built_bwd_kernels():
+    """{(dtype name, head-dim bucket)} of the backward kernels in this build (the backward kernel
+    is not specialised on causal)."""
+    from flash_cute import _C
+
+    if not hasattr(_C, "built_bwd_kernels"):
+        pytest.fail("flash_cute._C has no built_bwd_kernels: the extension predates the backward pass; rebuild it",
+                    pytrace=False)
+    return frozenset(tuple(entry) for entry in _C.built_bwd_kernels())
+
+
+def require_bwd_kernel(dtype, head_dim, causal=None):
+    """Skips the test, naming the kernel, when this build lacks the backward kernel for the case;
+    with ``causal`` given, also the forward kernel that the test runs first (require_kernel)."""
+    from flash_cute import _C
+
+    if causal is not None:
+        require_kernel(dtype, head_dim, causal)
+    bucket = _C.head_dim_bucket(-(-head_dim // 8) * 8)
+    kernel = (DTYPE_NAMES[dtype], bucket)
+    if kernel not in built_bwd_kernels():
+        pytest.skip(f"this build has no backward kernel {kernel} (dtype, head-dim bucket)")

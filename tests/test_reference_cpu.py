@@ -1,4 +1,5 @@
-"""The PyTorch reference (flash_cute.reference) and flash_attn_func on CPU tensors, which runs it."""
+"""The PyTorch reference (flash_cute.reference: forward, backward, the optional mask) and
+flash_attn_func on CPU tensors, which runs it, gradients included."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import flash_cute
-from flash_cute.reference import attention_forward, naive_attention
-from helpers import assert_2x_rule, assert_lse_matches, empty_rows, make_qkv
+from flash_cute.reference import attention_backward, attention_forward, naive_attention
+from helpers import assert_2x_rule, assert_grads_2x_rule, assert_lse_matches, empty_rows, make_qkv
 
 SEQLENS = [(1, 1), (97, 113), (113, 97), (1025, 97)]
 # GQA group size -> (nheads, nheads_k)
@@ -112,6 +113,263 @@ def test_naive_matches_sdpa(seqlen_q, seqlen_k, causal):
 
 
 # --------------------------------------------------------------------------------------------
+# flash_cute.reference: the backward pass
+
+BWD_SEQLENS = [(1, 1), (97, 113), (113, 97), (130, 1)]
+# (head_dim, nheads, nheads_k): every head dim meets one GQA group size (1, 2, 4).
+BWD_HEADS = [(16, 2, 2), (40, 4, 2), (59, 8, 2)]
+
+
+def _heads_id(case):
+    head_dim, nheads, nheads_k = case
+    return f"d{head_dim}-g{nheads // nheads_k}"
+
+
+def _strided_randn(like):
+    """Standard-normal values shaped like ``like`` (batch, seqlen, heads, d), stored as the
+    transpose of a (batch, heads, seqlen, d) tensor: a non-contiguous upstream gradient."""
+    b, s, h, d = like.shape
+    return torch.randn(b, h, s, d, dtype=like.dtype).transpose(1, 2)
+
+
+def _autograd(q, k, v, dout, softmax_scale=None, causal=False, mask=None):
+    """naive_attention in float64 and its gradients by torch.autograd: (out, lse, dq, dk, dv)."""
+    leaves = [t.detach().to(torch.float64).requires_grad_() for t in (q, k, v)]
+    out, lse = naive_attention(*leaves, softmax_scale, causal, mask=mask, dtype=torch.float64)
+    dq, dk, dv = torch.autograd.grad(out, leaves, dout.to(torch.float64))
+    return out.detach(), lse.detach(), dq, dk, dv
+
+
+def _assert_grads_close(grads, ref, like, rtol, atol):
+    for name, g, r, t in zip(("dq", "dk", "dv"), grads, ref, like):
+        assert g.shape == t.shape, f"{name} shape {tuple(g.shape)}, expected {tuple(t.shape)}"
+        assert g.dtype == t.dtype, f"{name} dtype {g.dtype}, expected {t.dtype}"
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=_causal_ids)
+@pytest.mark.parametrize("head_dim,nheads,nheads_k", BWD_HEADS, ids=[_heads_id(c) for c in BWD_HEADS])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", BWD_SEQLENS)
+def test_backward_matches_autograd(seqlen_q, seqlen_k, head_dim, nheads, nheads_k, causal):
+    """The tiled backward (32 x 16 tiles, outer loop over key blocks) equals torch.autograd
+    through the full-matrix definition (float64, non-contiguous dout). Query rows that see no
+    key get dq = 0 exactly."""
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, torch.float64)
+    dout = _strided_randn(q)
+    _, ref_lse, *ref = _autograd(q, k, v, dout, causal=causal)
+    out, lse = attention_forward(q, k, v, causal=causal, block_m=32, block_n=16)
+    n = empty_rows(seqlen_q, seqlen_k, causal)
+
+    # With the oracle's float64 lse, the tiling is the only difference: agreement to rounding.
+    grads = attention_backward(dout, q, k, v, out, ref_lse, causal=causal, block_m=32, block_n=16)
+    _assert_grads_close(grads, ref, (q, k, v), rtol=1e-9, atol=1e-10)
+    assert torch.all(grads[0][:, :n] == 0)
+
+    # With the float32 lse the forward saves (what flash_attn_func's backward gets), P carries
+    # the lse's float32 rounding: relative errors of a few 1e-7.
+    grads = attention_backward(dout, q, k, v, out, lse, causal=causal, block_m=32, block_n=16)
+    _assert_grads_close(grads, ref, (q, k, v), rtol=1e-5, atol=2e-6)
+    assert torch.all(grads[0][:, :n] == 0)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(1, 1), (7, 5), (16, 64), (128, 128), (4096, 4096)])
+def test_backward_block_sizes(block_m, block_n):
+    """Any tiling gives the same gradients, including tiles that do not divide the sequence
+    and causal tiles on the diagonal (seqlen_q > seqlen_k and seqlen_q < seqlen_k)."""
+    for seqlen_q, seqlen_k in ((37, 23), (23, 37)):
+        q, k, v = make_qkv(1, seqlen_q, seqlen_k, 4, 2, 24, torch.float64)
+        dout = torch.randn_like(q)
+        for causal in (False, True):
+            _, ref_lse, *ref = _autograd(q, k, v, dout, causal=causal)
+            out, _ = attention_forward(q, k, v, causal=causal)
+            grads = attention_backward(dout, q, k, v, out, ref_lse, None, causal, block_m=block_m, block_n=block_n)
+            _assert_grads_close(grads, ref, (q, k, v), rtol=1e-9, atol=1e-10)
+
+
+def test_backward_gqa_sums_over_query_heads():
+    """GQA: dq is that of multi-head attention with K and V copied per query head, and dk, dv
+    are that attention's per-query-head gradients summed over each KV head's group."""
+    q, k, v = make_qkv(2, 45, 37, 8, 2, 24, torch.float64)
+    dout = torch.randn_like(q)
+    kx, vx = k.repeat_interleave(4, dim=2), v.repeat_interleave(4, dim=2)
+    for causal in (False, True):
+        out, lse = attention_forward(q, k, v, causal=causal, block_m=16, block_n=16)
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=causal, block_m=16, block_n=16)
+        dqx, dkx, dvx = attention_backward(dout, q, kx, vx, out, lse, causal=causal, block_m=16, block_n=16)
+        assert dk.shape == k.shape and dv.shape == v.shape
+        torch.testing.assert_close(dq, dqx, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(dk, dkx.unflatten(2, (2, 4)).sum(dim=3), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(dv, dvx.unflatten(2, (2, 4)).sum(dim=3), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_backward_dtypes(dtype):
+    """Gradients come back in the inputs' dtypes, contiguous, computed in float32: the 2x rule
+    of the gradients against float64 autograd."""
+    q, k, v = make_qkv(2, 57, 41, 4, 1, 40, dtype)
+    dout = _strided_randn(q)
+    out, lse = attention_forward(q, k, v, causal=True, block_m=16, block_n=16)
+    grads = attention_backward(dout, q, k, v, out, lse, causal=True, block_m=16, block_n=16)
+    assert all(g.is_contiguous() for g in grads)
+    assert_grads_2x_rule(grads, q, k, v, dout, causal=True, oracle_dtype=torch.float64)
+
+
+def test_backward_empty_inputs():
+    """No key (every row empty: zero dq, empty dk and dv) and no query (zero dk and dv)."""
+    for seqlen_q, seqlen_k in ((5, 0), (0, 7)):
+        q, k, v = make_qkv(2, seqlen_q, seqlen_k, 4, 2, 16, torch.float32)
+        dout = torch.randn_like(q)
+        out, lse = attention_forward(q, k, v)
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+        assert torch.all(dq == 0) and torch.all(dk == 0) and torch.all(dv == 0)
+
+
+class _ReferenceAttention(torch.autograd.Function):
+    """attention_forward with attention_backward as its derivative, for gradcheck."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, mask, block_m, block_n):
+        out, lse = attention_forward(q, k, v, None, causal, mask, block_m, block_n)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = (causal, mask, block_m, block_n)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        causal, mask, block_m, block_n = ctx.options
+        dq, dk, dv = attention_backward(dout, *ctx.saved_tensors, None, causal, mask, block_m, block_n)
+        return dq, dk, dv, None, None, None, None
+
+
+def _random_mask(kind, shape, empty_row=None, keep_fraction=0.7):
+    """A random mask of ``shape``: boolean (True = attend) or additive (float32 normal biases,
+    -inf where the boolean would be False); row ``empty_row`` fully masked."""
+    keep = torch.rand(shape) < keep_fraction
+    if empty_row is not None:
+        keep[..., empty_row, :] = False
+    if kind == "bool":
+        return keep
+    return torch.randn(shape).masked_fill(~keep, -math.inf)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+@pytest.mark.parametrize("causal", [False, True], ids=_causal_ids)
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(5, 7), (7, 3)])
+def test_gradcheck_reference(seqlen_q, seqlen_k, causal, mask_kind):
+    """torch.autograd.gradcheck: attention_backward is the derivative of attention_forward
+    (float64, 2 x 3 tiles, GQA, causal-empty rows for (7, 3), mask-empty rows with a mask)."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, seqlen_q, seqlen_k, 4, 2, 3, torch.float64))
+    mask = None if mask_kind is None else _random_mask(mask_kind, (4, seqlen_q, seqlen_k), empty_row=1)
+    # atol: the backward reads the forward's float32 lse (relative rounding ~1e-7 on P).
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: _ReferenceAttention.apply(q, k, v, causal, mask, 2, 3), (q, k, v), atol=1e-6, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=_causal_ids)
+def test_gradcheck_operator(causal):
+    """torch.autograd.gradcheck of the flash_cute::fwd operator on CPU float64 (the operator takes
+    float64; flash_attn_func does not): its registered autograd formula (flash_cute::bwd) is
+    its derivative. seqlen_q > seqlen_k: causal-empty rows included."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 6, 4, 4, 1, 5, torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: torch.ops.flash_cute.fwd(q, k, v, 0.6, causal, False)[0], (q, k, v), atol=1e-6, rtol=1e-5
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# flash_cute.reference: the optional mask
+
+# name -> mask shape for batch 2, nheads 4, seqlen_q 45, seqlen_k 37 (and the row left empty)
+MASK_SHAPES = {"2d": ((45, 37), 3), "keys": ((2, 1, 1, 37), None), "heads": ((2, 4, 45, 37), 3)}
+
+
+def _visible(mask, causal, shape):
+    """Which (batch, head, query, key) entries a mask (with causal) lets through."""
+    seqlen_q, seqlen_k = shape[-2:]
+    keep = mask if mask.dtype == torch.bool else mask > -math.inf
+    visible = torch.broadcast_to(keep, shape)
+    if causal:
+        visible = visible & torch.ones(seqlen_q, seqlen_k, dtype=torch.bool).tril(seqlen_k - seqlen_q)
+    return visible
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=_causal_ids)
+@pytest.mark.parametrize("shape_name", sorted(MASK_SHAPES))
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_mask_forward_backward(kind, shape_name, causal):
+    """Tiled forward and backward with a mask (combined with causal, GQA) equal the naive
+    attention and its autograd gradients; rows the mask and causal leave without a key get
+    output 0, lse +inf and dq 0."""
+    shape, empty_row = MASK_SHAPES[shape_name]
+    q, k, v = make_qkv(2, 45, 37, 4, 2, 24, torch.float64)
+    mask = _random_mask(kind, shape, empty_row)
+    dout = _strided_randn(q)
+    ref_out, ref_lse, *ref = _autograd(q, k, v, dout, causal=causal, mask=mask)
+    out, lse = attention_forward(q, k, v, causal=causal, mask=mask, block_m=16, block_n=16)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    assert_lse_matches(lse, ref_lse, rtol=1e-6, atol=1e-6)
+    grads = attention_backward(dout, q, k, v, out, ref_lse, causal=causal, mask=mask, block_m=16, block_n=16)
+    _assert_grads_close(grads, ref, (q, k, v), rtol=1e-9, atol=1e-10)
+
+    empty = ~_visible(mask, causal, (2, 4, 45, 37)).any(dim=-1)  # (batch, nheads, seqlen_q)
+    assert empty.any() == (empty_row is not None or causal)
+    assert torch.equal(torch.isposinf(lse), empty)
+    assert torch.all(out.transpose(1, 2)[empty] == 0)
+    assert torch.all(grads[0].transpose(1, 2)[empty] == 0)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_mask_naive_matches_sdpa(kind):
+    """The oracle's mask means what torch's scaled_dot_product_attention's attn_mask means (a
+    per-head mask, GQA expanded, causal added to the mask), on every row that sees a key."""
+    q, k, v = make_qkv(2, 45, 37, 8, 2, 24, torch.float64)
+    mask = _random_mask(kind, (2, 8, 45, 37), empty_row=3)
+    ref, _ = naive_attention(q, k, v, causal=True, mask=mask)
+    causal = torch.ones(45, 37, dtype=torch.bool).tril(37 - 45)
+    sdpa_mask = mask & causal if kind == "bool" else mask.double().masked_fill(~causal, -math.inf)
+    expand = lambda t: t.repeat_interleave(4, dim=2).transpose(1, 2)  # noqa: E731
+    sdpa = F.scaled_dot_product_attention(q.transpose(1, 2), expand(k), expand(v), attn_mask=sdpa_mask)
+    seen = _visible(mask, True, (2, 8, 45, 37)).any(dim=-1)
+    torch.testing.assert_close(ref.transpose(1, 2)[seen], sdpa[seen], rtol=1e-10, atol=1e-12)
+
+
+def test_mask_causal_equivalence():
+    """A boolean mask equal to the bottom-right causal mask gives causal's results exactly (the
+    tiles causal skips contribute exact zeros)."""
+    q, k, v = make_qkv(2, 45, 37, 4, 2, 24, torch.float64)
+    dout = torch.randn_like(q)
+    mask = torch.ones(45, 37, dtype=torch.bool).tril(37 - 45)
+    results = []
+    for kwargs in ({"causal": True}, {"mask": mask}, {"mask": torch.zeros(45, 37).masked_fill(~mask, -math.inf)}):
+        out, lse = attention_forward(q, k, v, block_m=16, block_n=16, **kwargs)
+        grads = attention_backward(dout, q, k, v, out, lse, block_m=16, block_n=16, **kwargs)
+        results.append((out, lse, *grads))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_mask_rejects_bad_masks():
+    """Masks that do not broadcast to (batch, nheads, seqlen_q, seqlen_k), and integer masks."""
+    q, k, v = make_qkv(2, 5, 7, 4, 2, 8, torch.float32)
+    out, lse = attention_forward(q, k, v)
+    bad_masks = [
+        (torch.ones(5, 6, dtype=torch.bool), ValueError),
+        (torch.ones(3, 5, 7, dtype=torch.bool), ValueError),
+        (torch.ones(5, 7, dtype=torch.int32), TypeError),
+    ]
+    for bad, exc in bad_masks:
+        with pytest.raises(exc, match="mask"):
+            attention_forward(q, k, v, mask=bad)
+        with pytest.raises(exc, match="mask"):
+            attention_backward(q, q, k, v, out, lse, mask=bad)
+        with pytest.raises(exc, match="mask"):
+            naive_attention(q, k, v, mask=bad)
+
+
+# --------------------------------------------------------------------------------------------
 # flash_attn_func on CPU tensors
 
 
@@ -197,3 +455,111 @@ def test_api_cpu_no_keys():
     q, k, v = make_qkv(2, 0, 7, 2, 2, 16, torch.float16)
     out, lse, _ = flash_cute.flash_attn_func(q, k, v, return_attn_probs=True)
     assert out.shape == q.shape and lse.shape == (2, 2, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# flash_attn_func on CPU tensors: gradients
+
+
+def _api_grads(q, k, v, dout, **kwargs):
+    """flash_attn_func(q, k, v, **kwargs).backward(dout) on leaf copies: (dq, dk, dv)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = flash_cute.flash_attn_func(*leaves, **kwargs)
+    out.backward(dout)
+    return tuple(t.grad for t in leaves)
+
+
+def _assert_fp32_grads(grads, ref):
+    """float32 gradients within 1e-5 of the float64 ones, relative to the largest of them
+    (float32 accumulation over the sequence and the head dim gives ~1e-6)."""
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
+        err, scale = (g.double() - r).abs().max().item(), r.abs().max().item()
+        assert err <= 1e-5 * scale, f"{name}: max error {err:.3e} > 1e-5 x max|grad| ({scale:.3e})"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=_causal_ids)
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(97, 113), (113, 97)])
+@pytest.mark.parametrize("head_dim", [40, 59])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_api_cpu_backward(dtype, head_dim, seqlen_q, seqlen_k, causal):
+    """flash_attn_func(...).backward() on CPU (GQA; head dim 59 padded to 64 and back): the
+    gradients' 2x rule against float64 autograd (and float32 within 1e-5 of the gradients'
+    scale); rows that see no key get dq = 0."""
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, 4, 2, head_dim, dtype)
+    dout = _strided_randn(q)
+    grads = _api_grads(q, k, v, dout, causal=causal)
+    ref = assert_grads_2x_rule(grads, q, k, v, dout, causal=causal, oracle_dtype=torch.float64)
+    if dtype == torch.float32:
+        _assert_fp32_grads(grads, ref)
+    assert torch.all(grads[0][:, : empty_rows(seqlen_q, seqlen_k, causal)] == 0)
+
+
+@pytest.mark.parametrize("nheads,nheads_k,head_dim", [(8, 1, 20), (3, 3, 1), (2, 1, 256)])
+def test_api_cpu_backward_heads(nheads, nheads_k, head_dim):
+    """MQA, MHA and the extreme head dims (1 is padded to 8), causal with empty rows."""
+    q, k, v = make_qkv(2, 47, 33, nheads, nheads_k, head_dim, torch.float32)
+    dout = torch.randn_like(q)
+    grads = _api_grads(q, k, v, dout, causal=True, softmax_scale=0.3)
+    ref = assert_grads_2x_rule(grads, q, k, v, dout, softmax_scale=0.3, causal=True, oracle_dtype=torch.float64)
+    _assert_fp32_grads(grads, ref)
+
+
+def test_api_cpu_backward_strided_inputs():
+    """q, k, v as transposes of (batch, heads, seqlen, head_dim) tensors (head dim 32: no padding
+    copy, the operator sees the strided tensors)."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(2, 45, 37, 4, 2, 32, torch.float32))
+    assert not q.is_contiguous()
+    dout = _strided_randn(q)
+    grads = _api_grads(q, k, v, dout, causal=True)
+    assert_grads_2x_rule(grads, q, k, v, dout, causal=True, oracle_dtype=torch.float64)
+
+
+def test_api_cpu_backward_deterministic():
+    """deterministic=True is accepted; on CPU every backward pass is deterministic: the same
+    gradients, bit for bit, with or without it and from run to run."""
+    q, k, v = make_qkv(2, 45, 37, 4, 2, 40, torch.float32)
+    dout = torch.randn_like(q)
+    first = _api_grads(q, k, v, dout, causal=True, deterministic=True)
+    for kwargs in ({"deterministic": True}, {"deterministic": False}):
+        for a, b in zip(first, _api_grads(q, k, v, dout, causal=True, **kwargs)):
+            assert torch.equal(a, b)
+
+
+def test_api_cpu_backward_ignores_lse_gradient():
+    """The lse is an auxiliary output (as in flash_attn): a loss that uses it gets the
+    gradients of the output alone."""
+    q, k, v = make_qkv(1, 20, 30, 2, 1, 16, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse, _ = flash_cute.flash_attn_func(*leaves, return_attn_probs=True)
+    (out.sum() + lse.sum()).backward()
+    expected = _api_grads(q, k, v, torch.ones_like(q))
+    for leaf, g in zip(leaves, expected):
+        assert torch.equal(leaf.grad, g)
+
+
+# --------------------------------------------------------------------------------------------
+# The torch.library operators on CPU: flash_cute::bwd and fwd's autograd registration
+
+
+@pytest.mark.parametrize(
+    "causal,deterministic,layout",
+    [(False, False, "contiguous"), (True, True, "contiguous"), (True, False, "transposed")],
+)
+def test_opcheck_bwd(causal, deterministic, layout):
+    """torch.library.opcheck of flash_cute::bwd (schema, fake tensor incl. strides, AOT
+    dispatch) on CPU float32, seqlen_q > seqlen_k (causal-empty rows), GQA."""
+    q, k, v = make_qkv(2, 24, 16, 4, 2, 16, torch.float32)
+    if layout == "transposed":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    out, lse = torch.ops.flash_cute.fwd(q, k, v, 0.25, causal)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.flash_cute.bwd.default, (dout, q, k, v, out, lse, 0.25, causal, deterministic))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=_causal_ids)
+def test_opcheck_fwd_autograd(causal):
+    """torch.library.opcheck of flash_cute::fwd on inputs that require grad: the autograd
+    registration is checked, with and without the deterministic argument."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 24, 16, 4, 2, 16, torch.float32))
+    torch.library.opcheck(torch.ops.flash_cute.fwd.default, (q, k, v, 0.25, causal))
+    torch.library.opcheck(torch.ops.flash_cute.fwd.default, (q, k, v, 0.25, causal, True))

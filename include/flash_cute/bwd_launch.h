@@ -31,7 +31,7 @@ void run_bwd(const BwdParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.expand_gqa ? p.heads : p.heads_k, p.batch);
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
   check_cuda(cudaGetLastError(), name + " launch");
-  run_bwd_convert_dq(p, kDType, stream);
+  run_bwd_convert_dq(p, kDType, ceil_div(p.seqlen_q, Traits::kBlockM) * Traits::kBlockM, kHeadDim, stream);
 }
 
 }  // namespace flash_cute

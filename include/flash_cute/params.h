@@ -40,8 +40,8 @@ struct BwdParams : FwdParams {
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
-  // Workspace, float32: dQ accumulator (batch, seqlen_q, heads, head_dim) contiguous and zeroed;
-  // rowsum(dout * o) with lse's shape and strides.
+  // Workspace, float32: the dQ accumulator, contiguous (batch, heads, seqlen_q rounded up to the
+  // backward tile's block_m, head-dim bucket) and zeroed; rowsum(dout * o) with lse's strides.
   float* dq_accum = nullptr;
   float* dsum = nullptr;
   // deterministic: int32 counters (batch, heads, ceil(seqlen_q / block_m)), zeroed; the CTAs add

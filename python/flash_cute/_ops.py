@@ -116,11 +116,16 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         dk_buf, dv_buf = dk, dv
     dout, q, k, v, out = (_kernel_ready(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
-    dq_accum = torch.zeros((batch, seqlen_q, nheads, d), dtype=torch.float32, device=q.device)
-    dsum = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    # The kernel adds dQ into an fp32 accumulator padded to whole tiles: (batch, nheads, seqlen_q
+    # rounded up to the tile's block_m, head-dim bucket), so its adds need no bounds checks.
     block_m = _C().bwd_tile(d)[0]
+    m_blocks = -(-seqlen_q // block_m)
+    dq_accum = torch.zeros(
+        (batch, nheads, m_blocks * block_m, _C().head_dim_bucket(d)), dtype=torch.float32, device=q.device
+    )
+    dsum = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
     semaphore = (
-        torch.zeros((batch, nheads, -(-seqlen_q // block_m)), dtype=torch.int32, device=q.device)
+        torch.zeros((batch, nheads, m_blocks), dtype=torch.int32, device=q.device)
         if deterministic
         else None
     )

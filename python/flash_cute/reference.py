@@ -71,9 +71,10 @@ def _group_mask(mask, batch, nheads, nheads_k, seqlen_q, seqlen_k):
     copied), or None."""
     if mask is None:
         return None
-    if not isinstance(mask, torch.Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
-        raise TypeError(f"mask must be a boolean or floating-point tensor, got {type(mask).__name__}"
-                        + (f" of dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else ""))
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise TypeError(f"mask must be boolean (True = attend) or floating point (additive), got {mask.dtype}")
     full = (batch, nheads, seqlen_q, seqlen_k)
     try:
         mask = torch.broadcast_to(mask, full)
