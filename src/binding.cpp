@@ -56,9 +56,10 @@ void fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, int 
   flash_cute::fwd(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
 }
 
-// lse, dsum: contiguous (batch, heads, seqlen_q); dq_accum: see BwdParams.
+// lse: contiguous (batch, heads, seqlen_q); the workspace dq_accum, dsum, lse_log2: see BwdParams.
 void bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t dq,
-         uintptr_t dk, uintptr_t dv, uintptr_t dq_accum, uintptr_t dsum, uintptr_t dq_semaphore, int batch,
+         uintptr_t dk, uintptr_t dv, uintptr_t dq_accum, uintptr_t dsum, uintptr_t lse_log2,
+         uintptr_t dq_semaphore, int batch,
          int seqlen_q, int seqlen_k, int heads, int heads_k, int head_dim, bool expand_gqa,
          Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride, Strides3 dout_stride,
          Strides3 dq_stride, Strides3 dk_stride, Strides3 dv_stride, double softmax_scale, bool causal,
@@ -73,6 +74,7 @@ void bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uin
   p.dv = reinterpret_cast<void*>(dv);
   p.dq_accum = reinterpret_cast<float*>(dq_accum);
   p.dsum = reinterpret_cast<float*>(dsum);
+  p.lse_log2 = reinterpret_cast<float*>(lse_log2);
   p.dq_semaphore = reinterpret_cast<int*>(dq_semaphore);
   std::tie(p.dout_batch_stride, p.dout_row_stride, p.dout_head_stride) = std::tuple_cat(dout_stride);
   std::tie(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride) = std::tuple_cat(dq_stride);

@@ -30,12 +30,16 @@ def check(b, sq, sk, h, hk, d, causal, dtype=torch.bfloat16, deterministic=False
     return ok
 
 def bench(fn, iters=20):
+    """Median over 5 batches of `iters` back-to-back calls (launches queue up as in training),
+    in ms per call."""
     for _ in range(3): fn()
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(True), torch.cuda.Event(True)
     times = []
-    for _ in range(iters):
-        s.record(); fn(); e.record(); torch.cuda.synchronize(); times.append(s.elapsed_time(e))
+    for _ in range(5):
+        s.record()
+        for _ in range(iters): fn()
+        e.record(); torch.cuda.synchronize(); times.append(s.elapsed_time(e) / iters)
     times.sort()
     return times[len(times) // 2]
 

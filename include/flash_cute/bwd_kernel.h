@@ -157,12 +157,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
   copy_predicated</*kZeroFill=*/true>(load_copy, load_thr.partition_S(gK), load_thr.partition_D(sK), tKcK, rows_k, d);
   copy_predicated</*kZeroFill=*/true>(load_copy, load_thr.partition_S(gV), load_thr.partition_D(sV), tKcK, rows_k, d);
 
-  // Step t covers query head head_begin + t / steps_per_head, query block m_begin + t % steps_per_head.
-  auto step_head = [&](int t) { return head_begin + t / steps_per_head; };
-  auto step_m = [&](int t) { return m_begin + t % steps_per_head; };
-  auto load_q_do = [&](int t, int stage) {
-    const int head = step_head(t);
-    const int row0 = step_m(t) * kBlockM;
+  // The steps walk (query head, query block): heads_per_cta heads, blocks m_begin .. m_blocks - 1.
+  auto advance = [&](int& head, int& m_block) {
+    if (++m_block == m_blocks) {
+      m_block = m_begin;
+      ++head;
+    }
+  };
+  // Q, dO, lse_log2 and D of one step into buffer `stage`.
+  auto load_step = [&](int head, int m_block, int stage) {
+    const int row0 = m_block * kBlockM;
     auto q_ptr = static_cast<const Element*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
                  row0 * p.q_row_stride;
     auto do_ptr = static_cast<const Element*>(p.dout) + batch * p.dout_batch_stride +
@@ -179,8 +183,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
       copy_predicated<true>(load_copy, load_thr.partition_S(gQ), load_thr.partition_D(sQ), tQcQ, rows, d);
       copy_predicated<true>(load_copy, load_thr.partition_S(gdO), load_thr.partition_D(sdO), tQcQ, rows, d);
     }
+    // The row vectors are padded to whole tiles: 16-byte copies, no predicates.
+    constexpr int kChunks = kBlockM / 4;
+    static_assert(2 * kChunks <= Traits::kThreads);
+    const int64_t row_offset = (int64_t(batch) * p.heads + head) * p.rows_padded + row0;
+    if (tid < 2 * kChunks) {
+      const bool is_lse = tid < kChunks;
+      const int chunk = is_lse ? tid : tid - kChunks;
+      const float* src = (is_lse ? p.lse_log2 : p.dsum) + row_offset + 4 * chunk;
+      float* dst = (is_lse ? smem.lse_log2[stage] : smem.dsum[stage]) + 4 * chunk;
+      SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(*reinterpret_cast<const cute::uint128_t*>(src),
+                                                        *reinterpret_cast<cute::uint128_t*>(dst));
+    }
   };
-  load_q_do(0, 0);
+  int head = head_begin, m_block = m_begin;  // the current step
+  int next_head = head, next_m = m_block;    // the step after it
+  load_step(head, m_block, 0);
   cp_async_fence();
 
   // ------------------------------------------------------------------------------------------
@@ -237,29 +255,25 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
   // ------------------------------------------------------------------------------------------
   for (int t = 0; t < steps; ++t) {
     const int stage = kStages == 2 ? t % 2 : 0;
-    const int head = step_head(t);
-    const int m_block = step_m(t);
     const int row0 = m_block * kBlockM;
+    advance(next_head, next_m);
 
-    // lse (as log2) and D of this thread's rows; rows past seqlen_q get lse = +inf, so P = 0.
-    const int64_t row_offset = batch * p.lse_batch_stride + head * p.lse_head_stride + row0;
-    float lse_log2[kRows], dsum[kRows];
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const int row = get<0>(tScS_rc(r, 0));
-      const bool in = row0 + row < p.seqlen_q;
-      lse_log2[r] = in ? p.lse[row_offset + row] * float(M_LOG2E) : INFINITY;
-      dsum[r] = in ? p.dsum[row_offset + row] : 0.f;
-    }
-
-    cp_async_wait<0>();  // Q, dO of this step (and, at t = 0, K and V) have landed ...
+    cp_async_wait<0>();  // Q, dO, lse, D of this step (and, at t = 0, K and V) have landed ...
     __syncthreads();     // ... for every thread, and nobody still reads the buffers reused below
     if (kStages == 2 && t + 1 < steps) {
-      load_q_do(t + 1, stage ^ 1);
+      load_step(next_head, next_m, stage ^ 1);
       cp_async_fence();
     }
     Tensor sQ = sQ_at(stage);
     Tensor sdO = sdO_at(stage);
+    // lse (as log2) and D of this thread's rows.
+    float lse_log2[kRows], dsum[kRows];
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int row = get<0>(tScS_rc(r, 0));
+      lse_log2[r] = smem.lse_log2[stage][row];
+      dsum[r] = smem.dsum[stage][row];
+    }
 
     // S = Q K^T, masked, and P = exp(scale * S - lse), in registers.
     Tensor acc_s = partition_fragment_C(mma_sdp, TileS{});  // (MMA, MMA_M, MMA_N) fp32
@@ -325,9 +339,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
                    mma_dkv, copy_dkv_a, copy_dkv_b);
     if (kStages == 1 && t + 1 < steps) {
       __syncthreads();  // every thread is done with Q and dO
-      load_q_do(t + 1, 0);
+      load_step(next_head, next_m, 0);
       cp_async_fence();
     }
+    head = next_head;
+    m_block = next_m;
   }
 
   // ------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 namespace flash_cute {
 
 template <DType kDType, int kHeadDim>
-void run_bwd(const BwdParams& p, cudaStream_t stream) {
+void run_bwd(const BwdParams& params, cudaStream_t stream) {
   using Traits = BwdTraits<kDType, kHeadDim>;
   constexpr int kSmem = Traits::kSmemBytes;
   const std::string name = std::string("backward kernel (") + dtype_name(kDType) + ", head dim " +
@@ -27,11 +27,15 @@ void run_bwd(const BwdParams& p, cudaStream_t stream) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
                name + ": raising the shared-memory limit");
   }
+  // The workspace is padded to this kernel's tiles (the caller sized it with bwd_tile()).
+  BwdParams p = params;
+  p.rows_padded = ceil_div(p.seqlen_q, Traits::kBlockM) * Traits::kBlockM;
+  p.accum_cols = kHeadDim;
   run_bwd_dot_do_o(p, kDType, stream);
   const dim3 grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.expand_gqa ? p.heads : p.heads_k, p.batch);
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
   check_cuda(cudaGetLastError(), name + " launch");
-  run_bwd_convert_dq(p, kDType, ceil_div(p.seqlen_q, Traits::kBlockM) * Traits::kBlockM, kHeadDim, stream);
+  run_bwd_convert_dq(p, kDType, stream);
 }
 
 }  // namespace flash_cute

@@ -57,6 +57,8 @@ struct BwdTraits : TraitsBase<typename ElementOf<kDType>::type, kHeadDim_, bwd_t
     cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
     cute::array_aligned<Element, cosize_v<SmemLayoutPdS>> p;
     cute::array_aligned<Element, cosize_v<SmemLayoutPdS>> ds;
+    alignas(16) float lse_log2[kStages][kBlockM];  // lse * log2(e) of the block's rows
+    alignas(16) float dsum[kStages][kBlockM];      // rowsum(dO * O)
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 163 * 1024, "the backward tile must fit an A100's shared memory");

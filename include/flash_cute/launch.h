@@ -75,10 +75,9 @@ void run_fwd(const FwdParams& params, cudaStream_t stream);
 template <DType kDType, int kHeadDim>
 void run_bwd(const BwdParams& params, cudaStream_t stream);
 
-// The two small passes around the main backward kernel (src/bwd_prep.cu, both dtypes).
+// The two small passes around the main backward kernel (src/bwd_prep.cu, both dtypes): the
+// rowsum pass fills dsum and lse_log2 and zeroes dq_accum; the last pass converts dq_accum to dq.
 void run_bwd_dot_do_o(const BwdParams& params, DType dtype, cudaStream_t stream);
-// The dQ accumulator is (batch, heads, accum_rows, accum_cols): seqlen_q rounded up to block_m,
-// the head-dim bucket.
-void run_bwd_convert_dq(const BwdParams& params, DType dtype, int accum_rows, int accum_cols, cudaStream_t stream);
+void run_bwd_convert_dq(const BwdParams& params, DType dtype, cudaStream_t stream);
 
 }  // namespace flash_cute

@@ -40,10 +40,16 @@ struct BwdParams : FwdParams {
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
-  // Workspace, float32: the dQ accumulator, contiguous (batch, heads, seqlen_q rounded up to the
-  // backward tile's block_m, head-dim bucket) and zeroed; rowsum(dout * o) with lse's strides.
+  // Workspace, float32, padded to whole tiles (seqlen_q rounded up to the backward tile's block_m:
+  // "rows"), all written by the rowsum pass before the main kernel reads them:
+  //   dq_accum (batch, heads, rows, head-dim bucket): the dQ accumulator, zeroed;
+  //   dsum     (batch, heads, rows): rowsum(dout * o), 0 on padded rows;
+  //   lse_log2 (batch, heads, rows): lse * log2(e), +inf on padded rows (their P is 0).
   float* dq_accum = nullptr;
   float* dsum = nullptr;
+  float* lse_log2 = nullptr;
+  int rows_padded = 0;
+  int accum_cols = 0;
   // deterministic: int32 counters (batch, heads, ceil(seqlen_q / block_m)), zeroed; the CTAs add
   // into dq_accum in key-block order. nullptr: unordered atomics.
   int* dq_semaphore = nullptr;

@@ -116,14 +116,14 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         dk_buf, dv_buf = dk, dv
     dout, q, k, v, out = (_kernel_ready(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
-    # The kernel adds dQ into an fp32 accumulator padded to whole tiles: (batch, nheads, seqlen_q
-    # rounded up to the tile's block_m, head-dim bucket), so its adds need no bounds checks.
+    # Workspace padded to whole tiles of the kernel (seqlen_q rounded up to its block_m, the
+    # head-dim bucket), filled by the kernels: the fp32 dQ accumulator, rowsum(dout * out) and
+    # lse * log2(e). Padding spares the main loop every bounds check on them.
     block_m = _C().bwd_tile(d)[0]
     m_blocks = -(-seqlen_q // block_m)
-    dq_accum = torch.zeros(
-        (batch, nheads, m_blocks * block_m, _C().head_dim_bucket(d)), dtype=torch.float32, device=q.device
-    )
-    dsum = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    rows = m_blocks * block_m
+    dq_accum = torch.empty((batch, nheads, rows, _C().head_dim_bucket(d)), dtype=torch.float32, device=q.device)
+    row_stats = torch.empty((2, batch, nheads, rows), dtype=torch.float32, device=q.device)  # D, lse*log2(e)
     semaphore = (
         torch.zeros((batch, nheads, m_blocks), dtype=torch.int32, device=q.device)
         if deterministic
@@ -131,7 +131,7 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     )
     _C().bwd(
         dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        dq.data_ptr(), dk_buf.data_ptr(), dv_buf.data_ptr(), dq_accum.data_ptr(), dsum.data_ptr(),
+        dq.data_ptr(), dk_buf.data_ptr(), dv_buf.data_ptr(), dq_accum.data_ptr(), row_stats[0].data_ptr(), row_stats[1].data_ptr(),
         0 if semaphore is None else semaphore.data_ptr(),
         batch, seqlen_q, seqlen_k, nheads, nheads_k, d, expand,
         _strides(q), _strides(k), _strides(v), _strides(out), _strides(dout),
@@ -180,6 +180,8 @@ def _fwd_setup_context(ctx, inputs, output):
     q, k, v, softmax_scale, causal, *rest = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
+    # The lse's gradient is never used: do not have autograd fill a zero tensor for it.
+    ctx.set_materialize_grads(False)
     ctx.softmax_scale = softmax_scale
     ctx.causal = causal
     ctx.deterministic = bool(rest[0]) if rest else False
