@@ -60,6 +60,20 @@ def timing(d, seqlen, causal, dtype=torch.bfloat16):
     print(f"bwd d{d} s{seqlen} causal={int(causal)}: flash_cute {tf['fc']:.0f} TFLOP/s, torch-flash {tf['tf']:.0f}, ratio {tf['fc']/tf['tf']:.3f}", flush=True)
     return tf["fc"] / tf["tf"]
 
+def deterministic_cost(d, seqlen, causal, nheads_k=None, dtype=torch.bfloat16):
+    """Backward time with deterministic=True over the default (atomic) mode."""
+    b, h = 16384 // seqlen, 2048 // d
+    hk = nheads_k or h
+    q, dout = (torch.randn(b, seqlen, h, d, device="cuda", dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(b, seqlen, hk, d, device="cuda", dtype=dtype) for _ in range(2))
+    times = {}
+    for det in (False, True):
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        out = flash_cute.flash_attn_func(qq, kk, vv, causal=causal, deterministic=det)
+        times[det] = bench(lambda: torch.autograd.grad(out, (qq, kk, vv), dout, retain_graph=True))
+    print(f"deterministic d{d} s{seqlen} heads {h}/{hk} causal={int(causal)}: {times[False]:.3f} ms -> "
+          f"{times[True]:.3f} ms ({times[True] / times[False]:.3f}x)", flush=True)
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     ok = True
@@ -76,6 +90,11 @@ if __name__ == "__main__":
         for seqlen in (2048, 8192, 16384):
             for causal in (False, True):
                 ratios.append(timing(d, seqlen, causal))
+    for d in [x for x in dims if x in (64, 128)]:
+        for seqlen in (2048, 16384):
+            for causal in (False, True):
+                deterministic_cost(d, seqlen, causal)
+        deterministic_cost(d, 4096, True, nheads_k=2048 // d // 4)
     if ratios:
         import math
         print(f"geomean ratio {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f}")

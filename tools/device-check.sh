@@ -14,7 +14,7 @@ python3 -c "import flash_cute; print(flash_cute.__version__, flash_cute.build_in
 
 if [ "$mode" != bench ]; then
   python3 -m pytest tests -x -q -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -n 25
-  # Small ragged sweep under memcheck and racecheck.
+  # Small ragged sweep (forward and backward, atomic and deterministic) under memcheck and racecheck.
   for tool in memcheck racecheck; do
     compute-sanitizer --tool $tool --error-exitcode 1 python3 - <<'PY' > "$out/sanitizer-$tool.log" 2>&1
 import torch, flash_cute
@@ -22,11 +22,13 @@ torch.manual_seed(0)
 for d in (40, 96, 128, 224, 256):
     for sq, sk in ((1, 1), (113, 203), (257, 97)):
         for causal in (False, True):
-            q = torch.randn(2, sq, 4, d, device="cuda", dtype=torch.bfloat16)
-            k = torch.randn(2, sk, 2, d, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn_like(k)
+            q = torch.randn(2, sq, 4, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(2, sk, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(2, sk, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             try:
-                flash_cute.flash_attn_func(q, k, v, causal=causal)
+                for deterministic in (False, True):
+                    out = flash_cute.flash_attn_func(q, k, v, causal=causal, deterministic=deterministic)
+                    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
             except RuntimeError as e:
                 if "FLASH_CUTE_HEAD_DIMS" not in str(e): raise
 torch.cuda.synchronize()
@@ -39,5 +41,5 @@ fi
 if [ "$mode" = full ]; then
   python3 benchmark/run.py --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -n 60
 else
-  python3 benchmark/run.py --quick --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -n 40
+  python3 benchmark/run.py --quick --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -n 60
 fi
