@@ -7,6 +7,7 @@
 //   dP = dO V^T                dS = P * (dP - D)
 //   dV += P^T dO               dK += dS^T Q                  (P, dS staged in shared memory)
 //   dQ += dS K                 (fp32 reductions into a global accumulator; other CTAs add theirs)
+// deterministic: the CTAs add into each dQ block in a fixed (descending key block) order.
 // The scale of dK and dQ is applied once at the end. Q and dO of the next block stream in with
 // cp.async while the current one is processed.
 #pragma once
@@ -83,13 +84,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
 
   const int tid = threadIdx.x;
-  const int n_block = blockIdx.x;
+  // Deterministic mode adds into dQ in descending key-block order, and launches the last key
+  // block first so that a CTA only ever waits for CTAs launched before it. With causal, the last
+  // key blocks see the fewest query blocks: they finish their adds early and nobody waits long
+  // (ascending order made key block 0, which sees every query block, pace all others: 2x slower).
+  const int n_block = p.dq_semaphore != nullptr ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
   const int slot = blockIdx.y;  // the KV head, or with expand_gqa the query head
   const int batch = blockIdx.z;
   const int groups = p.heads / p.heads_k;
   const int heads_per_cta = p.expand_gqa ? 1 : groups;
   const int head_begin = p.expand_gqa ? slot : slot * groups;
   const int head_k = head_begin / groups;
+  const int n_blocks_total = gridDim.x;
   const int col0 = n_block * kBlockN;
   const int rows_k = min(kBlockN, p.seqlen_k - col0);
   const int d = p.head_dim;
@@ -319,8 +325,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
     int* semaphore = nullptr;
     if (p.dq_semaphore != nullptr) {
       semaphore = p.dq_semaphore + (int64_t(batch) * p.heads + head) * m_blocks + m_block;
+      // This query block's contributors are key blocks 0 .. n_last (those whose first key some
+      // row of it sees); they add from n_last down, so key block n_block goes after n_last - n_block.
+      const int n_last = p.causal ? min(n_blocks_total - 1, (row0 + kBlockM - 1 + diagonal) / kBlockN)
+                                  : n_blocks_total - 1;
       if (tid == 0) {
-        while (atomicAdd(semaphore, 0) != n_block) {
+        while (atomicAdd(semaphore, 0) != n_last - n_block) {
         }
       }
       __syncthreads();

@@ -119,10 +119,10 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     # Workspace padded to whole tiles of the kernel (seqlen_q rounded up to its block_m, the
     # head-dim bucket), filled by the kernels: the fp32 dQ accumulator, rowsum(dout * out) and
     # lse * log2(e). Padding spares the main loop every bounds check on them.
-    block_m = _C().bwd_tile(d)[0]
+    block_m, bucket = _bwd_tile_rows_cols(d)
     m_blocks = -(-seqlen_q // block_m)
     rows = m_blocks * block_m
-    dq_accum = torch.empty((batch, nheads, rows, _C().head_dim_bucket(d)), dtype=torch.float32, device=q.device)
+    dq_accum = torch.empty((batch, nheads, rows, bucket), dtype=torch.float32, device=q.device)
     row_stats = torch.empty((2, batch, nheads, rows), dtype=torch.float32, device=q.device)  # D, lse*log2(e)
     semaphore = (
         torch.zeros((batch, nheads, m_blocks), dtype=torch.int32, device=q.device)
@@ -144,6 +144,12 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         torch.sum(dk_buf.unflatten(2, (nheads_k, groups)), dim=3, out=dk)
         torch.sum(dv_buf.unflatten(2, (nheads_k, groups)), dim=3, out=dv)
     return dq, dk, dv
+
+
+@functools.cache
+def _bwd_tile_rows_cols(head_dim: int) -> tuple[int, int]:
+    """(block_m, head-dim bucket) of the backward kernel: the padding of its workspace."""
+    return _C().bwd_tile(head_dim)[0], _C().head_dim_bucket(head_dim)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
