@@ -61,10 +61,10 @@ constexpr BwdTile bwd_tile(int head_dim) {
   if (head_dim <= 64) return {128, 128, 8, 2, 4, 4, 2};
   if (head_dim <= 96) return {64, 128, 8, 2, 4, 4, 2};
   if (head_dim <= 128) return {64, 128, 8, 2, 4, 2, 2};
-  // d256: S/dP on 4 x 2 warps, dK/dV and dQ on 2 x 4 ran 0.81x torch's flash backend (geomean,
-  // bf16, seqlen 512..16k) where 2 x 4 / 4 x 2 / 4 x 2 ran 0.76x. (d192 could take the same
-  // layout; not measured yet. d160 and d224 need 16 x 2 warps across the head dim.)
-  if (head_dim > 224) return {64, 64, 8, 4, 2, 2, 1};
+  // d192, d256: S/dP on 4 x 2 warps, dK/dV and dQ on 2 x 4 (bf16, seqlen 512..16k, geomean over
+  // torch's flash backend): d256 0.81x where 2 x 4 / 4 x 2 / 4 x 2 ran 0.76x; d192 0.79x vs 0.76x.
+  // d160 and d224 need 16 x 2 warps across the head dim.
+  if (head_dim % 64 == 0) return {64, 64, 8, 4, 2, 2, 1};
   return {64, 64, 8, 2, 4, 4, 1};
 }
 
