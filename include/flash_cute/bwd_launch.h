@@ -14,19 +14,13 @@ void run_bwd(const BwdParams& params, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
   const std::string name = std::string("backward kernel (") + dtype_name(kDType) + ", head dim " +
                            std::to_string(kHeadDim) + ")";
-  int device = 0, smem_optin = 0;
-  check_cuda(cudaGetDevice(&device), name + ": cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             name + ": reading the shared-memory limit");
+  const int smem_optin = max_smem_per_block(name);
   if (kSmem > smem_optin) {
     throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(kSmem) +
                              " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin));
   }
   auto kernel = &bwd_kernel<Traits>;
-  if (kSmem > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
-               name + ": raising the shared-memory limit");
-  }
+  allow_dynamic_smem(kernel, kSmem, name);
   // The workspace is padded to this kernel's tiles (the caller sized it with bwd_tile()).
   BwdParams p = params;
   p.rows_padded = ceil_div(p.seqlen_q, Traits::kBlockM) * Traits::kBlockM;

@@ -13,10 +13,7 @@ template <class Traits>
 void launch_fwd(const FwdParams& p, cudaStream_t stream, const std::string& name) {
   constexpr int kSmem = Traits::kSmemBytes;
   auto kernel = &fwd_kernel<Traits>;
-  if (kSmem > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
-               name + ": raising the shared-memory limit");
-  }
+  allow_dynamic_smem(kernel, kSmem, name);
   const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
   check_cuda(cudaGetLastError(), name + " launch");
@@ -29,10 +26,7 @@ void run_fwd(const FwdParams& p, cudaStream_t stream) {
   constexpr bool kHasSmallTile = !(fwd_tile(kHeadDim, kCausal) == fwd_tile(kHeadDim, kCausal, true));
   const std::string name = std::string("forward kernel (") + dtype_name(kDType) + ", head dim " +
                            std::to_string(kHeadDim) + (kCausal ? ", causal)" : ")");
-  int device = 0, smem_optin = 0;
-  check_cuda(cudaGetDevice(&device), name + ": cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             name + ": reading the shared-memory limit");
+  const int smem_optin = max_smem_per_block(name);
   // Testing hook: run the small-shared-memory tile on any GPU, so the H100 covers it too.
   const bool force_small = std::getenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE") != nullptr;
   if (Traits::kSmemBytes <= smem_optin && !(kHasSmallTile && force_small))
