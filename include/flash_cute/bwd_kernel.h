@@ -335,8 +335,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
       }
       __syncthreads();
     }
-    // The accumulator is (batch, heads, m_blocks * kBlockM, kHeadDim): rows and columns padded.
-    float* dq_ptr = p.dq_accum + ((int64_t(batch) * p.heads + head) * m_blocks * kBlockM + row0) * kHeadDim;
+    // The accumulator is (batch, heads, rows_padded, kHeadDim): rows and columns padded.
+    float* dq_ptr = p.dq_accum + ((int64_t(batch) * p.heads + head) * p.rows_padded + row0) * kHeadDim;
     red_add_dq<kHeadDim>(make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout())), tdQcdQ_rc, dq_ptr);
     if (semaphore != nullptr) {
       __threadfence();

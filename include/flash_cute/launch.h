@@ -57,7 +57,6 @@ constexpr BwdTile bwd_tile(int head_dim) {
   // A warp's share of each GEMM must tile it: 16 * (warps / dkv_warps_n) and
   // 16 * (warps / dq_warps_m) divide the head dim. Shared memory: 112 KB (d32), 160 KB (d64,
   // d128), 144 KB (d256), within the 163 KB of an A100.
-  if (head_dim <= 32) return {128, 128, 8, 2, 4, 4, 2};
   if (head_dim <= 64) return {128, 128, 8, 2, 4, 4, 2};
   if (head_dim <= 96) return {64, 128, 8, 2, 4, 4, 2};
   if (head_dim <= 128) return {64, 128, 8, 2, 4, 2, 2};
