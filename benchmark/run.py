@@ -31,7 +31,7 @@ for bwd (dq, dk, dv) and fwdbwd (out, dq, dk, dv) each tensor's max |x - ref| is
 max(1, max |ref|), since gradients grow with the attention's concentration (a key seen by one
 query gets that query's whole dO) and one rounding step of a value near 4 is already 0.03 in bf16.
 
-Two more sections follow the grid (their numbers also go to results.json):
+Three more sections follow the grid (their numbers also go to results.json):
   GQA backward  flash_cute's backward with each way of reducing dK/dV over the query heads of a
                 KV head (--gqa-bwd in_kernel,expand: summed in the kernel, or nheads-sized
                 buffers summed afterwards, the official package's way) beside the anchors, at
@@ -43,6 +43,18 @@ Two more sections follow the grid (their numbers also go to results.json):
                 implementation, at the grid's d128 seqlen-4k shape and at the GQA shape (there
                 with both flash_cute reductions). Runs when the grid has bwd or fwdbwd, --quick
                 included (--no-memory skips it).
+  varlen        flash_attn_varlen_func: 64 sequences of lengths drawn uniformly from 128 .. 4096
+                (a fixed seed), packed as q, k, v of shape (total, 16 heads, d), cu_seqlens int32
+                on the GPU; d 128 (or --hdim), the grid's dtypes, causal values and passes (same
+                timing as the grid). TFLOP/s count the real lengths: 4*h*d per visible (query,
+                key) pair, len*(len+1)/2 pairs per causal sequence. Columns: flash_cute, torch-flash
+                (torch.ops.aten._flash_attention_forward/_backward with cum_seq: the FA2 varlen
+                kernels vendored in torch) and flash_attn (official varlen); cuDNN has no varlen
+                entry point here. Every implementation's result is compared with an fp32 oracle
+                (per-sequence softmax(q k^T / sqrt(d)) v, autograd for the gradients), and
+                flash_cute's error must stay within 2x the anchor's (flash_attn, else
+                torch-flash) + 1e-4. Runs by default, --quick included (--no-varlen skips it;
+                --varlen runs it alone).
 The summary ends with one line per section.
 
 Examples:
@@ -50,13 +62,14 @@ Examples:
   python3 benchmark/run.py --out bench-out               # the whole grid (fwd, bwd, fwdbwd), JSON, CSV, plots
   python3 benchmark/run.py --hdim 128 --seqlen 4k,16k --only flash_cute,torch-flash
   python3 benchmark/run.py --pass bwd --quick --gqa-bwd in_kernel,expand
-  python3 benchmark/run.py --pass fwd                   # the forward grid only (no extra section)
+  python3 benchmark/run.py --pass fwd --no-varlen       # the forward grid only (no extra section)
   python3 benchmark/run.py --dry-run --quick             # print the grid and exit (no GPU needed)
+  python3 benchmark/run.py --varlen --dtype bf16         # the varlen section alone (d 128, causal off/on, all passes)
 
-Exit status: 0; 1 when a flash_cute result exceeded --tol or flash_cute failed for a reason
-other than a head dim left out of the build (in the grid or the GQA section, where each
-reduction is compared with the first); 2 when the CUDA context died mid-run (the rows measured
-so far are still printed and written).
+Exit status: 0; 1 when a flash_cute result exceeded --tol (in the varlen section: broke the 2x
+rule) or flash_cute failed for a reason other than a head dim left out of the build (in the
+grid, the varlen section or the GQA section, where each reduction is compared with the first);
+2 when the CUDA context died mid-run (the rows measured so far are still printed and written).
 """
 
 from __future__ import annotations
@@ -66,6 +79,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -104,6 +118,15 @@ FULL_PASSES = ("fwd", "bwd", "fwdbwd")
 GQA_REDUCTIONS = ("in_kernel", "expand")  # values of flash_cute._ops.GQA_BWD_REDUCTION
 DEFAULT_GQA_SHAPE = (4, 4096, 32, 8, 128)  # batch, seqlen, nheads, nheads_k, head dim
 MEMORY_SEQLEN, MEMORY_HDIM = 4096, 128  # the MHA shape of the memory section (batch, heads from the grid)
+# The varlen section: VARLEN_BATCH sequence lengths drawn uniformly from [min, max] by a CPU
+# torch.Generator seeded VARLEN_SEED (the same lengths whatever --seed, which seeds the values).
+VARLEN_BATCH, VARLEN_MIN_LEN, VARLEN_MAX_LEN, VARLEN_SEED = 64, 128, 4096, 0
+VARLEN_NHEADS, VARLEN_HDIM = 16, 128  # head dim: --hdim when given
+# The 2x rule of the varlen check (tests/helpers.py's): per compared tensor,
+# err(flash_cute) <= 2 * err(anchor) + slack, errors against the fp32 oracle (gradients' divided
+# by max(1, max |oracle|), so the slack is relative there, as GRAD_ROUNDING_TERM is).
+VARLEN_RULE_SLACK = 1e-4
+VARLEN_ANCHORS = ("flash_attn", "torch-flash")  # the 2x rule's anchor: the first that ran (no NaN)
 
 IMPL_NAMES = ("flash_cute", "torch-flash", "cudnn", "flash_attn")
 # The implementation flash_cute's output is compared with: the first of these that ran.
@@ -164,15 +187,41 @@ class Case:
             fwd /= 2
         return fwd * PASSES[self.pass_name].flop_factor
 
+    def shape(self, heads: int) -> tuple:
+        """The shape of q (heads = nheads) or of k, v (heads = kv_heads)."""
+        return (self.batch, self.seqlen, heads, self.hdim)
+
     @property
     def tensor_bytes(self) -> int:
-        """Bytes of one of q, k, v."""
-        return self.batch * self.seqlen * self.nheads * self.hdim * DTYPES[self.dtype].itemsize
+        """Bytes of q."""
+        return math.prod(self.shape(self.nheads)) * DTYPES[self.dtype].itemsize
 
     @property
     def group(self) -> tuple:
         """The summary groups rows by everything but the sequence length."""
         return (self.pass_name, self.dtype, self.hdim, self.causal, self.kv_heads)
+
+
+@dataclass(frozen=True)
+class VarlenCase(Case):
+    """A row of the varlen section: `batch` sequences of lengths `seqlens` (the same for q and
+    k), packed as (total, heads, d); `seqlen` is the longest."""
+
+    seqlens: tuple = ()
+
+    @property
+    def total(self) -> int:
+        return sum(self.seqlens)
+
+    def shape(self, heads: int) -> tuple:
+        return (self.total, heads, self.hdim)
+
+    @property
+    def flops(self) -> float:
+        """4*h*d per visible (query, key) pair, over the real lengths: len*len per sequence, or
+        len*(len+1)/2 when causal."""
+        pairs = sum(n * (n + 1) // 2 if self.causal else n * n for n in self.seqlens)
+        return 4.0 * self.nheads * self.hdim * pairs * PASSES[self.pass_name].flop_factor
 
 
 def build_grid(passes, dtypes, hdims, causals, seqlens, tokens: int, model_dim: int) -> list[Case]:
@@ -192,6 +241,9 @@ def build_grid(passes, dtypes, hdims, causals, seqlens, tokens: int, model_dim: 
 
 Runner = Callable[[], tuple]  # a zero-argument call that launches the work, returns its outputs
 FwdFactory = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], Callable[[], torch.Tensor]]
+# (q, k, v, cu_seqlens, max_seqlen, causal) -> the timed call, returning the output (total, nheads, d)
+VarlenFactory = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, bool],
+                         Callable[[], torch.Tensor]]
 
 
 @dataclass
@@ -206,6 +258,7 @@ class Impl:
     unavailable: Optional[str] = None  # why it cannot run at all
     version: Optional[str] = None
     setting: Optional[Callable[[], contextlib.AbstractContextManager]] = None  # e.g. a GQA reduction
+    varlen: Optional[VarlenFactory] = None  # its flash_attn_varlen_func equivalent (varlen section)
 
     def context(self):
         """Entered around the warm-up, check and timing of every call (not inside the timed
@@ -238,12 +291,48 @@ def _flash_attn_api_fwd(module) -> FwdFactory:
     return factory
 
 
+def _flash_attn_api_varlen(module) -> VarlenFactory:
+    def factory(q, k, v, cu_seqlens, max_seqlen, causal):
+        fn = module.flash_attn_varlen_func  # missing: an AttributeError, the column's error
+        return lambda: fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal)
+
+    return factory
+
+
+class _AtenFlashVarlen(torch.autograd.Function):
+    """torch's vendored FA2 varlen kernels, called as SDPA's flash backend calls them:
+    aten._flash_attention_forward/_backward with cum_seq tensors take (total, nheads, d) inputs.
+    The backward gets the forward's logsumexp and its two RNG-state tensors (philox seed and
+    offset in older torch, rng_state and unused in newer) as they came."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal):
+        out, lse, rng_a, rng_b, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, False)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (cu_seqlens, max_seqlen, causal, rng_a, rng_b)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        cu_seqlens, max_seqlen, causal, rng_a, rng_b = ctx.args
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, rng_a, rng_b)
+        return dq, dk, dv, None, None, None
+
+
+def _aten_flash_varlen(q, k, v, cu_seqlens, max_seqlen, causal):
+    return lambda: _AtenFlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, causal)
+
+
 def load_flash_cute() -> Impl:
     try:
         import flash_cute
     except Exception as e:  # noqa: BLE001 - any import failure leaves the column empty
         return Impl("flash_cute", unavailable=f"import flash_cute failed: {short_error(e)}")
-    impl = Impl("flash_cute", fwd=_flash_attn_api_fwd(flash_cute), version=flash_cute.__version__)
+    impl = Impl("flash_cute", fwd=_flash_attn_api_fwd(flash_cute), version=flash_cute.__version__,
+                varlen=_flash_attn_api_varlen(flash_cute))
     try:
         flash_cute.build_info()
     except Exception as e:  # noqa: BLE001
@@ -256,7 +345,8 @@ def load_flash_attn() -> Impl:
         import flash_attn
     except Exception as e:  # noqa: BLE001 - not installed, or built against another torch
         return Impl("flash_attn", unavailable=f"not importable ({short_error(e)})")
-    return Impl("flash_attn", fwd=_flash_attn_api_fwd(flash_attn), version=getattr(flash_attn, "__version__", "?"))
+    return Impl("flash_attn", fwd=_flash_attn_api_fwd(flash_attn), version=getattr(flash_attn, "__version__", "?"),
+                varlen=_flash_attn_api_varlen(flash_attn))
 
 
 def load_sdpa(name: str, backend_name: str) -> Impl:
@@ -291,7 +381,8 @@ def reduction_variant(impl: Impl, reduction: str) -> Impl:
 def load_impls(names) -> list[Impl]:
     loaders = {
         "flash_cute": load_flash_cute,
-        "torch-flash": lambda: load_sdpa("torch-flash", "FLASH_ATTENTION"),
+        "torch-flash": lambda: dataclasses.replace(load_sdpa("torch-flash", "FLASH_ATTENTION"),
+                                                   varlen=_aten_flash_varlen),
         "cudnn": lambda: load_sdpa("cudnn", "CUDNN_ATTENTION"),
         "flash_attn": load_flash_attn,
     }
@@ -311,17 +402,18 @@ class Inputs:
     dout: Optional[torch.Tensor] = None  # the upstream gradient, for the passes with a backward
 
 
-def make_inputs(case: Case, seed: int) -> Inputs:
-    """Random normal q, k, v (never zeros), q (batch, seqlen, nheads, d) and k, v with the case's
-    KV heads, contiguous; and dout like q for the passes with a backward."""
+def make_inputs(case: Case, seed: int, with_dout: Optional[bool] = None) -> Inputs:
+    """Random normal q, k, v (never zeros), q (batch, seqlen, nheads, d) (varlen: (total, nheads,
+    d)) and k, v with the case's KV heads, contiguous; and dout like q for the passes with a
+    backward (or as with_dout says)."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     dtype = DTYPES[case.dtype]
 
     def randn(heads):
-        return torch.randn((case.batch, case.seqlen, heads, case.hdim), dtype=dtype, device="cuda", generator=gen)
+        return torch.randn(case.shape(heads), dtype=dtype, device="cuda", generator=gen)
 
     x = Inputs(randn(case.nheads), randn(case.kv_heads), randn(case.kv_heads))
-    if PASSES[case.pass_name].grad_enabled:
+    if PASSES[case.pass_name].grad_enabled if with_dout is None else with_dout:
         x.dout = randn(case.nheads)
     return x
 
@@ -357,12 +449,13 @@ def build_fwdbwd(impl: Impl, x: Inputs, causal: bool) -> Runner:
 
 
 # Each pass: impl, inputs, causal -> the timed call, which returns the tensors to compare:
-# (out,), (dq, dk, dv) or (out, dq, dk, dv).
+# (out,), (dq, dk, dv) or (out, dq, dk, dv) (their names: PASS_OUTPUTS).
 PASS_BUILDERS: dict[str, Callable[[Impl, Inputs, bool], Runner]] = {
     "fwd": build_fwd,
     "bwd": build_bwd,
     "fwdbwd": build_fwdbwd,
 }
+PASS_OUTPUTS = {"fwd": ("out",), "bwd": ("dq", "dk", "dv"), "fwdbwd": ("out", "dq", "dk", "dv")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,9 +549,15 @@ class Row:
         a, b = self.tflops(impl), self.tflops(anchor)
         return a / b if a is not None and b else None
 
+    section = "grid"  # the CSV's label of the row's section
+
     def flagged(self, tol: float) -> bool:
         """Fails the correctness check (NaN included)."""
         return self.max_diff is not None and not self.max_diff <= tol
+
+    def diff(self, impl: str) -> Optional[float]:
+        """The implementation's difference from the row's reference (the CSV's max_diff_vs_ref)."""
+        return self.max_diff if impl == "flash_cute" else None
 
     def to_dict(self) -> dict:
         case = dataclasses.asdict(self.case)
@@ -470,6 +569,48 @@ class Row:
             "ref": self.ref,
             "results": {name: dataclasses.asdict(m) for name, m in self.results.items()},
         }
+
+
+def nan_max(xs) -> float:
+    xs = list(xs)
+    return math.nan if any(math.isnan(x) for x in xs) else max(xs)
+
+
+@dataclass
+class VarlenRow(Row):
+    """A row of the varlen section. Every implementation is compared with the fp32 oracle (ref
+    'fp32'): errors holds each one's max difference per compared tensor (PASS_OUTPUTS; gradients
+    divided by max(1, max |oracle|)); max_diff is flash_cute's largest; anchor is the
+    implementation whose errors bound flash_cute's (the 2x rule)."""
+
+    errors: dict = field(default_factory=dict)
+    anchor: Optional[str] = None
+    section = "varlen"
+
+    def diff(self, impl: str) -> Optional[float]:
+        return nan_max(self.errors[impl]) if impl in self.errors else None
+
+    def rule_ratio(self) -> Optional[float]:
+        """flash_cute's error over the anchor's, the worst tensor."""
+        if self.anchor is None or "flash_cute" not in self.errors:
+            return None
+        pairs = zip(self.errors["flash_cute"], self.errors[self.anchor])
+        return nan_max(e / a if a > 0 else (0.0 if e == 0 else math.inf) for e, a in pairs)
+
+    def flagged(self, tol: float = 0.0) -> bool:
+        """Breaks the 2x rule in some tensor, or has NaN (tol: unused, the rule has its own)."""
+        fc = self.errors.get("flash_cute")
+        if fc is None:
+            return False
+        if self.anchor is None:
+            return any(math.isnan(e) for e in fc)
+        return any(not e <= 2 * a + VARLEN_RULE_SLACK for e, a in zip(fc, self.errors[self.anchor]))
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "section": self.section, "total_tokens": self.case.total,
+                "outputs": PASS_OUTPUTS[self.case.pass_name], "errors_vs_fp32": self.errors,
+                "rule_anchor": self.anchor, "rule_ratio": self.rule_ratio(),
+                "rule_ok": None if self.anchor is None else not self.flagged()}
 
 
 class FatalCudaError(RuntimeError):
@@ -658,8 +799,11 @@ def fmt_diff(row: Row, tol: float) -> str:
 
 
 def describe_case(c: Case) -> str:
-    return (f"{c.pass_name} {c.dtype} d{c.hdim} {'causal' if c.causal else 'non-causal'} "
-            f"seqlen {fmt_seqlen(c.seqlen)} (batch {c.batch}, heads {fmt_heads(c)})")
+    head = f"{c.pass_name} {c.dtype} d{c.hdim} {'causal' if c.causal else 'non-causal'}"
+    if isinstance(c, VarlenCase):
+        return (f"varlen {head} ({c.batch} sequences of {min(c.seqlens)}..{c.seqlen}, {c.total} tokens, "
+                f"heads {fmt_heads(c)})")
+    return f"{head} seqlen {fmt_seqlen(c.seqlen)} (batch {c.batch}, heads {fmt_heads(c)})"
 
 
 def fmt_heads(c: Case) -> str:
@@ -904,6 +1048,180 @@ def run_memory_section(bench: Bench, impls: list[Impl], args, log) -> list[dict]
     return records
 
 
+# ----------------------------------------------------------------------------------------------
+# Extra section: variable-length batches (flash_attn_varlen_func)
+# ----------------------------------------------------------------------------------------------
+
+IMPL_ABBREV = {"flash_cute": "fc", "torch-flash": "tf", "cudnn": "cd", "flash_attn": "fa"}
+
+
+def varlen_seqlens() -> tuple:
+    gen = torch.Generator().manual_seed(VARLEN_SEED)
+    return tuple(torch.randint(VARLEN_MIN_LEN, VARLEN_MAX_LEN + 1, (VARLEN_BATCH,), generator=gen).tolist())
+
+
+def varlen_cases(args) -> list[VarlenCase]:
+    """Ordered by (dtype, d, causal), then pass: the passes of a group share inputs and oracle."""
+    seqlens = varlen_seqlens()
+    return [
+        VarlenCase(p, dt, d, c, max(seqlens), len(seqlens), VARLEN_NHEADS, seqlens=seqlens)
+        for dt in grid_dtypes(args)
+        for d in sorted(args.hdim or [VARLEN_HDIM])
+        for c in grid_causals(args)
+        for p in grid_passes(args)
+    ]
+
+
+def varlen_variant(impl: Impl, cu_seqlens: torch.Tensor, max_seqlen: int) -> Impl:
+    """The implementation with its varlen call in place of its dense forward: the pass builders
+    (build_fwd, build_bwd, build_fwdbwd) then time it as they time the grid."""
+    return dataclasses.replace(impl, sdpa_backend=None,
+                               fwd=lambda q, k, v, causal: impl.varlen(q, k, v, cu_seqlens, max_seqlen, causal))
+
+
+@contextlib.contextmanager
+def fp32_matmul():
+    """float32 matmuls in full precision (no TF32) for the oracle."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def attention_fp32(q, k, v, causal: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v of one sequence, from the definition, in float32: q, k, v
+    (seqlen, nheads, d), as many keys as queries (causal: query i sees keys 0..i)."""
+    q, k, v = (t.float().transpose(0, 1) for t in (q, k, v))  # (nheads, seqlen, d)
+    s = q @ k.transpose(1, 2) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
+    return (s.softmax(-1) @ v).transpose(0, 1)
+
+
+def varlen_oracle(x: Inputs, seqlens, causal: bool) -> dict:
+    """The fp32 oracle, one sequence at a time: 'out', and with x.dout 'dq', 'dk', 'dv' (by
+    torch.autograd), each float32 of its input's shape."""
+    sources = {"out": x.q} if x.dout is None else {"out": x.q, "dq": x.q, "dk": x.k, "dv": x.v}
+    ref = {name: torch.empty(t.shape, dtype=torch.float32, device=t.device) for name, t in sources.items()}
+    start = 0
+    with fp32_matmul(), torch.set_grad_enabled(x.dout is not None):
+        for n in seqlens:
+            rows = slice(start, start + n)
+            start += n
+            leaves = [t[rows].float().requires_grad_(x.dout is not None) for t in (x.q, x.k, x.v)]
+            out = attention_fp32(*leaves, causal)
+            ref["out"][rows] = out.detach()
+            if x.dout is not None:
+                grads = torch.autograd.grad(out, leaves, x.dout[rows].float())
+                ref["dq"][rows], ref["dk"][rows], ref["dv"][rows] = grads
+    return ref
+
+
+def varlen_table(names: list[str]) -> Table:
+    cols = list(CASE_COLUMNS)
+    for n in names:
+        cols += [(f"{IMPL_ABBREV[n]} ms", 7, ">"), (f"{IMPL_ABBREV[n]} TF/s", 7, ">")]
+    cols += [(label, 6, ">") for _, label in ratio_columns(names)]
+    cols += [(f"{IMPL_ABBREV[n]} err", 8, ">") for n in names]
+    cols += [("2x rule", 10, "<")] if "flash_cute" in names else []
+    return Table(cols)
+
+
+def format_varlen_row(table: Table, row: VarlenRow, names: list[str]) -> str:
+    cells = case_cells(row.case)
+    for n in names:
+        m = row.results[n]
+        cells += [fmt_num(m.ms, ".3f"), fmt_num(m.tflops, ".1f")]
+    cells += [fmt_num(row.ratio("flash_cute", anchor), ".3f") for anchor, _ in ratio_columns(names)]
+    cells += [fmt_num(row.diff(n), ".1e") for n in names]
+    if "flash_cute" in names:
+        ratio = row.rule_ratio()
+        cells += ["-" if ratio is None else
+                  f"{ratio:.2f} {IMPL_ABBREV[row.anchor]}" + (" !" if row.flagged() else "")]
+    return table.line(cells)
+
+
+def run_varlen_section(bench: Bench, impls: list[Impl], cases: list[VarlenCase], log, rows: list) -> None:
+    """Times each pass of each implementation's varlen call, and compares every result with the
+    fp32 oracle; appends a VarlenRow per case to rows (as it goes: a fatal error keeps them)."""
+    seqlens = cases[0].seqlens
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32, device="cuda")
+    variants = [varlen_variant(i, cu_seqlens, max(seqlens)) for i in impls if i.varlen is not None]
+    names = [v.name for v in variants]
+    table = varlen_table(names)
+    log(f"VARLEN  {len(seqlens)} sequences, lengths uniform in [{VARLEN_MIN_LEN}, {VARLEN_MAX_LEN}] "
+        f"(torch.Generator seed {VARLEN_SEED}): {sum(seqlens)} tokens, max {max(seqlens)}, min {min(seqlens)}; "
+        f"heads {cases[0].nheads}; q, k, v (total, heads, d), cu_seqlens int32 (the same for q and k)")
+    log(f"# lengths: {','.join(map(str, seqlens))}")
+    left_out = [i.name for i in impls if i.varlen is None]
+    if left_out:
+        log(f"# {', '.join(left_out)}: no varlen entry point, left out of this section")
+    log("# " + ", ".join(f"{IMPL_ABBREV[n]} = {n}" for n in names)
+        + "; torch-flash: torch.ops.aten._flash_attention_forward/_backward with cum_seq")
+    log("# TFLOP/s from the real lengths: 4*h*d per visible (query, key) pair per forward (causal: "
+        "len*(len+1)/2 pairs per sequence), x2.5 bwd, x3.5 fwdbwd")
+    log("# err: max |result - fp32 oracle| (per-sequence attention in float32, autograd for the gradients); bwd, "
+        "fwdbwd: each tensor's divided by max(1, max |oracle|), the worst shown")
+    log(f"# 2x rule: flash_cute's err / the anchor's (the first of {', '.join(VARLEN_ANCHORS)} that ran), worst "
+        f"tensor; '!' where a tensor's err > 2 x the anchor's + {VARLEN_RULE_SLACK:g}")
+    log(table.header())
+    for _, group in itertools.groupby(cases, key=lambda c: (c.dtype, c.hdim, c.causal)):
+        group = list(group)
+        with_dout = any(PASSES[c.pass_name].grad_enabled for c in group)
+        x = make_inputs(group[0], bench.seed, with_dout=with_dout)
+        try:
+            oracle = varlen_oracle(x, seqlens, group[0].causal)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the timings still come
+            if not cuda_is_alive():
+                raise FatalCudaError(f"the varlen oracle: {short_error(e)}") from e
+            bench.note(f"varlen: the fp32 oracle failed: {short_error(e)}; no errors in its rows")
+            oracle = None
+        for case in group:
+            row = VarlenRow(case, ref="fp32")
+            relative = PASSES[case.pass_name].relative_check
+            for impl in variants:
+                row.results[impl.name], outs = bench.measure(impl, case, x)
+                if outs is not None and oracle is not None:
+                    refs = [oracle[name] for name in PASS_OUTPUTS[case.pass_name]]
+                    row.errors[impl.name] = [max_diff([a], [b], relative) for a, b in zip(outs, refs)]
+                del outs
+            row.max_diff = row.diff("flash_cute")
+            row.anchor = next((a for a in VARLEN_ANCHORS if a in row.errors
+                               and not any(math.isnan(e) for e in row.errors[a])), None)
+            rows.append(row)
+            log(format_varlen_row(table, row, names))
+        del x, oracle
+        log()
+
+
+def varlen_summary_lines(rows: list[VarlenRow]) -> list[str]:
+    """flash_cute's TFLOP/s over each anchor's, the 2x rule's outcome, the failures."""
+    if not rows:
+        return []
+    names = list(rows[0].results)
+    out = []
+    for anchor, _ in ratio_columns(names):
+        rs = [x for x in (r.ratio("flash_cute", anchor) for r in rows) if x is not None]
+        if rs:
+            out.append(f"varlen: flash_cute / {anchor}: geomean {geomean(rs):.3f} over {len(rs)} rows, "
+                       f"min {min(rs):.3f}, max {max(rs):.3f}")
+    checked = [r for r in rows if r.rule_ratio() is not None]
+    if checked:
+        broken = [r for r in checked if r.flagged()]
+        worst = nan_max(r.rule_ratio() for r in checked)
+        out.append(f"varlen correctness: flash_cute's error vs fp32 up to {worst:.2f}x the anchor's over "
+                   f"{len(checked)} rows; " + (f"{len(broken)} break the 2x rule (marked '!')" if broken
+                                               else "the 2x rule holds in every row"))
+    for name in names:
+        failed = [r for r in rows if r.results[name].error]
+        if failed:
+            out.append(f"varlen: {name} failed in {len(failed)} of {len(rows)} rows: "
+                       f"{first_line(failed[0].results[name].error, 120)}")
+    return out
+
+
 def extras_summary_lines(gqa: list[dict], memory: list[dict]) -> list[str]:
     """One line per extra section for the summary: the reductions' time ratio, and flash_cute's
     peak memory against torch-flash's."""
@@ -1029,21 +1347,23 @@ def write_json(path: Path, env: dict, rows: list[Row], args, extras: Optional[di
 
 
 CSV_FIELDS = ["pass", "dtype", "hdim", "causal", "seqlen", "batch", "nheads", "nheads_k", "flops",
-              "impl", "ms", "tflops", "alloc_x", "skipped", "error", "max_diff_vs_ref", "ref"]
+              "impl", "ms", "tflops", "alloc_x", "skipped", "error", "max_diff_vs_ref", "ref", "section"]
 
 
 def write_csv(path: Path, rows: list[Row]) -> None:
-    """Long format: one line per (shape, implementation)."""
+    """Long format: one line per (shape, implementation). section 'grid': max_diff_vs_ref is
+    flash_cute's against ref; 'varlen' (seqlen: the longest sequence, batch: their number):
+    every implementation's against the fp32 oracle."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_FIELDS)
         for r in rows:
             c = r.case
             for name, m in r.results.items():
-                diff = r.max_diff if name == "flash_cute" else None
+                diff = r.diff(name)
                 w.writerow([c.pass_name, c.dtype, c.hdim, int(c.causal), c.seqlen, c.batch, c.nheads,
                             c.kv_heads, f"{c.flops:.6g}", name, m.ms, m.tflops, m.alloc_x, int(m.skipped), m.error,
-                            diff, r.ref if diff is not None else None])
+                            diff, r.ref if diff is not None else None, r.section])
 
 
 IMPL_COLORS = {"flash_cute": "#d62728", "torch-flash": "#1f77b4", "cudnn": "#2ca02c", "flash_attn": "#ff7f0e"}
@@ -1180,6 +1500,12 @@ def parse_args(argv=None):
     extra.add_argument("--no-memory", action="store_true",
                        help="skip the peak-memory section (forward + backward; run by default when the grid "
                             "has bwd or fwdbwd)")
+    varlen = extra.add_mutually_exclusive_group()
+    varlen.add_argument("--varlen", action="store_true",
+                        help=f"run only the varlen section: {VARLEN_BATCH} sequences of {VARLEN_MIN_LEN} .. "
+                             f"{VARLEN_MAX_LEN} tokens, {VARLEN_NHEADS} heads, d {VARLEN_HDIM} (or --hdim), the "
+                             "dtypes, causal values and passes of the grid options")
+    varlen.add_argument("--no-varlen", action="store_true", help="skip the varlen section (run by default)")
     p.add_argument("--only", metavar="IMPL,...", default=list(IMPL_NAMES),
                    type=lambda t: parse_list(t, parse_choice(IMPL_NAMES), "implementation"),
                    help=f"implementations to run, from {', '.join(IMPL_NAMES)} (default all)")
@@ -1227,7 +1553,7 @@ def grid_causals(args) -> list[bool]:
 
 def gqa_reductions(args) -> list[str]:
     """The GQA section's reductions ([]: no section); it needs flash_cute in --only."""
-    if "flash_cute" not in args.only:
+    if "flash_cute" not in args.only or args.varlen:
         return []
     if args.gqa_bwd is not None:
         return args.gqa_bwd
@@ -1235,39 +1561,57 @@ def gqa_reductions(args) -> list[str]:
 
 
 def memory_section_on(args) -> bool:
-    return not args.no_memory and any(PASSES[p].grad_enabled for p in grid_passes(args))
+    return not args.no_memory and not args.varlen and any(PASSES[p].grad_enabled for p in grid_passes(args))
+
+
+def varlen_section_on(args) -> bool:
+    return not args.no_varlen
 
 
 def grid_from_args(args) -> list[Case]:
+    """The grid's cases ([] with --varlen: that section alone)."""
+    if args.varlen:
+        return []
     hdims = sorted(args.hdim or PAPER_HDIMS)
     seqlens = sorted(args.seqlen or (QUICK_SEQLENS if args.quick else PAPER_SEQLENS))
     return build_grid(grid_passes(args), grid_dtypes(args), hdims, grid_causals(args), seqlens,
                       args.tokens, args.model_dim)
 
 
-def print_dry_run(cases: list[Case], args) -> None:
+def print_dry_run(cases: list[Case], varlen: list[VarlenCase], args) -> None:
     table = Table(CASE_COLUMNS + [("seqlen", 6, ">"), ("batch", 5, ">"), ("heads", 5, ">"),
                                   ("GFLOP", 8, ">"), ("q MiB", 6, ">")])
     print(f"# command: {command_line()}")
-    print(f"# {len(cases)} shapes; implementations: {', '.join(n for n in IMPL_NAMES if n in args.only)} "
+    print(f"# {len(cases)} shapes" + (" (--varlen: that section alone)" if args.varlen else "")
+          + f"; implementations: {', '.join(n for n in IMPL_NAMES if n in args.only)} "
           f"(whether each can run is found out when the benchmark runs)")
-    print(table.header())
-    for c in cases:
-        print(table.line(case_cells(c) + [fmt_seqlen(c.seqlen), c.batch, c.nheads,
-                                          f"{c.flops / 1e9:.0f}", f"{c.tensor_bytes / 2**20:.0f}"]))
-    print(f"# {sum(c.flops for c in cases) / 1e12:.1f} TFLOP per implementation over all shapes")
+    if cases:
+        print(table.header())
+        for c in cases:
+            print(table.line(case_cells(c) + [fmt_seqlen(c.seqlen), c.batch, c.nheads,
+                                              f"{c.flops / 1e9:.0f}", f"{c.tensor_bytes / 2**20:.0f}"]))
+        print(f"# {sum(c.flops for c in cases) / 1e12:.1f} TFLOP per implementation over all shapes")
     if args.gqa_bwd:
         print(f"# GQA backward: {describe_case(gqa_case(args, 'bwd', False)).replace(' non-causal', '')}, "
               f"causal {'/'.join('on' if c else 'off' for c in grid_causals(args))}; flash_cute with "
               f"{', '.join(args.gqa_bwd)}, and the other implementations")
     else:
-        print("# GQA backward: not run (--gqa-bwd none, --quick, no bwd pass, or flash_cute not selected)")
+        print("# GQA backward: not run (--gqa-bwd none, --quick, --varlen, no bwd pass, or flash_cute not selected)")
     if memory_section_on(args):
         for c in memory_cases(args):
             print(f"# memory: forward + backward peak at {c.dtype} d{c.hdim} seqlen {fmt_seqlen(c.seqlen)} "
                   f"batch {c.batch} heads {fmt_heads(c)} (q: {c.tensor_bytes / 2**20:.0f} MiB)")
     else:
-        print("# memory: not run (--no-memory, or no pass with a backward)")
+        print("# memory: not run (--no-memory, --varlen, or no pass with a backward)")
+    if varlen:
+        seqlens = varlen[0].seqlens
+        print(f"# varlen: {len(seqlens)} sequences of {min(seqlens)}..{max(seqlens)} tokens "
+              f"(uniform in [{VARLEN_MIN_LEN}, {VARLEN_MAX_LEN}], seed {VARLEN_SEED}), {sum(seqlens)} tokens, "
+              f"heads {varlen[0].nheads}; {len(varlen)} rows:")
+        for c in varlen:
+            print(f"#   {describe_case(c)}: {c.flops / 1e9:.0f} GFLOP, q {c.tensor_bytes / 2**20:.0f} MiB")
+    else:
+        print("# varlen: not run (--no-varlen)")
 
 
 class Log:
@@ -1300,11 +1644,12 @@ def main(argv=None) -> int:
     args.passes = grid_passes(args)
     args.gqa_bwd = gqa_reductions(args)
     cases = grid_from_args(args)
-    validate(cases)
+    varlen_cases_todo = varlen_cases(args) if varlen_section_on(args) else []
+    validate(cases + varlen_cases_todo)
     if not 1 <= args.gqa_shape[4] <= 256:
         raise SystemExit(f"--gqa-shape: head dim {args.gqa_shape[4]}: every implementation here takes 1 .. 256")
     if args.dry_run:
-        print_dry_run(cases, args)
+        print_dry_run(cases, varlen_cases_todo, args)
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: only --help and --dry-run work here")
@@ -1324,30 +1669,35 @@ def main(argv=None) -> int:
         if i not in impls:
             log(f"# {i.name}: column left out ({i.unavailable})")
     impl_names = [i.name for i in impls]
-    log(f"# {len(cases)} shapes; batch = {args.tokens} // seqlen, nheads = {args.model_dim} // d; "
-        f"TFLOP/s from 4*b*h*s*s*d per forward (halved when causal), x2.5 for bwd, x3.5 for fwdbwd")
-    log(f"# maxdiff = max |flash_cute - reference| on the same input ('!' above {args.tol:g}), for bwd and "
-        f"fwdbwd per tensor divided by max(1, max |reference|); reference: the first of "
-        f"{', '.join(REFERENCE_ORDER)} that ran")
+    if cases:
+        log(f"# {len(cases)} shapes; batch = {args.tokens} // seqlen, nheads = {args.model_dim} // d; "
+            f"TFLOP/s from 4*b*h*s*s*d per forward (halved when causal), x2.5 for bwd, x3.5 for fwdbwd")
+        log(f"# maxdiff = max |flash_cute - reference| on the same input ('!' above {args.tol:g}), for bwd and "
+            f"fwdbwd per tensor divided by max(1, max |reference|); reference: the first of "
+            f"{', '.join(REFERENCE_ORDER)} that ran")
     log()
 
     bench = Bench(impls, timer, args.seed, log)
     table = row_table(impl_names)
     rows: list[Row] = []
-    extras: dict = {"gqa_bwd": [], "memory": []}
+    extras: dict = {"gqa_bwd": [], "memory": [], "varlen": []}  # varlen: VarlenRow objects
     status = 0
-    log(table.header())
     try:
+        if cases:
+            log(table.header())
         for case in cases:
             if rows and rows[-1].case.group != case.group:
                 log()
             rows.append(bench.run_case(case))
             log(format_row(table, rows[-1], impl_names, args.tol))
-        log()
+        if cases:
+            log()
         if args.gqa_bwd:
             extras["gqa_bwd"] = run_gqa_section(bench, impls, args, log)
         if memory_section_on(args):
             extras["memory"] = run_memory_section(bench, impls, args, log)
+        if varlen_cases_todo:
+            run_varlen_section(bench, impls, varlen_cases_todo, log, extras["varlen"])
     except FatalCudaError as e:
         log(f"# FATAL: the CUDA context died ({e}); stopping after {len(rows)} shapes")
         status = 2
@@ -1361,17 +1711,17 @@ def main(argv=None) -> int:
             log()
             for line in summary_lines(rows, impl_names, args.tol):
                 log(line)
-        for line in extras_summary_lines(extras["gqa_bwd"], extras["memory"]):
+        for line in extras_summary_lines(extras["gqa_bwd"], extras["memory"]) + varlen_summary_lines(extras["varlen"]):
             log(line)
         log.close()
-    if status == 0 and flash_cute_failed(rows, args.tol, extras["gqa_bwd"]):
+    if status == 0 and flash_cute_failed(rows + extras["varlen"], args.tol, extras["gqa_bwd"]):
         status = 1
     return status
 
 
 def flash_cute_failed(rows: list[Row], tol: float, gqa: list[dict] = ()) -> bool:
-    """A flash_cute result above tol, or a flash_cute failure other than a kernel left out of
-    the build, in the grid or in the GQA section."""
+    """A flash_cute result above tol (varlen rows: breaking the 2x rule), or a flash_cute
+    failure other than a kernel left out of the build, in the grid, the varlen or the GQA section."""
     for r in rows:
         m = r.results.get("flash_cute")
         if r.flagged(tol) or (m is not None and m.error and not m.skipped):
@@ -1385,8 +1735,9 @@ def flash_cute_failed(rows: list[Row], tol: float, gqa: list[dict] = ()) -> bool
 
 
 def write_outputs(args, env: dict, rows: list[Row], impl_names: list[str], log: Log, extras: dict) -> None:
-    write_json(args.out / "results.json", env, rows, args, extras)
-    write_csv(args.out / "results.csv", rows)
+    varlen = extras["varlen"]  # VarlenRow objects
+    write_json(args.out / "results.json", env, rows, args, {**extras, "varlen": [r.to_dict() for r in varlen]})
+    write_csv(args.out / "results.csv", rows + varlen)
     written = ["results.json", "results.csv", "log.txt"]
     if rows and not args.no_plot:
         try:

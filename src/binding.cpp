@@ -23,7 +23,8 @@ namespace {
 void set_fwd_params(FwdParams& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse,
                     int batch, int seqlen_q, int seqlen_k, int heads, int heads_k, int head_dim,
                     Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride,
-                    std::array<int64_t, 2> lse_stride, double softmax_scale, bool causal) {
+                    std::array<int64_t, 2> lse_stride, double softmax_scale, bool causal,
+                    uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k) {
   p.q = reinterpret_cast<const void*>(q);
   p.k = reinterpret_cast<const void*>(k);
   p.v = reinterpret_cast<const void*>(v);
@@ -44,30 +45,41 @@ void set_fwd_params(FwdParams& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr
   p.scale = static_cast<float>(softmax_scale);
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   p.causal = causal;
+  p.cu_seqlens_q = reinterpret_cast<const int*>(cu_seqlens_q);
+  p.cu_seqlens_k = reinterpret_cast<const int*>(cu_seqlens_k);
 }
 
+// Varlen: cu_seqlens_q/k are device pointers to int32 (batch + 1) (0: none), the batch strides
+// are 0 and seqlen_q/k the max_seqlen hints. Paged K/V: block_table (0: none), see FwdParams.
 void fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, int batch, int seqlen_q,
          int seqlen_k, int heads, int heads_k, int head_dim, Strides3 q_stride, Strides3 k_stride,
          Strides3 v_stride, Strides3 o_stride, std::array<int64_t, 2> lse_stride, double softmax_scale,
-         bool causal, int dtype, int device, uintptr_t stream) {
+         bool causal, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, uintptr_t block_table,
+         int64_t block_table_batch_stride, int page_size, int dtype, int device, uintptr_t stream) {
   FwdParams p;
   set_fwd_params(p, q, k, v, o, lse, batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, q_stride,
-                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal);
+                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k);
+  p.block_table = reinterpret_cast<const int*>(block_table);
+  p.block_table_batch_stride = block_table_batch_stride;
+  p.page_size = page_size;
   flash_cute::fwd(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
 }
 
-// lse: contiguous (batch, heads, seqlen_q); the workspace dq_accum, dsum, lse_log2: see BwdParams.
+// The workspace dq_accum, dsum, lse_log2 (ws_rows rows per head) and dq_semaphore: see BwdParams.
+// total_q: the rows of q and dq (varlen: q.shape[0]).
 void bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t dq,
          uintptr_t dk, uintptr_t dv, uintptr_t dq_accum, uintptr_t dsum, uintptr_t lse_log2,
-         uintptr_t dq_semaphore, int batch,
+         uintptr_t dq_semaphore, int64_t ws_rows, int batch, int64_t total_q,
          int seqlen_q, int seqlen_k, int heads, int heads_k, int head_dim, bool expand_gqa,
          Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride, Strides3 dout_stride,
-         Strides3 dq_stride, Strides3 dk_stride, Strides3 dv_stride, double softmax_scale, bool causal,
+         Strides3 dq_stride, Strides3 dk_stride, Strides3 dv_stride, std::array<int64_t, 2> lse_stride,
+         double softmax_scale, bool causal, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k,
          int dtype, int device, uintptr_t stream) {
   BwdParams p;
-  const std::array<int64_t, 2> lse_stride = {int64_t(heads) * seqlen_q, seqlen_q};
   set_fwd_params(p, q, k, v, o, lse, batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, q_stride,
-                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal);
+                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k);
+  p.ws_rows = ws_rows;
+  p.total_q = total_q;
   p.dout = reinterpret_cast<const void*>(dout);
   p.dq = reinterpret_cast<void*>(dq);
   p.dk = reinterpret_cast<void*>(dk);

@@ -76,15 +76,9 @@ def naive_grads(q, k, v, dout, softmax_scale=None, causal=False, dtype=torch.flo
     return torch.autograd.grad(out, leaves, dout.to(dtype))
 
 
-def assert_grads_2x_rule(grads, q, k, v, dout, softmax_scale=None, causal=False, oracle_dtype=torch.float32):
-    """The accuracy rule for gradients: with ``ref`` the gradients of the naive attention computed
-    in ``oracle_dtype`` by torch.autograd from the same inputs and ``pt`` the same done in the
-    input dtype, each of dq, dk, dv satisfies
-    ``max|g - ref| <= 2 * max|pt - ref| + GRAD_ROUNDING_TERM * max(1, max|ref|)``, and has q's, k's,
-    v's shape, dtype and device and no NaN. Returns the oracle's (dq, dk, dv)."""
-    ref = naive_grads(q, k, v, dout, softmax_scale, causal, oracle_dtype)
-    pt = naive_grads(q, k, v, dout, softmax_scale, causal, q.dtype)
-    for name, g, r, p, like in zip(("dq", "dk", "dv"), grads, ref, pt, (q, k, v)):
+def _assert_grads_within_2x(grads, ref, pt, inputs, oracle_dtype):
+    """The 2x rule for each of dq, dk, dv given the oracle's (ref) and PyTorch's same-dtype (pt)."""
+    for name, g, r, p, like in zip(("dq", "dk", "dv"), grads, ref, pt, inputs):
         assert g is not None, f"{name} is None"
         assert g.shape == like.shape, f"{name} shape {tuple(g.shape)}, expected {tuple(like.shape)}"
         assert g.dtype == like.dtype, f"{name} dtype {g.dtype}, expected {like.dtype}"
@@ -97,8 +91,19 @@ def assert_grads_2x_rule(grads, q, k, v, dout, softmax_scale=None, causal=False,
         err_pt = (p.to(oracle_dtype) - r).abs().max().item()
         slack = GRAD_ROUNDING_TERM * max(1.0, r.abs().max().item())
         assert err <= 2 * err_pt + slack, (
-            f"{name}: max error {err:.3e} exceeds 2 x PyTorch's error in {q.dtype} ({err_pt:.3e}) + {slack:.1e}"
+            f"{name}: max error {err:.3e} exceeds 2 x PyTorch's error in {like.dtype} ({err_pt:.3e}) + {slack:.1e}"
         )
+
+
+def assert_grads_2x_rule(grads, q, k, v, dout, softmax_scale=None, causal=False, oracle_dtype=torch.float32):
+    """The accuracy rule for gradients: with ``ref`` the gradients of the naive attention computed
+    in ``oracle_dtype`` by torch.autograd from the same inputs and ``pt`` the same done in the
+    input dtype, each of dq, dk, dv satisfies
+    ``max|g - ref| <= 2 * max|pt - ref| + GRAD_ROUNDING_TERM * max(1, max|ref|)``, and has q's, k's,
+    v's shape, dtype and device and no NaN. Returns the oracle's (dq, dk, dv)."""
+    ref = naive_grads(q, k, v, dout, softmax_scale, causal, oracle_dtype)
+    pt = naive_grads(q, k, v, dout, softmax_scale, causal, q.dtype)
+    _assert_grads_within_2x(grads, ref, pt, (q, k, v), oracle_dtype)
     return ref
 
 
@@ -241,3 +246,133 @@ def require_bwd_kernel(dtype, head_dim, causal=None):
     kernel = (DTYPE_NAMES[dtype], bucket)
     if kernel not in built_bwd_kernels():
         pytest.skip(f"this build has no backward kernel {kernel} (dtype, head-dim bucket)")
+
+
+# --------------------------------------------------------------------------------------------
+# Variable-length batches (flash_attn_varlen_func's layout: sequences concatenated along the
+# first dimension, delimited by int32 cumulative lengths)
+
+
+def cu_seqlens_of(lengths, device="cpu"):
+    """int32 (len(lengths) + 1) cumulative lengths, starting at 0."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    if len(lengths):
+        cu[1:] = torch.tensor(list(lengths), dtype=torch.int64).cumsum(0).to(torch.int32)
+    return cu.to(device)
+
+
+def seq_slices(cu_seqlens):
+    """[slice(start, end)] of each sequence of a cu_seqlens tensor."""
+    cu = cu_seqlens.tolist()
+    return [slice(a, b) for a, b in zip(cu[:-1], cu[1:])]
+
+
+def make_varlen_qkv(lens_q, lens_k, nheads, nheads_k, head_dim, dtype, device="cpu"):
+    """Fresh standard-normal q (total_q, nheads, d), k and v (total_k, nheads_k, d) for sequences
+    of the given lengths, with their cu_seqlens_q and cu_seqlens_k (int32, on ``device``)."""
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.float32).to(dtype)
+
+    q = randn(sum(lens_q), nheads, head_dim)
+    k = randn(sum(lens_k), nheads_k, head_dim)
+    v = randn(sum(lens_k), nheads_k, head_dim)
+    return q, k, v, cu_seqlens_of(lens_q, device), cu_seqlens_of(lens_k, device)
+
+
+def varlen_naive(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False, dtype=torch.float32):
+    """The naive attention of each sequence alone (computed in ``dtype``), concatenated: out
+    (total_q, nheads, d) and lse (nheads, total_q). A sequence with no key gives out 0, lse +inf."""
+    outs, lses = [], []
+    for sq, sk in zip(seq_slices(cu_seqlens_q), seq_slices(cu_seqlens_k)):
+        qs, ks, vs = q[sq].unsqueeze(0), k[sk].unsqueeze(0), v[sk].unsqueeze(0)
+        if qs.shape[1] == 0 or ks.shape[1] == 0:
+            outs.append(torch.zeros(qs.shape[1:], dtype=dtype, device=q.device))
+            lses.append(torch.full((q.shape[1], qs.shape[1]), float("inf"), dtype=dtype, device=q.device))
+            continue
+        out, lse = naive_attention(qs, ks, vs, softmax_scale, causal, dtype=dtype)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+
+
+def varlen_naive_grads(q, k, v, dout, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
+                       dtype=torch.float32):
+    """naive_grads of each sequence alone, concatenated: (dq, dk, dv) in ``dtype``, shaped like
+    q, k, v. A sequence with no query or no key gets zero gradients."""
+    dqs, dks, dvs = [], [], []
+    for sq, sk in zip(seq_slices(cu_seqlens_q), seq_slices(cu_seqlens_k)):
+        qs, ks, vs = q[sq].unsqueeze(0), k[sk].unsqueeze(0), v[sk].unsqueeze(0)
+        if qs.shape[1] == 0 or ks.shape[1] == 0:
+            grads = [torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (qs, ks, vs)]
+        else:
+            grads = naive_grads(qs, ks, vs, dout[sq].unsqueeze(0), softmax_scale, causal, dtype)
+        for acc, g in zip((dqs, dks, dvs), grads):
+            acc.append(g[0])
+    return torch.cat(dqs, dim=0), torch.cat(dks, dim=0), torch.cat(dvs, dim=0)
+
+
+def assert_varlen_2x_rule(out, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
+                          oracle_dtype=torch.float32):
+    """assert_2x_rule for a variable-length batch: the oracle and PyTorch's same-dtype computation
+    are done per sequence and concatenated; the maxima are over the whole batch. Returns the
+    oracle's (out (total_q, nheads, d), lse (nheads, total_q))."""
+    ref, ref_lse = varlen_naive(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, oracle_dtype)
+    out_pt, _ = varlen_naive(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, q.dtype)
+    assert out.shape == q.shape, f"output shape {tuple(out.shape)}, expected {tuple(q.shape)}"
+    assert out.dtype == q.dtype, f"output dtype {out.dtype}, expected {q.dtype}"
+    assert out.device == q.device
+    assert not out.isnan().any(), "output has NaN (an element left unwritten, or a NaN computed)"
+    if out.numel() == 0:
+        return ref, ref_lse
+    err = (out.to(oracle_dtype) - ref).abs().max().item()
+    err_pt = (out_pt.to(oracle_dtype) - ref).abs().max().item()
+    assert err <= 2 * err_pt + ROUNDING_TERM, (
+        f"max error {err:.3e} exceeds 2 x PyTorch's error in {q.dtype} ({err_pt:.3e}) + {ROUNDING_TERM}"
+    )
+    return ref, ref_lse
+
+
+def assert_varlen_grads_2x_rule(grads, q, k, v, dout, cu_seqlens_q, cu_seqlens_k, softmax_scale=None,
+                                causal=False, oracle_dtype=torch.float32):
+    """assert_grads_2x_rule for a variable-length batch (per-sequence oracles, concatenated; the
+    maxima are over the whole batch). Returns the oracle's (dq, dk, dv)."""
+    ref = varlen_naive_grads(q, k, v, dout, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, oracle_dtype)
+    pt = varlen_naive_grads(q, k, v, dout, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, q.dtype)
+    _assert_grads_within_2x(grads, ref, pt, (q, k, v), oracle_dtype)
+    return ref
+
+
+def assert_close_to_rounding(got, want, name="tensor", scale_rtol=1e-5):
+    """``got`` equals ``want`` up to the last rounding to their dtype: the same computation done in
+    another order or tiling (float32 sums that differ in their last bits, then rounded to
+    float16/bfloat16 on either side of a rounding boundary). Elementwise
+    ``|got - want| <= eps(dtype) * |want| + scale_rtol * max(1, max|want|)`` (eps = 1e-5 for
+    float32), the same shape and dtype, and NaN/inf exactly where ``want`` has them."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype}, expected {want.dtype}"
+    assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN where the expected value has none (or the reverse)"
+    assert torch.equal(got.isinf(), want.isinf()), f"{name}: inf where the expected value has none (or the reverse)"
+    finite = torch.isfinite(want)
+    assert torch.equal(got[~finite & ~want.isnan()], want[~finite & ~want.isnan()]), f"{name}: infinities differ"
+    if not finite.any():
+        return
+    a, b = got[finite].double(), want[finite].double()
+    eps = 1e-5 if want.dtype == torch.float32 else torch.finfo(want.dtype).eps
+    tol = eps * b.abs() + scale_rtol * max(1.0, b.abs().max().item())
+    bad = (a - b).abs() > tol
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} of {bad.numel()} elements differ beyond rounding; "
+        f"max difference {(a - b).abs().max().item():.3e}"
+    )
+
+
+def varlen_call_bytes(q, k, v, batch, max_seqlen_q):
+    """A generous bound on what one varlen forward or backward call allocates on the device
+    (padded and aligned copies, the output and gradients, an fp32 dQ accumulator padded per
+    sequence or to (batch, max_seqlen_q), the per-row vectors)."""
+    total_q, h, _ = q.shape
+    padded_rows = total_q + 128 * batch + batch * (max_seqlen_q + 128)
+    dq_accum = padded_rows * h * 256 * 4
+    per_kv_head = k.nbytes // max(1, k.shape[-2]) * h  # k-sized (paged caches too), with nheads heads
+    return 16 * (q.nbytes + k.nbytes + v.nbytes + per_kv_head) + 2 * dq_accum + 16 * h * padded_rows + _SMALL_REQUEST

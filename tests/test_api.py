@@ -13,11 +13,7 @@ import flash_cute.flash_attn_interface
 from helpers import make_qkv
 
 _P = inspect.Parameter
-# flash_attn.flash_attn_interface.flash_attn_func in flash_attn v2.8: (name, default).
-OFFICIAL_FLASH_ATTN_FUNC = [
-    ("q", _P.empty),
-    ("k", _P.empty),
-    ("v", _P.empty),
+_OPTIONS = [
     ("dropout_p", 0.0),
     ("softmax_scale", None),
     ("causal", False),
@@ -27,14 +23,31 @@ OFFICIAL_FLASH_ATTN_FUNC = [
     ("deterministic", False),
     ("return_attn_probs", False),
 ]
+_VARLEN = [("cu_seqlens_q", _P.empty), ("cu_seqlens_k", _P.empty), ("max_seqlen_q", _P.empty), ("max_seqlen_k", _P.empty)]
+# flash_attn.flash_attn_interface in flash_attn v2.8: (name, default) of each function's parameters.
+OFFICIAL_SIGNATURES = {
+    "flash_attn_func": [("q", _P.empty), ("k", _P.empty), ("v", _P.empty)] + _OPTIONS,
+    "flash_attn_qkvpacked_func": [("qkv", _P.empty)] + _OPTIONS,
+    "flash_attn_kvpacked_func": [("q", _P.empty), ("kv", _P.empty)] + _OPTIONS,
+    "flash_attn_varlen_func": [("q", _P.empty), ("k", _P.empty), ("v", _P.empty)] + _VARLEN + _OPTIONS
+    + [("block_table", None)],
+    "flash_attn_varlen_qkvpacked_func": [("qkv", _P.empty), ("cu_seqlens", _P.empty), ("max_seqlen", _P.empty)]
+    + _OPTIONS,
+    "flash_attn_varlen_kvpacked_func": [("q", _P.empty), ("kv", _P.empty)] + _VARLEN + _OPTIONS,
+}
 
 
-def test_flash_attn_func_signature_is_official():
-    params = list(inspect.signature(flash_cute.flash_attn_func).parameters.values())
-    assert [p.name for p in params] == [name for name, _ in OFFICIAL_FLASH_ATTN_FUNC]
-    for p, (name, default) in zip(params, OFFICIAL_FLASH_ATTN_FUNC):
-        assert p.kind is _P.POSITIONAL_OR_KEYWORD, f"{name} is {p.kind}"
-        assert p.default == default and type(p.default) is type(default), f"{name}: default {p.default!r}"
+@pytest.mark.parametrize("name", sorted(OFFICIAL_SIGNATURES))
+def test_signature_is_official(name):
+    fn = getattr(flash_cute, name)
+    assert getattr(flash_cute.flash_attn_interface, name) is fn
+    params = list(inspect.signature(fn).parameters.values())
+    expected = OFFICIAL_SIGNATURES[name]
+    assert [p.name for p in params] == [n for n, _ in expected]
+    for p, (n, default) in zip(params, expected):
+        assert p.kind is _P.POSITIONAL_OR_KEYWORD, f"{n} is {p.kind}"
+        assert p.default == default and type(p.default) is type(default), f"{n}: default {p.default!r}"
+    assert fn.__doc__ and "Return" in fn.__doc__
 
 
 def test_module_layout():

@@ -31,6 +31,25 @@ for d in (40, 96, 128, 224, 256):
                     torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
             except RuntimeError as e:
                 if "FLASH_CUTE_HEAD_DIMS" not in str(e): raise
+# Varlen: empty and length-1 sequences, max_seqlen hints too small (the kernels loop), paged K/V.
+lens_q, lens_k = [0, 1, 130, 7, 300, 65], [5, 0, 97, 7, 301, 200]
+cu = lambda lens: torch.tensor([0] + lens, device="cuda").cumsum(0).to(torch.int32)
+for d in (64, 128):
+    q = torch.randn(sum(lens_q), 4, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(sum(lens_k), 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    try:
+        for causal in (False, True):
+            for deterministic in (False, True):
+                for max_q, max_k in ((300, 301), (64, 64)):
+                    out = flash_cute.flash_attn_varlen_func(q, k, v, cu(lens_q), cu(lens_k), max_q, max_k,
+                                                            causal=causal, deterministic=deterministic)
+                    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        pages = torch.randn(40, 64, 2, d, device="cuda", dtype=torch.bfloat16)
+        table = torch.randperm(40, device="cuda")[:36].view(6, 6).to(torch.int32)
+        flash_cute.flash_attn_varlen_func(q.detach(), pages, pages, cu(lens_q), cu(lens_k), 300, 301, block_table=table)
+    except RuntimeError as e:
+        if "FLASH_CUTE_HEAD_DIMS" not in str(e): raise
 torch.cuda.synchronize()
 print("sweep done")
 PY

@@ -16,6 +16,7 @@
 #include "flash_cute/bwd_traits.h"
 #include "flash_cute/mask.h"
 #include "flash_cute/params.h"
+#include "flash_cute/seqlen.h"
 #include "flash_cute/utils.h"
 
 namespace flash_cute {
@@ -69,8 +70,11 @@ CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, Sme
   copy_predicated</*kZeroFill=*/false>(store_copy, tR, tG, tC, max_rows, d);
 }
 
+// Key block n_block (kBlockN keys) of KV head `slot` (with expand_gqa: query head `slot`) of
+// sequence `seq`, whose rows start at ws_row0 in the workspace.
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
+CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
+                           int64_t ws_row0, int n_block, int slot, int batch) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -80,44 +84,36 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
   using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
   using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
 
-  extern __shared__ __align__(128) char smem_bytes[];
-  auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
-
   const int tid = threadIdx.x;
-  // Deterministic mode adds into dQ in descending key-block order, and launches the last key
-  // block first so that a CTA only ever waits for CTAs launched before it. With causal, the last
-  // key blocks see the fewest query blocks: they finish their adds early and nobody waits long
-  // (ascending order made key block 0, which sees every query block, pace all others: 2x slower).
-  const int n_block = p.dq_semaphore != nullptr ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
-  const int slot = blockIdx.y;  // the KV head, or with expand_gqa the query head
-  const int batch = blockIdx.z;
   const int groups = p.heads / p.heads_k;
   const int heads_per_cta = p.expand_gqa ? 1 : groups;
   const int head_begin = p.expand_gqa ? slot : slot * groups;
   const int head_k = head_begin / groups;
-  const int n_blocks_total = gridDim.x;
+  const int seqlen_q = seq.len_q, seqlen_k = seq.len_k;
+  const int n_blocks = ceil_div(seqlen_k, kBlockN);
   const int col0 = n_block * kBlockN;
-  const int rows_k = min(kBlockN, p.seqlen_k - col0);
+  const int rows_k = min(kBlockN, seqlen_k - col0);
   const int d = p.head_dim;
-  const int diagonal = p.seqlen_k - p.seqlen_q;  // key j visible from query i iff j <= i + diagonal
+  const int diagonal = seqlen_k - seqlen_q;  // key j visible from query i iff j <= i + diagonal
 
   // Query blocks that see a key of this block: with causal, those whose last row reaches col0.
-  const int m_blocks = ceil_div(p.seqlen_q, kBlockM);
+  const int m_blocks = ceil_div(seqlen_q, kBlockM);
   const int m_begin = p.causal ? max(0, col0 - diagonal) / kBlockM : 0;
   const int steps_per_head = max(0, m_blocks - m_begin);
   const int steps = heads_per_cta * steps_per_head;
 
+  const int64_t k_row = seq.k_row0 + col0;
   auto k_ptr = static_cast<const Element*>(p.k) + batch * p.k_batch_stride + head_k * p.k_head_stride +
-               col0 * p.k_row_stride;
+               k_row * p.k_row_stride;
   auto v_ptr = static_cast<const Element*>(p.v) + batch * p.v_batch_stride + head_k * p.v_head_stride +
-               col0 * p.v_row_stride;
+               k_row * p.v_row_stride;
   Tensor gK = make_tensor(make_gmem_ptr(k_ptr), TileKV{}, make_stride(p.k_row_stride, _1{}));
   Tensor gV = make_tensor(make_gmem_ptr(v_ptr), TileKV{}, make_stride(p.v_row_stride, _1{}));
   Tensor gdK = make_tensor(make_gmem_ptr(static_cast<Element*>(p.dk) + batch * p.dk_batch_stride +
-                                         slot * p.dk_head_stride + col0 * p.dk_row_stride),
+                                         slot * p.dk_head_stride + k_row * p.dk_row_stride),
                            TileKV{}, make_stride(p.dk_row_stride, _1{}));
   Tensor gdV = make_tensor(make_gmem_ptr(static_cast<Element*>(p.dv) + batch * p.dv_batch_stride +
-                                         slot * p.dv_head_stride + col0 * p.dv_row_stride),
+                                         slot * p.dv_head_stride + k_row * p.dv_row_stride),
                            TileKV{}, make_stride(p.dv_row_stride, _1{}));
 
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKV{});
@@ -173,13 +169,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
   // Q, dO, lse_log2 and D of one step into buffer `stage`.
   auto load_step = [&](int head, int m_block, int stage) {
     const int row0 = m_block * kBlockM;
+    const int64_t q_row = seq.q_row0 + row0;
     auto q_ptr = static_cast<const Element*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
-                 row0 * p.q_row_stride;
+                 q_row * p.q_row_stride;
     auto do_ptr = static_cast<const Element*>(p.dout) + batch * p.dout_batch_stride +
-                  head * p.dout_head_stride + row0 * p.dout_row_stride;
+                  head * p.dout_head_stride + q_row * p.dout_row_stride;
     Tensor gQ = make_tensor(make_gmem_ptr(q_ptr), TileQ{}, make_stride(p.q_row_stride, _1{}));
     Tensor gdO = make_tensor(make_gmem_ptr(do_ptr), TileQ{}, make_stride(p.dout_row_stride, _1{}));
-    const int rows = p.seqlen_q - row0;
+    const int rows = seqlen_q - row0;
     Tensor sQ = sQ_at(stage);
     Tensor sdO = sdO_at(stage);
     if (rows >= kBlockM && d == kHeadDim) {
@@ -192,7 +189,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
     // The row vectors are padded to whole tiles: 16-byte copies, no predicates.
     constexpr int kChunks = kBlockM / 4;
     static_assert(2 * kChunks <= Traits::kThreads);
-    const int64_t row_offset = (int64_t(batch) * p.heads + head) * p.rows_padded + row0;
+    const int64_t row_offset = head * p.ws_rows + ws_row0 + row0;
     if (tid < 2 * kChunks) {
       const bool is_lse = tid < kChunks;
       const int chunk = is_lse ? tid : tid - kChunks;
@@ -287,8 +284,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
     gemm_smem_smem(acc_s, tSrQ, tSrK, copy_sdp_a.get_thread_slice(tid).partition_S(sQ), tSsK, mma_sdp,
                    copy_sdp_a, copy_sdp_b);
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-    if (col0 + kBlockN > p.seqlen_k || (p.causal && col0 + kBlockN - 1 > row0 + diagonal))
-      mask_scores(scores, tScS_rc, row0, col0, p.seqlen_q, p.seqlen_k, p.causal);
+    if (col0 + kBlockN > seqlen_k || (p.causal && col0 + kBlockN - 1 > row0 + diagonal))
+      mask_scores(scores, tScS_rc, row0, col0, seqlen_q, seqlen_k, p.causal);
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       CUTE_UNROLL
@@ -322,21 +319,21 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
     Tensor acc_dq = partition_fragment_C(mma_dq, TileQ{});  // (MMA, MMA_M, MMA_D) fp32
     clear(acc_dq);
     gemm_smem_smem(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_dq, copy_dq_a, copy_dq_b);
+    // The accumulator is (heads, ws_rows, kHeadDim): rows and columns padded.
+    const int64_t ws_row = head * p.ws_rows + ws_row0 + row0;
     int* semaphore = nullptr;
     if (p.dq_semaphore != nullptr) {
-      semaphore = p.dq_semaphore + (int64_t(batch) * p.heads + head) * m_blocks + m_block;
+      semaphore = p.dq_semaphore + ws_row / kBlockM;
       // This query block's contributors are key blocks 0 .. n_last (those whose first key some
       // row of it sees); they add from n_last down, so key block n_block goes after n_last - n_block.
-      const int n_last = p.causal ? min(n_blocks_total - 1, (row0 + kBlockM - 1 + diagonal) / kBlockN)
-                                  : n_blocks_total - 1;
+      const int n_last = p.causal ? min(n_blocks - 1, (row0 + kBlockM - 1 + diagonal) / kBlockN) : n_blocks - 1;
       if (tid == 0) {
         while (atomicAdd(semaphore, 0) != n_last - n_block) {
         }
       }
       __syncthreads();
     }
-    // The accumulator is (batch, heads, rows_padded, kHeadDim): rows and columns padded.
-    float* dq_ptr = p.dq_accum + ((int64_t(batch) * p.heads + head) * p.rows_padded + row0) * kHeadDim;
+    float* dq_ptr = p.dq_accum + ws_row * kHeadDim;
     red_add_dq<kHeadDim>(make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout())), tdQcdQ_rc, dq_ptr);
     if (semaphore != nullptr) {
       __threadfence();
@@ -362,6 +359,29 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
   __syncthreads();  // every thread is done reading K and V
   store_acc<Traits>(acc_dk, p.scale, mma_dkv, sK, gdK, rows_k, d, tid);
   store_acc<Traits>(acc_dv, 1.f, mma_dkv, sV, gdV, rows_k, d, tid);
+}
+
+// Grid: (key blocks of the longest sequence, KV heads (or query heads with expand_gqa), batch). A
+// CTA takes key blocks blockIdx.x, + gridDim.x, ... of its sequence (more than one only when a
+// varlen size hint, max_seqlen_k, was too small). Deterministic mode adds into dQ in descending
+// key-block order and numbers the blocks from the last one down: the last key block is launched
+// first, a CTA only ever waits for CTAs launched before it (or for its own earlier blocks), and
+// with causal the last key blocks see the fewest query blocks, so they finish their adds early
+// (ascending order made key block 0, which sees every query block, pace all others: 2x slower).
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
+  extern __shared__ __align__(128) char smem_bytes[];
+  auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
+  const int batch = blockIdx.z;
+  const SeqSpan seq = seq_span(p, batch);
+  const int64_t ws_row0 = workspace_row0(p, batch, seq.q_row0);
+  constexpr int kBlockN = Traits::kBlockN;
+  const int n_blocks = ceil_div(seq.len_k, kBlockN);
+  const bool ordered = p.dq_semaphore != nullptr;
+  for (int i = blockIdx.x; i < n_blocks; i += gridDim.x) {
+    if (i != int(blockIdx.x)) __syncthreads();  // every thread is done with the previous block's tiles
+    bwd_block<Traits>(p, smem, seq, ws_row0, ordered ? n_blocks - 1 - i : i, blockIdx.y, batch);
+  }
 }
 
 }  // namespace flash_cute

@@ -1,5 +1,6 @@
 // Host-side launch of the backward pass; included by the generated instantiation units only.
 #pragma once
+#include <algorithm>
 #include <string>
 
 #include "flash_cute/bwd_kernel.h"
@@ -21,12 +22,13 @@ void run_bwd(const BwdParams& params, cudaStream_t stream) {
   }
   auto kernel = &bwd_kernel<Traits>;
   allow_dynamic_smem(kernel, kSmem, name);
-  // The workspace is padded to this kernel's tiles (the caller sized it with bwd_tile()).
+  // The workspace is padded to this kernel's tiles (the caller sized it, ws_rows, with bwd_tile()).
   BwdParams p = params;
-  p.rows_padded = ceil_div(p.seqlen_q, Traits::kBlockM) * Traits::kBlockM;
+  p.ws_block_m = Traits::kBlockM;
   p.accum_cols = kHeadDim;
   run_bwd_dot_do_o(p, kDType, stream);
-  const dim3 grid(ceil_div(p.seqlen_k, Traits::kBlockN), p.expand_gqa ? p.heads : p.heads_k, p.batch);
+  // seqlen_k: the longest sequence's (varlen: the max_seqlen_k hint; the kernel loops past it).
+  const dim3 grid(std::max(1, ceil_div(p.seqlen_k, Traits::kBlockN)), p.expand_gqa ? p.heads : p.heads_k, p.batch);
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
   check_cuda(cudaGetLastError(), name + " launch");
   run_bwd_convert_dq(p, kDType, stream);

@@ -12,14 +12,17 @@
 #include "flash_cute/fwd_traits.h"
 #include "flash_cute/mask.h"
 #include "flash_cute/params.h"
+#include "flash_cute/seqlen.h"
 #include "flash_cute/softmax.h"
 #include "flash_cute/utils.h"
 
 namespace flash_cute {
 using namespace cute;
 
+// One query block (kBlockM rows of query block m_block) of one head of sequence `seq`.
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
+CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
+                           int m_block, int head, int batch) {
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -29,34 +32,34 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
   using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
   using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
 
-  extern __shared__ __align__(128) char smem_bytes[];
-  auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
-
   const int tid = threadIdx.x;
-  // Causal: the last query blocks see the most keys; launching them first shortens the tail.
-  const int m_block = kCausal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
-  const int head = blockIdx.y;
-  const int batch = blockIdx.z;
   const int head_k = head / (p.heads / p.heads_k);
+  const int seqlen_q = seq.len_q, seqlen_k = seq.len_k;
   const int row0 = m_block * kBlockM;
-  const int rows_q = min(kBlockM, p.seqlen_q - row0);  // valid query rows of this block
+  const int rows_q = min(kBlockM, seqlen_q - row0);  // valid query rows of this block
 
-  int n_blocks = ceil_div(p.seqlen_k, kBlockN);
+  int n_blocks = ceil_div(seqlen_k, kBlockN);
   if constexpr (kCausal) {
     // The block's last row sees keys < row0 + kBlockM + seqlen_k - seqlen_q.
-    n_blocks = min(n_blocks, ceil_div(max(0, row0 + kBlockM + p.seqlen_k - p.seqlen_q), kBlockN));
+    n_blocks = min(n_blocks, ceil_div(max(0, row0 + kBlockM + seqlen_k - seqlen_q), kBlockN));
   }
 
   // ------------------------------------------------------------------------------------------
   // Global tiles (64-bit offsets) and their shared-memory homes
   // ------------------------------------------------------------------------------------------
+  const int64_t q_row = seq.q_row0 + row0;
   auto q_ptr = static_cast<const Element*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
-               row0 * p.q_row_stride;
-  auto k_ptr = static_cast<const Element*>(p.k) + batch * p.k_batch_stride + head_k * p.k_head_stride;
-  auto v_ptr = static_cast<const Element*>(p.v) + batch * p.v_batch_stride + head_k * p.v_head_stride;
+               q_row * p.q_row_stride;
+  // Paged K/V: the pages hold the rows and the block table finds them (see kv_block below).
+  const bool paged = p.block_table != nullptr;
+  const int64_t kv_batch = paged ? 0 : batch;
+  auto k_ptr = static_cast<const Element*>(p.k) + kv_batch * p.k_batch_stride + head_k * p.k_head_stride +
+               seq.k_row0 * p.k_row_stride;
+  auto v_ptr = static_cast<const Element*>(p.v) + kv_batch * p.v_batch_stride + head_k * p.v_head_stride +
+               seq.k_row0 * p.v_row_stride;
   auto o_ptr = static_cast<Element*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride +
-               row0 * p.o_row_stride;
-  float* lse_ptr = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + row0;
+               q_row * p.o_row_stride;
+  float* lse_ptr = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + q_row;
 
   Tensor gQ = make_tensor(make_gmem_ptr(q_ptr), TileQ{}, make_stride(p.q_row_stride, _1{}));
   Tensor gO = make_tensor(make_gmem_ptr(o_ptr), TileQ{}, make_stride(p.o_row_stride, _1{}));
@@ -130,18 +133,32 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
   // Prologue: Q and the last key block
   // ------------------------------------------------------------------------------------------
   const int d = p.head_dim;
+  // Key block n of a partitioned K or V (rows n * kBlockN onwards). Paged: the block lies inside
+  // one page (page_size is a multiple of kBlockN), found through the block table.
+  auto kv_block = [&](auto const& tXgX, int n, int64_t page_stride, int64_t row_stride) {
+    Tensor block = tXgX(_, _, _, n);
+    int64_t delta = 0;
+    if (paged) {
+      const int row = n * kBlockN;
+      const int64_t page = p.block_table[batch * p.block_table_batch_stride + row / p.page_size];
+      delta = page * page_stride + (row % p.page_size - row) * row_stride;
+    }
+    return make_tensor(block.data() + delta, block.layout());
+  };
   // Key block n needs row predicates (and zero fill) only when it runs past seqlen_k; columns
   // need them only when the head dim is below the kernel's. Full tiles take the plain copy.
   auto load_kv = [&](auto const& src, auto& dst, int n) {
-    const int rows = p.seqlen_k - n * kBlockN;
-    if (rows >= kBlockN && d == kHeadDim) copy(load_copy, src(_, _, _, n), dst);
-    else copy_predicated</*kZeroFill=*/true>(load_copy, src(_, _, _, n), dst, tKcK, rows, d);
+    const int rows = seqlen_k - n * kBlockN;
+    if (rows >= kBlockN && d == kHeadDim) copy(load_copy, src, dst);
+    else copy_predicated</*kZeroFill=*/true>(load_copy, src, dst, tKcK, rows, d);
   };
+  auto load_k = [&](int n) { load_kv(kv_block(tKgK, n, p.k_batch_stride, p.k_row_stride), tKsK, n); };
+  auto load_v = [&](int n) { load_kv(kv_block(tVgV, n, p.v_batch_stride, p.v_row_stride), tVsV, n); };
   copy_predicated</*kZeroFill=*/true>(load_copy, tQgQ, tQsQ, tQcQ, rows_q, d);
-  load_kv(tKgK, tKsK, n_blocks - 1);
+  load_k(n_blocks - 1);
   cp_async_fence();
 
-  const int diagonal = p.seqlen_k - p.seqlen_q;
+  const int diagonal = seqlen_k - seqlen_q;
   // ------------------------------------------------------------------------------------------
   // Main loop over key blocks, last to first. One call site for the body keeps it inlined (the
   // accumulators must stay in registers); masking is a uniform branch.
@@ -151,20 +168,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
     clear(acc_s);
     cp_async_wait<0>();  // K[n] has landed ...
     __syncthreads();     // ... for every thread, and nobody still reads V[n + 1]
-    load_kv(tVgV, tVsV, n);
+    load_v(n);
     cp_async_fence();
 
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, smem_copy_q, smem_copy_k);
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     // The block needs a mask if it runs past seqlen_k or, causal, past the diagonal of row0.
     const int col_end = (n + 1) * kBlockN;
-    if (col_end > p.seqlen_k || (kCausal && col_end - 1 > row0 + diagonal))
-      mask_scores(scores, tScS_rc, row0, n * kBlockN, p.seqlen_q, p.seqlen_k, kCausal);
+    if (col_end > seqlen_k || (kCausal && col_end - 1 > row0 + diagonal))
+      mask_scores(scores, tScS_rc, row0, n * kBlockN, seqlen_q, seqlen_k, kCausal);
 
     cp_async_wait<0>();  // V[n] has landed ...
     __syncthreads();     // ... and nobody still reads K[n]
     if (n > 0) {
-      load_kv(tKgK, tKsK, n - 1);
+      load_k(n - 1);
       cp_async_fence();
     }
 
@@ -198,6 +215,23 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
   Tensor tOrO = make_tensor<Element>(shape(tOsO));
   copy(store_copy, tOsO, tOrO);
   copy_predicated</*kZeroFill=*/false>(store_copy, tOrO, tOgO, tOcO, rows_q, d);
+}
+
+// Grid: (query blocks of the longest sequence, heads, batch). A CTA takes query blocks
+// blockIdx.x, blockIdx.x + gridDim.x, ... of its sequence: one when the grid covers the sequence,
+// more when a varlen size hint (max_seqlen_q) was too small, so the result never depends on it.
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
+  extern __shared__ __align__(128) char smem_bytes[];
+  auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
+  const SeqSpan seq = seq_span(p, blockIdx.z);
+  constexpr int kBlockM = Traits::kBlockM;
+  const int m_blocks = ceil_div(seq.len_q, kBlockM);
+  for (int i = blockIdx.x; i < m_blocks; i += gridDim.x) {
+    if (i != int(blockIdx.x)) __syncthreads();  // every thread is done with the previous block's tiles
+    // Causal: the last query blocks see the most keys; launching them first shortens the tail.
+    fwd_block<Traits>(p, smem, seq, Traits::kCausal ? m_blocks - 1 - i : i, blockIdx.y, blockIdx.z);
+  }
 }
 
 }  // namespace flash_cute

@@ -1,5 +1,6 @@
 // Host-side launch of the forward kernel; included by the generated instantiation units only.
 #pragma once
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -14,7 +15,8 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream, const std::string& name
   constexpr int kSmem = Traits::kSmemBytes;
   auto kernel = &fwd_kernel<Traits>;
   allow_dynamic_smem(kernel, kSmem, name);
-  const dim3 grid(ceil_div(p.seqlen_q, Traits::kBlockM), p.heads, p.batch);
+  // seqlen_q: the longest sequence's (varlen: the max_seqlen_q hint; the kernel loops past it).
+  const dim3 grid(std::max(1, ceil_div(p.seqlen_q, Traits::kBlockM)), p.heads, p.batch);
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
   check_cuda(cudaGetLastError(), name + " launch");
 }

@@ -31,6 +31,19 @@ struct FwdParams {
   float scale = 0.f;       // softmax scale
   float scale_log2 = 0.f;  // scale * log2(e): the kernel works with exp2
   bool causal = false;     // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
+
+  // Variable-length batches (nullptr: every sequence has seqlen_q / seqlen_k rows). int32
+  // (batch + 1) cumulative lengths: sequence b owns rows [cu[b], cu[b + 1]) of q, o (and lse's
+  // last dim) and of k, v; the batch strides are then 0 and seqlen_q / seqlen_k are only the
+  // grid's size hint (max_seqlen): the kernels loop when a sequence is longer.
+  const int* cu_seqlens_q = nullptr;
+  const int* cu_seqlens_k = nullptr;
+  // Paged K/V (forward only; nullptr: contiguous). k, v are (pages, page_size, heads_k, d) with
+  // k/v_batch_stride the page stride; key j of sequence b is row j % page_size of page
+  // block_table[b * block_table_batch_stride + j / page_size]. page_size % the tile's block_n == 0.
+  const int* block_table = nullptr;
+  int64_t block_table_batch_stride = 0;
+  int page_size = 0;
 };
 
 // Backward pass: the forward's inputs, output o and lse, plus the output gradient dout, and the
@@ -40,18 +53,22 @@ struct BwdParams : FwdParams {
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
-  // Workspace, float32, padded to whole tiles (seqlen_q rounded up to the backward tile's block_m:
-  // "rows"), all written by the rowsum pass before the main kernel reads them:
-  //   dq_accum (batch, heads, rows, head-dim bucket): the dQ accumulator, zeroed;
-  //   dsum     (batch, heads, rows): rowsum(dout * o), 0 on padded rows;
-  //   lse_log2 (batch, heads, rows): lse * log2(e), +inf on padded rows (their P is 0).
+  // Workspace, float32, with every sequence's rows padded to whole tiles of the backward kernel
+  // (ws_block_m rows; see workspace_row0 in seqlen.h for where sequence b starts), all written by
+  // the rowsum pass before the main kernel reads them:
+  //   dq_accum (heads, ws_rows, head-dim bucket): the dQ accumulator, zeroed;
+  //   dsum     (heads, ws_rows): rowsum(dout * o), 0 on padded rows;
+  //   lse_log2 (heads, ws_rows): lse * log2(e), +inf on padded rows (their P is 0).
+  // ws_rows: batch * round_up(seqlen_q, ws_block_m), or total_q + batch * ws_block_m (varlen).
   float* dq_accum = nullptr;
   float* dsum = nullptr;
   float* lse_log2 = nullptr;
-  int rows_padded = 0;
+  int64_t ws_rows = 0;
+  int ws_block_m = 0;
   int accum_cols = 0;
-  // deterministic: int32 counters (batch, heads, ceil(seqlen_q / block_m)), zeroed; the CTAs add
-  // into dq_accum in key-block order. nullptr: unordered atomics.
+  int64_t total_q = 0;  // rows of q, dq (varlen: q.shape[0]; else batch * seqlen_q)
+  // deterministic: int32 counters (heads, ws_rows / ws_block_m), zeroed; the CTAs add into
+  // dq_accum in key-block order. nullptr: unordered atomics.
   int* dq_semaphore = nullptr;
 
   int64_t dout_batch_stride = 0, dout_row_stride = 0, dout_head_stride = 0;

@@ -6,13 +6,26 @@
 
 __version__ = "0.1.0"
 
-from . import reference
+from . import bert_padding, reference
 from .errors import FlashAttnNotImplementedError, FlashAttnTypeError, FlashAttnValueError
-from .flash_attn_interface import flash_attn_func
+from .flash_attn_interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 
 __all__ = [
     "__version__",
     "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "bert_padding",
     "reference",
     "FlashAttnTypeError",
     "FlashAttnValueError",

@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from typing import NamedTuple, Optional
 
 import torch
 
 from . import reference
+from .errors import FlashAttnNotImplementedError
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _warned_slow_path = False
@@ -39,41 +41,143 @@ def _dtype_code(dtype: torch.dtype) -> int:
     return _C().kDTypeFloat16 if dtype == torch.float16 else _C().kDTypeBFloat16
 
 
-def _cuda_fwd(q, k, v, softmax_scale: float, causal: bool):
-    batch, seqlen_q, nheads, d = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    out = torch.empty((batch, seqlen_q, nheads, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+class _Varlen(NamedTuple):
+    """A variable-length batch: sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q
+    (total_q, nheads, d) and cu_seqlens_k[b]:cu_seqlens_k[b + 1] of k, v (total_k, nheads_k, d);
+    with a block table, k and v are pages (num_pages, page_size, nheads_k, d) instead."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int  # size hints for the launch grid only: the kernels loop past them
+    max_seqlen_k: int
+    block_table: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens_q.shape[0] - 1
+
+
+def _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None):
+    return None if cu_seqlens_q is None else _Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
+
+
+def _dims(q: torch.Tensor, k: torch.Tensor, varlen: _Varlen | None):
+    """(batch, seqlen_q, seqlen_k) as the kernels see them (varlen: the size hints)."""
+    if varlen is None:
+        return q.shape[0], q.shape[1], k.shape[1]
+    return varlen.batch, varlen.max_seqlen_q, varlen.max_seqlen_k
+
+
+def _strides(t: torch.Tensor, varlen: _Varlen | None = None) -> tuple[int, int, int]:
+    """(batch, row, head) strides in elements; concatenated varlen rows have batch stride 0."""
+    if varlen is None or t.dim() == 4:  # padded batch, or pages (the page stride)
+        return (t.stride(0), t.stride(1), t.stride(2))
+    return (0, t.stride(0), t.stride(1))
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor:
+    """The rows of a paged K or V cache (num_pages, page_size, nheads_k, d) as the concatenated
+    varlen rows (total_k, nheads_k, d): key j of sequence b is row j % page_size of page
+    block_table[b, j // page_size]. Differentiable in ``cache``; one host sync (total_k)."""
+    page_size = cache.shape[1]
+    cu = cu_seqlens_k.long()
+    rows = torch.arange(int(cu[-1]), device=cache.device)
+    seq = torch.searchsorted(cu, rows, right=True) - 1
+    j = rows - cu[seq]
+    return cache[block_table.long()[seq, j // page_size], j % page_size]
+
+
+def _fwd_block_n(head_dim: int, causal: bool) -> int:
+    return _C().fwd_tile(head_dim, causal)[1]
+
+
+def _cuda_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen | None = None):
+    batch, seqlen_q, seqlen_k = _dims(q, k, varlen)
+    nheads, d = q.shape[-2], q.shape[-1]
+    nheads_k = k.shape[-2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if varlen is None:
+        lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+        lse_stride = (lse.stride(0), lse.stride(1))
+    else:
+        lse = torch.empty((nheads, q.shape[0]), dtype=torch.float32, device=q.device)
+        lse_stride = (0, lse.stride(0))
     if out.numel() == 0:
         return out, lse
-    if seqlen_k == 0:  # no key at all: every row is empty
+    if k.numel() == 0 or batch == 0:  # no key at all: every row is empty
         return out.zero_(), lse.fill_(math.inf)
+    block_table, page_size = (None, 0) if varlen is None else (varlen.block_table, k.shape[1])
+    if block_table is not None and page_size % _fwd_block_n(d, causal) != 0:
+        # The kernel reads whole key blocks from one page; other page sizes are gathered first.
+        k, v = gather_pages(k, block_table, varlen.cu_seqlens_k), gather_pages(v, block_table, varlen.cu_seqlens_k)
+        block_table = None
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     _C().fwd(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         batch, seqlen_q, seqlen_k, nheads, nheads_k, d,
-        (q.stride(0), q.stride(1), q.stride(2)),
-        (k.stride(0), k.stride(1), k.stride(2)),
-        (v.stride(0), v.stride(1), v.stride(2)),
-        (out.stride(0), out.stride(1), out.stride(2)),
-        (lse.stride(0), lse.stride(1)),
-        softmax_scale, causal, _dtype_code(q.dtype), q.device.index,
+        _strides(q, varlen), _strides(k, varlen), _strides(v, varlen), _strides(out, varlen), lse_stride,
+        softmax_scale, causal,
+        0 if varlen is None else varlen.cu_seqlens_q.data_ptr(),
+        0 if varlen is None else varlen.cu_seqlens_k.data_ptr(),
+        _ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size,
+        _dtype_code(q.dtype), q.device.index,
         torch.cuda.current_stream(q.device).cuda_stream,
     )
     return out, lse
 
 
-@torch.library.custom_op("flash_cute::fwd", mutates_args=())
-def fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool, deterministic: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out, softmax_lse): out like q, lse float32 (batch, nheads, seqlen_q).
-    ``deterministic`` is not used by the forward pass; it is carried to the backward pass."""
+def _reference_varlen_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen):
+    """The reference path of a variable-length batch: one sequence at a time."""
+    if varlen.block_table is not None:
+        k = gather_pages(k, varlen.block_table, varlen.cu_seqlens_k)
+        v = gather_pages(v, varlen.block_table, varlen.cu_seqlens_k)
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), math.inf, dtype=torch.float32, device=q.device)
+    for (q0, q1), (k0, k1) in _sequences(varlen):
+        o, l = reference.attention_forward(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale, causal)
+        out[q0:q1], lse[:, q0:q1] = o[0], l[0]
+    return out, lse
+
+
+def _sequences(varlen: _Varlen):
+    """((q0, q1), (k0, k1)) row ranges of each sequence (a host sync, for the reference path)."""
+    cu_q, cu_k = varlen.cu_seqlens_q.tolist(), varlen.cu_seqlens_k.tolist()
+    return [((cu_q[b], cu_q[b + 1]), (cu_k[b], cu_k[b + 1])) for b in range(varlen.batch)]
+
+
+def _attention_fwd(q, k, v, softmax_scale, causal, varlen):
     if q.is_cuda and q.dtype in _KERNEL_DTYPES:
-        return _cuda_fwd(q, k, v, softmax_scale, causal)
+        return _cuda_fwd(q, k, v, softmax_scale, causal, varlen)
     if q.is_cuda:
         _warn_slow_path(q.dtype)
+    if varlen is not None:
+        return _reference_varlen_fwd(q, k, v, softmax_scale, causal, varlen)
     return reference.attention_forward(q, k, v, softmax_scale, causal)
+
+
+@torch.library.custom_op("flash_cute::fwd", mutates_args=())
+def fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    deterministic: bool = False,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+    block_table: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, softmax_lse): out like q; lse float32 (batch, nheads, seqlen_q), or for a
+    variable-length batch (cu_seqlens_q given; q (total_q, nheads, d)) (nheads, total_q).
+    ``deterministic`` is not used by the forward pass; it is carried to the backward pass."""
+    varlen = _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
+    return _attention_fwd(q, k, v, softmax_scale, causal, varlen)
 
 
 def _warn_slow_path(dtype: torch.dtype) -> None:
@@ -88,7 +192,10 @@ def _warn_slow_path(dtype: torch.dtype) -> None:
 
 
 @fwd.register_fake
-def _(q, k, v, softmax_scale, causal, deterministic=False):
+def _(q, k, v, softmax_scale, causal, deterministic=False, cu_seqlens_q=None, cu_seqlens_k=None,
+      max_seqlen_q=0, max_seqlen_k=0, block_table=None):
+    if cu_seqlens_q is not None:
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     batch, seqlen_q, nheads, d = q.shape
     return q.new_empty((batch, seqlen_q, nheads, d)), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
 
@@ -100,60 +207,95 @@ def _(q, k, v, softmax_scale, causal, deterministic=False):
 GQA_BWD_REDUCTION = "in_kernel"
 
 
-def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deterministic: bool):
-    batch, seqlen_q, nheads, d = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    dq = torch.empty((batch, seqlen_q, nheads, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((batch, seqlen_k, nheads_k, d), dtype=q.dtype, device=q.device)
-    dv = torch.empty_like(dk)
-    if dq.numel() == 0 or dk.numel() == 0:  # nothing to attend: every gradient is zero
-        return dq.zero_(), dk.zero_(), dv.zero_()
+def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deterministic: bool,
+              varlen: _Varlen | None, dq, dk, dv):
+    """Writes the gradients into dq, dk, dv (shaped like q, k, v; any strides the kernels take)."""
+    batch, seqlen_q, seqlen_k = _dims(q, k, varlen)
+    nheads, d = q.shape[-2], q.shape[-1]
+    nheads_k = k.shape[-2]
+    if dq.numel() == 0 or dk.numel() == 0 or batch == 0:  # nothing to attend: every gradient is zero
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return
     expand = nheads != nheads_k and GQA_BWD_REDUCTION == "expand"
     if expand:
-        dk_buf = torch.empty((batch, seqlen_k, nheads, d), dtype=q.dtype, device=q.device)
+        dk_buf = torch.empty((*k.shape[:-2], nheads, d), dtype=q.dtype, device=q.device)
         dv_buf = torch.empty_like(dk_buf)
     else:
         dk_buf, dv_buf = dk, dv
     dout, q, k, v, out = (_kernel_ready(t) for t in (dout, q, k, v, out))
+    dq_k, dk_k, dv_k = (_kernel_ready(t) for t in (dq, dk_buf, dv_buf))  # copies only for odd strides
     lse = lse.contiguous()
-    # Workspace padded to whole tiles of the kernel (seqlen_q rounded up to its block_m, the
-    # head-dim bucket), filled by the kernels: the fp32 dQ accumulator, rowsum(dout * out) and
-    # lse * log2(e). Padding spares the main loop every bounds check on them.
+    # Workspace with every sequence padded to whole tiles of the kernel (block_m rows, the
+    # head-dim bucket; see workspace_row0 in include/flash_cute/seqlen.h), filled by the kernels:
+    # the fp32 dQ accumulator, rowsum(dout * out) and lse * log2(e). Padding spares the main loop
+    # every bounds check on them.
     block_m, bucket = _bwd_tile_rows_cols(d)
-    m_blocks = -(-seqlen_q // block_m)
-    rows = m_blocks * block_m
-    dq_accum = torch.empty((batch, nheads, rows, bucket), dtype=torch.float32, device=q.device)
-    row_stats = torch.empty((2, batch, nheads, rows), dtype=torch.float32, device=q.device)  # D, lse*log2(e)
+    total_q = q.shape[0] if varlen is not None else batch * seqlen_q
+    if varlen is None:
+        ws_rows = batch * (-(-seqlen_q // block_m) * block_m)
+        lse_stride = (lse.stride(0), lse.stride(1))
+    else:
+        ws_rows = -(-(total_q + batch * block_m) // block_m) * block_m
+        lse_stride = (0, lse.stride(0))
+    dq_accum = torch.empty((nheads, ws_rows, bucket), dtype=torch.float32, device=q.device)
+    row_stats = torch.empty((2, nheads, ws_rows), dtype=torch.float32, device=q.device)  # D, lse*log2(e)
     semaphore = (
-        torch.zeros((batch, nheads, m_blocks), dtype=torch.int32, device=q.device)
-        if deterministic
-        else None
+        torch.zeros((nheads * ws_rows // block_m,), dtype=torch.int32, device=q.device) if deterministic else None
     )
     _C().bwd(
         dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        dq.data_ptr(), dk_buf.data_ptr(), dv_buf.data_ptr(), dq_accum.data_ptr(), row_stats[0].data_ptr(), row_stats[1].data_ptr(),
-        0 if semaphore is None else semaphore.data_ptr(),
-        batch, seqlen_q, seqlen_k, nheads, nheads_k, d, expand,
-        _strides(q), _strides(k), _strides(v), _strides(out), _strides(dout),
-        _strides(dq), _strides(dk_buf), _strides(dv_buf),
-        softmax_scale, causal, _dtype_code(q.dtype), q.device.index,
+        dq_k.data_ptr(), dk_k.data_ptr(), dv_k.data_ptr(), dq_accum.data_ptr(), row_stats[0].data_ptr(),
+        row_stats[1].data_ptr(), _ptr(semaphore), ws_rows,
+        batch, total_q, seqlen_q, seqlen_k, nheads, nheads_k, d, expand,
+        _strides(q, varlen), _strides(k, varlen), _strides(v, varlen), _strides(out, varlen),
+        _strides(dout, varlen), _strides(dq_k, varlen), _strides(dk_k, varlen), _strides(dv_k, varlen), lse_stride,
+        softmax_scale, causal,
+        0 if varlen is None else varlen.cu_seqlens_q.data_ptr(),
+        0 if varlen is None else varlen.cu_seqlens_k.data_ptr(),
+        _dtype_code(q.dtype), q.device.index,
         torch.cuda.current_stream(q.device).cuda_stream,
     )
     if expand:
         groups = nheads // nheads_k
-        torch.sum(dk_buf.unflatten(2, (nheads_k, groups)), dim=3, out=dk)
-        torch.sum(dv_buf.unflatten(2, (nheads_k, groups)), dim=3, out=dv)
+        torch.sum(dk_k.unflatten(-2, (nheads_k, groups)), dim=-2, out=dk)
+        torch.sum(dv_k.unflatten(-2, (nheads_k, groups)), dim=-2, out=dv)
+        dk_k, dv_k = dk, dv
+    for dst, src in ((dq, dq_k), (dk, dk_k), (dv, dv_k)):
+        if dst is not src:
+            dst.copy_(src)
+
+
+def _reference_bwd(dout, q, k, v, out, lse, softmax_scale, causal, varlen):
+    if varlen is None:
+        return reference.attention_backward(dout, q, k, v, out, lse, softmax_scale, causal)
+    if varlen.block_table is not None:
+        raise FlashAttnNotImplementedError(
+            "flash_cute: the backward pass of paged K/V (block_table) runs on the gathered rows; "
+            "call flash_attn_varlen_func, which gathers the pages when gradients are needed"
+        )
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for (q0, q1), (k0, k1) in _sequences(varlen):
+        grads = reference.attention_backward(
+            dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
+            lse[None, :, q0:q1], softmax_scale, causal,
+        )
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = (g[0] for g in grads)
     return dq, dk, dv
+
+
+def _attention_bwd_into(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, varlen, dq, dk, dv):
+    if q.is_cuda and q.dtype in _KERNEL_DTYPES:
+        return _cuda_bwd(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, varlen, dq, dk, dv)
+    if q.is_cuda:
+        _warn_slow_path(q.dtype)
+    for dst, src in zip((dq, dk, dv), _reference_bwd(dout, q, k, v, out, lse, softmax_scale, causal, varlen)):
+        dst.copy_(src)
 
 
 @functools.cache
 def _bwd_tile_rows_cols(head_dim: int) -> tuple[int, int]:
     """(block_m, head-dim bucket) of the backward kernel: the padding of its workspace."""
     return _C().bwd_tile(head_dim)[0], _C().head_dim_bucket(head_dim)
-
-
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return (t.stride(0), t.stride(1), t.stride(2))
 
 
 @torch.library.custom_op("flash_cute::bwd", mutates_args=())
@@ -167,39 +309,84 @@ def bwd(
     softmax_scale: float,
     causal: bool,
     deterministic: bool,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of flash_cute::fwd, shaped and typed like q, k, v."""
-    if q.is_cuda and q.dtype in _KERNEL_DTYPES:
-        return _cuda_bwd(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic)
-    if q.is_cuda:
-        _warn_slow_path(q.dtype)
-    return reference.attention_backward(dout, q, k, v, out, softmax_lse, softmax_scale, causal)
+    """Gradients (dq, dk, dv) of flash_cute::fwd, shaped and typed like q, k, v (contiguous)."""
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    varlen = _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _attention_bwd_into(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, varlen, dq, dk, dv)
+    return dq, dk, dv
 
 
 @bwd.register_fake
-def _(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic):
+def _(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, cu_seqlens_q=None,
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     # Contiguous, like both implementations' results (empty_like would copy q's strides).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.custom_op("flash_cute::bwd_into", mutates_args=("dq", "dk", "dv"))
+def bwd_into(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    softmax_lse: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    deterministic: bool,
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+) -> None:
+    """flash_cute::bwd writing into given tensors (the packed functions pass views of one
+    gradient buffer, so the packed gradient needs no copy)."""
+    varlen = _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _attention_bwd_into(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, varlen, dq, dk, dv)
+
+
+@bwd_into.register_fake
+def _(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, cu_seqlens_q, cu_seqlens_k,
+      max_seqlen_q, max_seqlen_k, dq, dk, dv):
+    return None
+
+
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, softmax_scale, causal, *rest = inputs
+    rest += [False, None, None, 0, 0, None][len(rest):]
+    deterministic, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table = rest
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
     # The lse's gradient is never used: do not have autograd fill a zero tensor for it.
     ctx.set_materialize_grads(False)
     ctx.softmax_scale = softmax_scale
     ctx.causal = causal
-    ctx.deterministic = bool(rest[0]) if rest else False
+    ctx.deterministic = bool(deterministic)
+    ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
+    ctx.paged = block_table is not None
 
 
 def _fwd_backward(ctx, grad_out, grad_lse):
     # The log-sum-exp is an auxiliary output (as in the official package): its gradient is ignored.
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if ctx.paged:
+        raise FlashAttnNotImplementedError(
+            "flash_cute::fwd with a block_table has no backward; flash_attn_varlen_func gathers "
+            "the pages first when the caches need gradients"
+        )
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.deterministic)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.deterministic,
+                     cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)

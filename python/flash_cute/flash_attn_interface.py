@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from . import _ops
 from .errors import FlashAttnNotImplementedError, FlashAttnTypeError, FlashAttnValueError
 
-__all__ = ["flash_attn_func"]
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -43,18 +50,28 @@ def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         raise RuntimeError(f"flash_cute: {name} is on {t.device}, expected q's device {ref.device}")
 
 
-def _check_qkv(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, 4)
+def _check_qkv(q, k, v, varlen: bool = False, paged: bool = False) -> None:
+    """Padded batches: q (batch, seqlen_q, nheads, d), k and v (batch, seqlen_k, nheads_k, d).
+    Varlen: q (total_q, nheads, d), k and v (total_k, nheads_k, d), or with paged K/V
+    (num_pages, page_size, nheads_k, d)."""
+    q_dims = 3 if varlen else 4
+    kv_dims = 4 if paged or not varlen else 3
+    _check_tensor("q", q, q_dims)
+    _check_tensor("k", k, kv_dims)
+    _check_tensor("v", v, kv_dims)
     _check_same("k", k, q)
     _check_same("v", v, q)
     if q.device.type not in ("cuda", "cpu"):
         raise RuntimeError(f"flash_cute: q is on {q.device}; supported devices are CUDA GPUs and the CPU")
-    batch, seqlen_q, nheads, d = q.shape
-    _, seqlen_k, nheads_k, _ = k.shape
-    if k.shape[0] != batch or k.shape[3] != d:
+    nheads, d = q.shape[-2:]
+    nheads_k = k.shape[-2]
+    if varlen:
+        expected = "(num_pages, page_size, nheads_k, headdim=%d)" if paged else "(total_k, nheads_k, headdim=%d)"
+        if k.shape[-1] != d:
+            raise FlashAttnValueError(f"k must have shape {expected % d}, got {tuple(k.shape)}")
+    elif k.shape[0] != q.shape[0] or k.shape[3] != d:
         raise FlashAttnValueError(
-            f"k must have shape (batch={batch}, seqlen_k, nheads_k, headdim={d}), got {tuple(k.shape)}"
+            f"k must have shape (batch={q.shape[0]}, seqlen_k, nheads_k, headdim={d}), got {tuple(k.shape)}"
         )
     if tuple(v.shape) != tuple(k.shape):
         raise FlashAttnValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
@@ -64,10 +81,44 @@ def _check_qkv(q, k, v) -> None:
         raise FlashAttnValueError(
             f"the number of heads in q ({nheads}) must be a multiple of the number of heads in k and v ({nheads_k})"
         )
-    if q.is_cuda and (nheads > _MAX_GRID_YZ or batch > _MAX_GRID_YZ):
+    if q.is_cuda and nheads > _MAX_GRID_YZ:
+        raise FlashAttnValueError(f"nheads ({nheads}) must be at most {_MAX_GRID_YZ} on CUDA")
+    if q.is_cuda and not varlen and q.shape[0] > _MAX_GRID_YZ:
+        raise FlashAttnValueError(f"batch ({q.shape[0]}) must be at most {_MAX_GRID_YZ} on CUDA")
+
+
+def _check_varlen(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table) -> None:
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise FlashAttnTypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise FlashAttnTypeError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise FlashAttnValueError(f"{name} must be 1-D of length batch + 1, got shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise RuntimeError(f"flash_cute: {name} is on {cu.device}, expected q's device {q.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise FlashAttnValueError(
-            f"batch ({batch}) and nheads ({nheads}) must each be at most {_MAX_GRID_YZ} on CUDA"
+            f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+            f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}"
         )
+    batch = cu_seqlens_q.shape[0] - 1
+    if q.is_cuda and batch > _MAX_GRID_YZ:
+        raise FlashAttnValueError(f"batch ({batch}, from cu_seqlens_q) must be at most {_MAX_GRID_YZ} on CUDA")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise FlashAttnValueError(f"{name} must be a non-negative int, got {m!r}")
+    if block_table is not None:
+        if not isinstance(block_table, torch.Tensor):
+            raise FlashAttnTypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
+        if block_table.dtype != torch.int32:
+            raise FlashAttnTypeError(f"block_table must have dtype torch.int32, got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise FlashAttnValueError(
+                f"block_table must have shape (batch={batch}, max_num_pages_per_seq), got {tuple(block_table.shape)}"
+            )
+        if block_table.device != q.device:
+            raise RuntimeError(f"flash_cute: block_table is on {block_table.device}, expected q's device {q.device}")
 
 
 def _normalize_window(window_size, causal: bool, seqlen_k: int) -> bool:
@@ -145,16 +196,293 @@ def flash_attn_func(
             the log-sum-exp of each row of q k^T * softmax_scale (+inf for rows that see no key).
         S_dmask [optional, if return_attn_probs=True]: empty tensor (dropout is not supported).
     """
-    _check_qkv(q, k, v)
+    return _attention(
+        "", (q, k, v), None, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs,
+    )
+
+
+def _unpack(kind: str, tensors):
+    """(q, k, v) from the arguments: "" (q, k, v); "qkv" (qkv,) with the 3 at dim -3; "kv" (q, kv)
+    with the 2 at dim -3. Views, no copies."""
+    if kind == "qkv":
+        return tensors[0].unbind(-3)
+    if kind == "kv":
+        return (tensors[0], *tensors[1].unbind(-3))
+    return tensors
+
+
+def _check_packed(kind: str, tensors, varlen: bool) -> None:
+    name, count = ("qkv", 3) if kind == "qkv" else ("kv", 2)
+    t = tensors[-1]
+    layout = "(total, %d, nheads, headdim)" if varlen else "(batch, seqlen, %d, nheads, headdim)"
+    if not isinstance(t, torch.Tensor):
+        raise FlashAttnTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != (4 if varlen else 5) or t.shape[-3] != count:
+        raise FlashAttnValueError(f"{name} must have shape {layout % count}, got {tuple(t.shape)}")
+
+
+def _attention(kind, tensors, varlen, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+               deterministic, return_attn_probs):
+    """The body of every public function: checks, defaults, head-dim padding, the op (through the
+    packed autograd function for packed inputs), the official return values."""
+    if kind:
+        _check_packed(kind, tensors, varlen is not None)
+    q, k, v = _unpack(kind, tensors)
+    if varlen is not None:
+        _check_qkv(q, k, v, varlen=True, paged=varlen[4] is not None)
+        _check_varlen(q, *varlen)
+    else:
+        _check_qkv(q, k, v)
     _check_unsupported(dropout_p, softcap, alibi_slopes)
-    causal = _normalize_window(window_size, bool(causal), k.shape[1])
+    causal = _normalize_window(window_size, bool(causal), _max_keys(k, varlen))
     head_dim = q.shape[-1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    out, lse = _ops.fwd(
-        _pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v), float(softmax_scale), causal, bool(deterministic)
-    )
+    tensors = tuple(_pad_head_dim(t) for t in tensors)
+    if varlen is not None and varlen[4] is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        # Paged K/V with gradients: the backward runs on the gathered rows (autograd scatters the
+        # gradients back into the pages).
+        q, k, v = _unpack(kind, tensors)
+        cu_seqlens_k, block_table = varlen[1], varlen[4]
+        k, v = _ops.gather_pages(k, block_table, cu_seqlens_k), _ops.gather_pages(v, block_table, cu_seqlens_k)
+        kind, tensors, varlen = "", (q, k, v), (*varlen[:4], None)
+    args = (float(softmax_scale), causal, bool(deterministic), *(varlen or (None, None, 0, 0, None)))
+    if kind:
+        out, lse = _PackedAttention.apply(kind, args, *tensors)
+    else:
+        out, lse = _ops.fwd(*tensors, *args)
     out = out[..., :head_dim]
     if return_attn_probs:
         return out, lse, torch.empty(0, dtype=q.dtype, device=q.device)
     return out
+
+
+def _max_keys(k, varlen) -> int:
+    """An upper bound of every sequence's key count known without reading the GPU: a window at
+    least this wide is no window (max_seqlen_k is only a hint and may be too small)."""
+    if varlen is None:
+        return k.shape[1]
+    if varlen[4] is not None:  # paged: the pages a sequence can own
+        return varlen[4].shape[1] * k.shape[1]
+    return k.shape[0]
+
+
+class _PackedAttention(torch.autograd.Function):
+    """Attention on q, k, v that are views of packed tensors (qkv, or q and kv). The backward
+    writes dq, dk, dv into views of one gradient tensor per packed input, as the official package
+    does, so the packed gradient costs no copy."""
+
+    @staticmethod
+    def forward(ctx, kind, args, *tensors):
+        q, k, v = _unpack(kind, tensors)
+        out, lse = _ops.fwd(q, k, v, *args)
+        ctx.save_for_backward(*tensors, out, lse, *(t for t in args[3:5]))
+        ctx.kind, ctx.args = kind, args
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        *tensors, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        softmax_scale, causal, deterministic, _, _, max_seqlen_q, max_seqlen_k, _ = ctx.args
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        grads = tuple(torch.empty_like(t) for t in tensors)
+        _ops.bwd_into(
+            grad_out, *_unpack(ctx.kind, tensors), out, lse, softmax_scale, causal, deterministic,
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *_unpack(ctx.kind, grads),
+        )
+        return (None, None, *grads)
+
+
+_ATTENTION_ARGS_DOC = """
+        dropout_p: float. Dropout probability (only 0.0 is supported so far).
+        softmax_scale: float. Defaults to 1 / sqrt(headdim).
+        causal: bool. Causal mask aligned to the bottom-right corner of each sequence's attention
+            matrix: query i sees key j iff j <= i + seqlen_k - seqlen_q. Rows that see no key
+            return 0 (lse +inf).
+        window_size: (left, right). (-1, -1) is full attention; (-1, 0) equals causal.
+        softcap: float. 0.0 means off (only 0.0 is supported so far).
+        alibi_slopes: None (ALiBi is not supported so far).
+        deterministic: bool. Affects the backward pass only: bitwise-reproducible dq.
+        return_attn_probs: bool. Also return the log-sum-exp and the attention-probability
+            matrix (an empty tensor when dropout_p == 0, as in the official package)."""
+
+
+def flash_attn_qkvpacked_func(
+    qkv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """Attention on q, k, v stacked in one tensor (self-attention with the three projections
+    computed by one matmul). Faster for the backward than unpacking: the gradient is one tensor.
+
+    Arguments:
+        qkv: (batch_size, seqlen, 3, nheads, headdim).{args}
+    Return:
+        out: (batch_size, seqlen, nheads, headdim).
+        softmax_lse [optional, if return_attn_probs=True]: (batch_size, nheads, seqlen), float32.
+        S_dmask [optional, if return_attn_probs=True]: empty tensor.
+    """
+    return _attention(
+        "qkv", (qkv,), None, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs,
+    )
+
+
+def flash_attn_kvpacked_func(
+    q,
+    kv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """Attention with k and v stacked in one tensor (cross-attention, or GQA/MQA when kv has
+    fewer heads than q); the gradient of kv is one tensor.
+
+    Arguments:
+        q: (batch_size, seqlen_q, nheads, headdim).
+        kv: (batch_size, seqlen_k, 2, nheads_k, headdim); nheads must be a multiple of nheads_k.{args}
+    Return:
+        out: (batch_size, seqlen_q, nheads, headdim).
+        softmax_lse [optional, if return_attn_probs=True]: (batch_size, nheads, seqlen_q), float32.
+        S_dmask [optional, if return_attn_probs=True]: empty tensor.
+    """
+    return _attention(
+        "kv", (q, kv), None, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs,
+    )
+
+
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
+    """Attention over a batch of sequences of different lengths, concatenated without padding
+    (see flash_cute.bert_padding to convert from padded batches).
+
+    Arguments:
+        q: (total_q, nheads, headdim), the query rows of all sequences one after another.
+        k: (total_k, nheads_k, headdim); with block_table, a paged cache
+            (num_pages, page_block_size, nheads_k, headdim). nheads must be a multiple of nheads_k.
+        v: shaped like k.
+        cu_seqlens_q: (batch_size + 1,), int32, on q's device: sequence b owns rows
+            cu_seqlens_q[b]:cu_seqlens_q[b + 1] of q. Sequences may be empty.
+        cu_seqlens_k: (batch_size + 1,), int32: the same for k and v (with block_table: only the
+            key lengths cu_seqlens_k[b + 1] - cu_seqlens_k[b] are used).
+        max_seqlen_q: int. The longest query sequence: sizes the launch grid and nothing else.
+            A value too small is still correct (the kernels loop), just slower; pass a bound you
+            know on the host (e.g. the packing length) to avoid reading cu_seqlens back from the GPU.
+        max_seqlen_k: int. The same for the keys.{args}
+        block_table: (batch_size, max_num_pages_per_seq), int32, optional: paged K/V; key j of
+            sequence b is row j % page_block_size of page block_table[b, j // page_block_size].
+            Any page_block_size works; multiples of the kernel's key block (64) are read in place,
+            others are gathered first.
+    Return:
+        out: (total_q, nheads, headdim).
+        softmax_lse [optional, if return_attn_probs=True]: (nheads, total_q), float32.
+        S_dmask [optional, if return_attn_probs=True]: empty tensor.
+    """
+    varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
+    return _attention(
+        "", (q, k, v), varlen, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs,
+    )
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv,
+    cu_seqlens,
+    max_seqlen,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """flash_attn_varlen_func with q, k, v stacked in one tensor; the gradient is one tensor.
+
+    Arguments:
+        qkv: (total, 3, nheads, headdim).
+        cu_seqlens: (batch_size + 1,), int32: sequence b owns rows cu_seqlens[b]:cu_seqlens[b + 1].
+        max_seqlen: int. The longest sequence (a launch-size hint; see flash_attn_varlen_func).{args}
+    Return:
+        out: (total, nheads, headdim).
+        softmax_lse [optional, if return_attn_probs=True]: (nheads, total), float32.
+        S_dmask [optional, if return_attn_probs=True]: empty tensor.
+    """
+    varlen = (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, None)
+    return _attention(
+        "qkv", (qkv,), varlen, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs,
+    )
+
+
+def flash_attn_varlen_kvpacked_func(
+    q,
+    kv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+):
+    """flash_attn_varlen_func with k and v stacked in one tensor; the gradient of kv is one tensor.
+
+    Arguments:
+        q: (total_q, nheads, headdim).
+        kv: (total_k, 2, nheads_k, headdim).
+        cu_seqlens_q, cu_seqlens_k: (batch_size + 1,), int32.
+        max_seqlen_q, max_seqlen_k: int, launch-size hints (see flash_attn_varlen_func).{args}
+    Return:
+        out: (total_q, nheads, headdim).
+        softmax_lse [optional, if return_attn_probs=True]: (nheads, total_q), float32.
+        S_dmask [optional, if return_attn_probs=True]: empty tensor.
+    """
+    varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None)
+    return _attention(
+        "kv", (q, kv), varlen, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs,
+    )
+
+
+for _f in (flash_attn_qkvpacked_func, flash_attn_kvpacked_func, flash_attn_varlen_func,
+           flash_attn_varlen_qkvpacked_func, flash_attn_varlen_kvpacked_func):
+    _f.__doc__ = _f.__doc__.replace("{args}", _ATTENTION_ARGS_DOC)
+del _f
