@@ -66,10 +66,9 @@ void fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, int 
 }
 
 // The workspace dq_accum, dsum, lse_log2 (ws_rows rows per head) and dq_semaphore: see BwdParams.
-// total_q: the rows of q and dq (varlen: q.shape[0]).
 void bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t dq,
          uintptr_t dk, uintptr_t dv, uintptr_t dq_accum, uintptr_t dsum, uintptr_t lse_log2,
-         uintptr_t dq_semaphore, int64_t ws_rows, int batch, int64_t total_q,
+         uintptr_t dq_semaphore, int64_t ws_rows, int batch,
          int seqlen_q, int seqlen_k, int heads, int heads_k, int head_dim, bool expand_gqa,
          Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride, Strides3 dout_stride,
          Strides3 dq_stride, Strides3 dk_stride, Strides3 dv_stride, std::array<int64_t, 2> lse_stride,
@@ -79,7 +78,6 @@ void bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uin
   set_fwd_params(p, q, k, v, o, lse, batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, q_stride,
                  k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k);
   p.ws_rows = ws_rows;
-  p.total_q = total_q;
   p.dout = reinterpret_cast<const void*>(dout);
   p.dq = reinterpret_cast<void*>(dq);
   p.dk = reinterpret_cast<void*>(dk);

@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -30,125 +31,112 @@ template <> struct Native<DType::kBFloat16> {
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 constexpr int kThreads = 256;
-constexpr int kRowsPerBlock = kThreads / 32;  // one warp per (batch, row, head)
+constexpr int kLanesPerRow = 8;                        // a row's lanes take 8 columns each, 64 per step
+constexpr int kRowsPerPass = kThreads / kLanesPerRow;  // rows of one CTA at a time
 
-// The sequence that workspace row r (of one head) belongs to, and the row within it; row >=
-// len_q marks padding (between sequences, or past a sequence's last tile).
-struct WorkspaceRow {
-  int batch;
+// Where one (sequence, head) lives: its span, its first workspace row, its rows padded to tiles.
+struct SeqRows {
   SeqSpan seq;
-  int64_t ws_row0;
-  int64_t row;
+  int64_t ws_row0;  // in the (heads, ws_rows) workspace, this head's
+  int padded;       // len_q rounded up to ws_block_m (a multiple of kRowsPerPass)
 };
 
-__device__ WorkspaceRow workspace_row(const BwdParams& p, int64_t r) {
-  WorkspaceRow w;
-  if (p.cu_seqlens_q != nullptr) {
-    w.batch = find_sequence(p.batch, r, [&](int b) { return workspace_row0(p, b, p.cu_seqlens_q[b]); });
-    w.batch = min(w.batch, p.batch - 1);
-  } else {
-    w.batch = int(r / workspace_row0(p, 1, 0));
-  }
-  w.seq = seq_span(p, w.batch);
-  w.ws_row0 = workspace_row0(p, w.batch, w.seq.q_row0);
-  w.row = r - w.ws_row0;
-  return w;
+__device__ SeqRows seq_rows(const BwdParams& p, int batch, int head) {
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  SeqRows r;
+  r.seq = varlen ? seq_span<true>(p, batch) : seq_span<false>(p, batch);
+  r.ws_row0 = head * p.ws_rows + workspace_row0(varlen, p.ws_block_m, p.seqlen_q, batch, r.seq.q_row0);
+  r.padded = (r.seq.len_q + p.ws_block_m - 1) / p.ws_block_m * p.ws_block_m;
+  return r;
 }
 
-// One warp per (workspace row, head), heads fastest. Lane l reads elements [8 l, 8 l + 8) of dO
-// and O as 16-byte vectors (head_dim <= 256 = 32 lanes x 8) and zeroes the same columns of the
-// row's dQ accumulator; the warp sums. Padded rows get D = 0 and lse_log2 = +inf.
+// Both passes: grid (row groups of the longest sequence, batch, heads); a CTA takes kRowsPerPass
+// rows of one (sequence, head) at a time, from blockIdx.x * kRowsPerPass in steps of the grid (more
+// than one step only when a varlen max_seqlen_q hint was too small). No division in the loop.
+
+// D = rowsum(dO * O) and lse * log2(e) of each row, 0 and +inf on the padding rows (their P is 0),
+// and the row's dQ accumulator zeroed. 8 lanes per row read 16-byte vectors of dO and O.
 template <DType kDType>
 __global__ void __launch_bounds__(kThreads) dot_do_o_kernel(const BwdParams p) {
   using T = typename Native<kDType>::type;
-  const int64_t row_id = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row_id >= p.ws_rows * p.heads) return;
-  const int head = int(row_id % p.heads);
-  const int64_t r = row_id / p.heads;
-  const WorkspaceRow w = workspace_row(p, r);
-  const int64_t out_row = head * p.ws_rows + r;
-  if (w.row >= w.seq.len_q) {
+  const int batch = blockIdx.y, head = blockIdx.z;
+  const SeqRows r = seq_rows(p, batch, head);
+  const int lane = threadIdx.x % kLanesPerRow;
+  const T* o = static_cast<const T*>(p.o) + batch * p.o_batch_stride + head * p.o_head_stride;
+  const T* dout = static_cast<const T*>(p.dout) + batch * p.dout_batch_stride + head * p.dout_head_stride;
+  const float* lse = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + r.seq.q_row0;
+  for (int row0 = blockIdx.x * kRowsPerPass; row0 < r.padded; row0 += gridDim.x * kRowsPerPass) {
+    const int row = row0 + threadIdx.x / kLanesPerRow;
+    const bool valid = row < r.seq.len_q;
+    float sum = 0.f;
+    if (valid) {
+      const int64_t q_row = r.seq.q_row0 + row;
+      for (int c = lane * 8; c < p.head_dim; c += kLanesPerRow * 8) {
+        const uint4 ov = *reinterpret_cast<const uint4*>(o + q_row * p.o_row_stride + c);
+        const uint4 dv = *reinterpret_cast<const uint4*>(dout + q_row * p.dout_row_stride + c);
+        const T* oe = reinterpret_cast<const T*>(&ov);
+        const T* de = reinterpret_cast<const T*>(&dv);
+        for (int i = 0; i < 8; i += 2) {
+          const float2 a = Native<kDType>::to_float2(oe[i], oe[i + 1]);
+          const float2 b = Native<kDType>::to_float2(de[i], de[i + 1]);
+          sum += a.x * b.x + a.y * b.y;
+        }
+      }
+    }
+    const int64_t ws_row = r.ws_row0 + row;
+    for (int c = lane * 8; c < p.accum_cols; c += kLanesPerRow * 8) {
+      float4* accum = reinterpret_cast<float4*>(p.dq_accum + ws_row * p.accum_cols + c);
+      accum[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+      accum[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffff, sum, offset);
     if (lane == 0) {
-      p.dsum[out_row] = 0.f;
-      p.lse_log2[out_row] = INFINITY;
+      p.dsum[ws_row] = sum;
+      p.lse_log2[ws_row] = valid ? lse[row] * float(M_LOG2E) : INFINITY;
     }
-    return;
-  }
-  const int64_t q_row = w.seq.q_row0 + w.row;
-  float sum = 0.f;
-  if (lane * 8 < p.head_dim) {
-    const T* o = static_cast<const T*>(p.o) + w.batch * p.o_batch_stride + q_row * p.o_row_stride +
-                 head * p.o_head_stride + lane * 8;
-    const T* dout = static_cast<const T*>(p.dout) + w.batch * p.dout_batch_stride + q_row * p.dout_row_stride +
-                    head * p.dout_head_stride + lane * 8;
-    const uint4 ov = *reinterpret_cast<const uint4*>(o);
-    const uint4 dv = *reinterpret_cast<const uint4*>(dout);
-    const T* oe = reinterpret_cast<const T*>(&ov);
-    const T* de = reinterpret_cast<const T*>(&dv);
-    for (int i = 0; i < 8; i += 2) {
-      const float2 a = Native<kDType>::to_float2(oe[i], oe[i + 1]);
-      const float2 b = Native<kDType>::to_float2(de[i], de[i + 1]);
-      sum += a.x * b.x + a.y * b.y;
-    }
-  }
-  if (lane * 8 < p.accum_cols) {
-    float4* accum = reinterpret_cast<float4*>(p.dq_accum + out_row * p.accum_cols + lane * 8);
-    accum[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-    accum[1] = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffff, sum, offset);
-  if (lane == 0) {
-    p.dsum[out_row] = sum;
-    p.lse_log2[out_row] = p.lse[w.batch * p.lse_batch_stride + head * p.lse_head_stride + q_row] * float(M_LOG2E);
   }
 }
 
-// dQ = scale * dq_accum: from the padded accumulator (heads, ws_rows, accum_cols) to dq (rows of
-// q, heads, head_dim) with its strides; 4 columns per thread (head_dim is a multiple of 8). Varlen
-// rows past the last sequence get 0.
+// dQ = scale * dq_accum: from the padded accumulator to dq with its strides, 8 columns (one
+// 16-byte store) per lane and step.
 template <DType kDType>
 __global__ void __launch_bounds__(kThreads) convert_dq_kernel(const BwdParams p) {
   using T = typename Native<kDType>::type;
-  const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  const int col4 = p.head_dim / 4;
-  if (i >= p.total_q * p.heads * col4) return;
-  const int col = int(i % col4) * 4;
-  const int64_t row_id = i / col4;  // (row of the concatenated rows, head) in row-major order
-  const int head = int(row_id % p.heads);
-  const int64_t q_row = row_id / p.heads;
-  const int batch = p.cu_seqlens_q != nullptr
-                        ? find_sequence(p.batch, q_row, [&](int b) { return int64_t(p.cu_seqlens_q[b]); })
-                        : int(q_row / p.seqlen_q);
-  // The rows of a padded batch entry are counted from 0 (dq's batch stride carries the rest).
-  const int64_t first_row = p.cu_seqlens_q != nullptr ? 0 : int64_t(batch) * p.seqlen_q;
-  float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (batch < p.batch) {
-    const SeqSpan seq = seq_span(p, batch);
-    const int64_t ws_row = head * p.ws_rows + workspace_row0(p, batch, seq.q_row0) + (q_row - first_row - seq.q_row0);
-    a = *reinterpret_cast<const float4*>(p.dq_accum + ws_row * p.accum_cols + col);
+  const int batch = blockIdx.y, head = blockIdx.z;
+  const SeqRows r = seq_rows(p, batch, head);
+  const int lane = threadIdx.x % kLanesPerRow;
+  T* dq = static_cast<T*>(p.dq) + batch * p.dq_batch_stride + head * p.dq_head_stride;
+  for (int row0 = blockIdx.x * kRowsPerPass; row0 < r.seq.len_q; row0 += gridDim.x * kRowsPerPass) {
+    const int row = row0 + threadIdx.x / kLanesPerRow;
+    if (row >= r.seq.len_q) break;
+    const float* src = p.dq_accum + (r.ws_row0 + row) * p.accum_cols;
+    T* dst = dq + (int64_t(r.seq.q_row0) + row) * p.dq_row_stride;
+    for (int c = lane * 8; c < p.head_dim; c += kLanesPerRow * 8) {
+      const float4 a = *reinterpret_cast<const float4*>(src + c);
+      const float4 b = *reinterpret_cast<const float4*>(src + c + 4);
+      const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+      T out[8];
+      for (int i = 0; i < 8; ++i) out[i] = Native<kDType>::from_float(f[i] * p.scale);
+      *reinterpret_cast<uint4*>(dst + c) = *reinterpret_cast<const uint4*>(out);
+    }
   }
-  const int64_t row = q_row - first_row;
-  T out[4] = {Native<kDType>::from_float(a.x * p.scale), Native<kDType>::from_float(a.y * p.scale),
-              Native<kDType>::from_float(a.z * p.scale), Native<kDType>::from_float(a.w * p.scale)};
-  T* dst = static_cast<T*>(p.dq) + min(batch, p.batch - 1) * p.dq_batch_stride + row * p.dq_row_stride +
-           head * p.dq_head_stride + col;
-  *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(out);
+}
+
+// Row groups of the longest sequence (seqlen_q: varlen, the max_seqlen_q hint), at least one.
+dim3 prep_grid(const BwdParams& p, int rows) {
+  return dim3(unsigned(std::max<int64_t>(1, ceil_div(rows, kRowsPerPass))), unsigned(p.batch), unsigned(p.heads));
 }
 
 template <DType kDType>
 void dot_do_o(const BwdParams& p, cudaStream_t stream) {
-  const int64_t rows = p.ws_rows * p.heads;
-  const int64_t blocks = ceil_div(rows, kRowsPerBlock);
-  dot_do_o_kernel<kDType><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(p);
+  const int padded = int(ceil_div(p.seqlen_q, p.ws_block_m) * p.ws_block_m);
+  dot_do_o_kernel<kDType><<<prep_grid(p, padded), kThreads, 0, stream>>>(p);
   check_cuda(cudaGetLastError(), std::string("backward rowsum(dout * out) kernel (") + dtype_name(kDType) + ") launch");
 }
 
 template <DType kDType>
 void convert_dq(const BwdParams& p, cudaStream_t stream) {
-  const int64_t n = p.total_q * p.heads * (p.head_dim / 4);
-  const int64_t blocks = ceil_div(n, kThreads);
-  convert_dq_kernel<kDType><<<dim3(unsigned(blocks)), kThreads, 0, stream>>>(p);
+  convert_dq_kernel<kDType><<<prep_grid(p, p.seqlen_q), kThreads, 0, stream>>>(p);
   check_cuda(cudaGetLastError(), std::string("backward dQ conversion kernel (") + dtype_name(kDType) + ") launch");
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One visit to the GPU host: tests, a compute-sanitizer sweep and the benchmark, on the wheel that
 # ../shared/tools/gpu-build unpacked into .gpu/site. Logs go to $OUT (or ./device-out); the short
-# tables come last. Usage (device tool, carry .gpu):  bash tools/device-check.sh [quick|full|bench]
+# tables come last. Usage (device tool, carry .gpu):  bash tools/device-check.sh [quick|full|bench|test]
+# (test: the tests and the sanitizer sweep only; bench: the benchmark only)
 set -uo pipefail
 mode=${1:-quick}
 out=${OUT:-device-out}
@@ -57,7 +58,9 @@ PY
   done
 fi
 
-if [ "$mode" = full ]; then
+if [ "$mode" = test ]; then
+  exit 0
+elif [ "$mode" = full ]; then
   python3 benchmark/run.py --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -n 60
 else
   python3 benchmark/run.py --quick --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -n 60

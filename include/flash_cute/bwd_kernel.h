@@ -361,26 +361,28 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   store_acc<Traits>(acc_dv, 1.f, mma_dkv, sV, gdV, rows_k, d, tid);
 }
 
-// Grid: (key blocks of the longest sequence, KV heads (or query heads with expand_gqa), batch). A
-// CTA takes key blocks blockIdx.x, + gridDim.x, ... of its sequence (more than one only when a
-// varlen size hint, max_seqlen_k, was too small). Deterministic mode adds into dQ in descending
-// key-block order and numbers the blocks from the last one down: the last key block is launched
-// first, a CTA only ever waits for CTAs launched before it (or for its own earlier blocks), and
-// with causal the last key blocks see the fewest query blocks, so they finish their adds early
-// (ascending order made key block 0, which sees every query block, pace all others: 2x slower).
-template <class Traits>
+// Grid: (key blocks, KV heads (or query heads with expand_gqa), batch). Padded batches: one CTA
+// per key block. Varlen: the grid covers the longest sequence by the max_seqlen_k hint, and a CTA
+// takes key blocks blockIdx.x, + gridDim.x, ... of its sequence (more than one only when the hint
+// was too small). Deterministic mode adds into dQ in descending key-block order and numbers the
+// blocks from the last one down: the last key block is launched first, a CTA only ever waits for
+// CTAs launched before it (or for its own earlier blocks), and with causal the last key blocks see
+// the fewest query blocks, so they finish their adds early (ascending order made key block 0,
+// which sees every query block, pace all others: 2x slower).
+template <class Traits, bool kVarlen>
 __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
   extern __shared__ __align__(128) char smem_bytes[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
-  const int batch = blockIdx.z;
-  const SeqSpan seq = seq_span(p, batch);
-  const int64_t ws_row0 = workspace_row0(p, batch, seq.q_row0);
   constexpr int kBlockN = Traits::kBlockN;
-  const int n_blocks = ceil_div(seq.len_k, kBlockN);
+  const int batch = blockIdx.z;
+  const SeqSpan seq = seq_span<kVarlen>(p, batch);
+  const int64_t ws_row0 = workspace_row0(kVarlen, Traits::kBlockM, p.seqlen_q, batch, seq.q_row0);
+  const int n_blocks = kVarlen ? ceil_div(seq.len_k, kBlockN) : int(gridDim.x);
   const bool ordered = p.dq_semaphore != nullptr;
   for (int i = blockIdx.x; i < n_blocks; i += gridDim.x) {
     if (i != int(blockIdx.x)) __syncthreads();  // every thread is done with the previous block's tiles
     bwd_block<Traits>(p, smem, seq, ws_row0, ordered ? n_blocks - 1 - i : i, blockIdx.y, batch);
+    if constexpr (!kVarlen) break;
   }
 }
 

@@ -20,7 +20,7 @@ void run_bwd(const BwdParams& params, cudaStream_t stream) {
     throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(kSmem) +
                              " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin));
   }
-  auto kernel = &bwd_kernel<Traits>;
+  auto kernel = params.cu_seqlens_q != nullptr ? &bwd_kernel<Traits, true> : &bwd_kernel<Traits, false>;
   allow_dynamic_smem(kernel, kSmem, name);
   // The workspace is padded to this kernel's tiles (the caller sized it, ws_rows, with bwd_tile()).
   BwdParams p = params;

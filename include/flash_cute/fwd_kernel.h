@@ -20,7 +20,7 @@ namespace flash_cute {
 using namespace cute;
 
 // One query block (kBlockM rows of query block m_block) of one head of sequence `seq`.
-template <class Traits>
+template <class Traits, bool kVarlen>
 CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
                            int m_block, int head, int batch) {
   using Element = typename Traits::Element;
@@ -51,7 +51,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   auto q_ptr = static_cast<const Element*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
                q_row * p.q_row_stride;
   // Paged K/V: the pages hold the rows and the block table finds them (see kv_block below).
-  const bool paged = p.block_table != nullptr;
+  const bool paged = kVarlen && p.block_table != nullptr;
   const int64_t kv_batch = paged ? 0 : batch;
   auto k_ptr = static_cast<const Element*>(p.k) + kv_batch * p.k_batch_stride + head_k * p.k_head_stride +
                seq.k_row0 * p.k_row_stride;
@@ -217,20 +217,22 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   copy_predicated</*kZeroFill=*/false>(store_copy, tOrO, tOgO, tOcO, rows_q, d);
 }
 
-// Grid: (query blocks of the longest sequence, heads, batch). A CTA takes query blocks
-// blockIdx.x, blockIdx.x + gridDim.x, ... of its sequence: one when the grid covers the sequence,
-// more when a varlen size hint (max_seqlen_q) was too small, so the result never depends on it.
-template <class Traits>
+// Grid: (query blocks, heads, batch). Padded batches: one CTA per query block. Varlen: the grid
+// covers the longest sequence by the max_seqlen_q hint, and a CTA takes query blocks blockIdx.x,
+// blockIdx.x + gridDim.x, ... of its sequence, so a hint that is too small costs time, never
+// correctness. Causal: the last query blocks see the most keys; launching them first shortens
+// the tail.
+template <class Traits, bool kVarlen>
 __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
   extern __shared__ __align__(128) char smem_bytes[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
-  const SeqSpan seq = seq_span(p, blockIdx.z);
   constexpr int kBlockM = Traits::kBlockM;
-  const int m_blocks = ceil_div(seq.len_q, kBlockM);
+  const SeqSpan seq = seq_span<kVarlen>(p, blockIdx.z);
+  const int m_blocks = kVarlen ? ceil_div(seq.len_q, kBlockM) : int(gridDim.x);
   for (int i = blockIdx.x; i < m_blocks; i += gridDim.x) {
     if (i != int(blockIdx.x)) __syncthreads();  // every thread is done with the previous block's tiles
-    // Causal: the last query blocks see the most keys; launching them first shortens the tail.
-    fwd_block<Traits>(p, smem, seq, Traits::kCausal ? m_blocks - 1 - i : i, blockIdx.y, blockIdx.z);
+    fwd_block<Traits, kVarlen>(p, smem, seq, Traits::kCausal ? m_blocks - 1 - i : i, blockIdx.y, blockIdx.z);
+    if constexpr (!kVarlen) break;
   }
 }
 

@@ -13,7 +13,7 @@ namespace flash_cute {
 template <class Traits>
 void launch_fwd(const FwdParams& p, cudaStream_t stream, const std::string& name) {
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &fwd_kernel<Traits>;
+  auto kernel = p.cu_seqlens_q != nullptr ? &fwd_kernel<Traits, true> : &fwd_kernel<Traits, false>;
   allow_dynamic_smem(kernel, kSmem, name);
   // seqlen_q: the longest sequence's (varlen: the max_seqlen_q hint; the kernel loops past it).
   const dim3 grid(std::max(1, ceil_div(p.seqlen_q, Traits::kBlockM)), p.heads, p.batch);

@@ -59,14 +59,14 @@ struct BwdParams : FwdParams {
   //   dq_accum (heads, ws_rows, head-dim bucket): the dQ accumulator, zeroed;
   //   dsum     (heads, ws_rows): rowsum(dout * o), 0 on padded rows;
   //   lse_log2 (heads, ws_rows): lse * log2(e), +inf on padded rows (their P is 0).
-  // ws_rows: batch * round_up(seqlen_q, ws_block_m), or total_q + batch * ws_block_m (varlen).
+  // ws_rows: batch * round_up(seqlen_q, ws_block_m), or round_up(total_q + batch * ws_block_m,
+  // ws_block_m) (varlen).
   float* dq_accum = nullptr;
   float* dsum = nullptr;
   float* lse_log2 = nullptr;
   int64_t ws_rows = 0;
   int ws_block_m = 0;
   int accum_cols = 0;
-  int64_t total_q = 0;  // rows of q, dq (varlen: q.shape[0]; else batch * seqlen_q)
   // deterministic: int32 counters (heads, ws_rows / ws_block_m), zeroed; the CTAs add into
   // dq_accum in key-block order. nullptr: unordered atomics.
   int* dq_semaphore = nullptr;

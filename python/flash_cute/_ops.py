@@ -230,12 +230,11 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     # the fp32 dQ accumulator, rowsum(dout * out) and lse * log2(e). Padding spares the main loop
     # every bounds check on them.
     block_m, bucket = _bwd_tile_rows_cols(d)
-    total_q = q.shape[0] if varlen is not None else batch * seqlen_q
     if varlen is None:
         ws_rows = batch * (-(-seqlen_q // block_m) * block_m)
         lse_stride = (lse.stride(0), lse.stride(1))
     else:
-        ws_rows = -(-(total_q + batch * block_m) // block_m) * block_m
+        ws_rows = -(-(q.shape[0] + batch * block_m) // block_m) * block_m
         lse_stride = (0, lse.stride(0))
     dq_accum = torch.empty((nheads, ws_rows, bucket), dtype=torch.float32, device=q.device)
     row_stats = torch.empty((2, nheads, ws_rows), dtype=torch.float32, device=q.device)  # D, lse*log2(e)
@@ -246,7 +245,7 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         dq_k.data_ptr(), dk_k.data_ptr(), dv_k.data_ptr(), dq_accum.data_ptr(), row_stats[0].data_ptr(),
         row_stats[1].data_ptr(), _ptr(semaphore), ws_rows,
-        batch, total_q, seqlen_q, seqlen_k, nheads, nheads_k, d, expand,
+        batch, seqlen_q, seqlen_k, nheads, nheads_k, d, expand,
         _strides(q, varlen), _strides(k, varlen), _strides(v, varlen), _strides(out, varlen),
         _strides(dout, varlen), _strides(dq_k, varlen), _strides(dk_k, varlen), _strides(dv_k, varlen), lse_stride,
         softmax_scale, causal,
