@@ -1178,6 +1178,11 @@ def run_varlen_section(bench: Bench, impls: list[Impl], cases: list[VarlenCase],
                 raise FatalCudaError(f"the varlen oracle: {short_error(e)}") from e
             bench.note(f"varlen: the fp32 oracle failed: {short_error(e)}; no errors in its rows")
             oracle = None
+        # The oracle's per-sequence temporaries leave GBs of cached blocks behind. With them, an H100
+        # timed flash_cute's varlen backward at 17.4 ms here against 16.2 ms in a fresh process
+        # (torch-flash: 15.7 and 15.6 ms; flash_cute's call takes longer on the host, which an
+        # allocator stall inside the timed call would expose). Released before any timing.
+        torch.cuda.empty_cache()
         for case in group:
             row = VarlenRow(case, ref="fp32")
             relative = PASSES[case.pass_name].relative_check
