@@ -458,3 +458,18 @@ def test_paged_gpu(dtype, page_block_size, causal):
     _, ref_lse = assert_varlen_2x_rule(out, q, k, v, cu_q, cu_k, causal=causal)
     assert_lse_matches(lse, ref_lse)
     check_paged(q, k, v, cu_q, cu_k, page_block_size, causal, deterministic=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_opcheck_varlen_cpu(causal):
+    """torch.library.opcheck of the varlen forms of flash_cute::fwd and flash_cute::bwd and of
+    flash_cute::bwd_into (the packed functions' backward): schemas, fake tensors, autograd."""
+    q, k, v, cu_q, cu_k = make_varlen_qkv([3, 0, 7], [5, 2, 0], 4, 2, 16, torch.float32)
+    varlen = (cu_q, cu_k, 7, 5)
+    torch.library.opcheck(torch.ops.flash_cute.fwd.default, (q, k, v, 0.25, causal, False, *varlen))
+    out, lse = torch.ops.flash_cute.fwd(q, k, v, 0.25, causal, False, *varlen)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.flash_cute.bwd.default, (dout, q, k, v, out, lse, 0.25, causal, False, *varlen))
+    grads = tuple(torch.empty_like(t) for t in (q, k, v))
+    torch.library.opcheck(torch.ops.flash_cute.bwd_into.default,
+                          (dout, q, k, v, out, lse, 0.25, causal, False, *varlen, *grads))
