@@ -403,7 +403,8 @@ def flash_attn_varlen_func(
         block_table: (batch_size, max_num_pages_per_seq), int32, optional: paged K/V; key j of
             sequence b is row j % page_block_size of page block_table[b, j // page_block_size].
             Any page_block_size works; multiples of the kernel's key block (64) are read in place,
-            others are gathered first.
+            others are gathered into contiguous rows first (a copy and one host sync). With
+            gradients, the pages are gathered too and autograd adds dk, dv back into them.
     Return:
         out: (total_q, nheads, headdim).
         softmax_lse [optional, if return_attn_probs=True]: (nheads, total_q), float32.
