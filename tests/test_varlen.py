@@ -28,6 +28,7 @@ from helpers import (
     make_varlen_qkv,
     poison_allocator,
     require_bwd_kernel,
+    require_kernel,
     seq_slices,
     varlen_call_bytes,
 )
@@ -473,3 +474,25 @@ def test_opcheck_varlen_cpu(causal):
     grads = tuple(torch.empty_like(t) for t in (q, k, v))
     torch.library.opcheck(torch.ops.flash_cute.bwd_into.default,
                           (dout, q, k, v, out, lse, 0.25, causal, False, *varlen, *grads))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_strided_cu_seqlens_and_block_table(device):
+    """cu_seqlens and block_table that are strided views give the same result as dense ones."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if device == "cuda":
+        require_kernel(dtype, 64, True)
+        require_kernel(dtype, 64, False)
+    q, k, v, cu_q, cu_k = make_varlen_qkv([3, 0, 70], [5, 2, 128], 4, 2, 64, dtype, device)
+    want = flash_cute.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 70, 128, causal=True)
+    cu_q2, cu_k2 = (torch.stack([c, c + 100], 1)[:, 0] for c in (cu_q, cu_k))
+    assert not cu_q2.is_contiguous()
+    got = flash_cute.flash_attn_varlen_func(q, k, v, cu_q2, cu_k2, 70, 128, causal=True)
+    assert torch.equal(got, want)
+    pages = torch.randn(8, 64, 2, 64, device=device).to(dtype)
+    table = torch.randperm(8, device=device)[:6].view(3, 2).to(torch.int32)
+    table_t = table.t().contiguous().t()  # same values, column-major
+    assert not table_t.is_contiguous()
+    a = flash_cute.flash_attn_varlen_func(q, pages, pages, cu_q, cu_k, 70, 128, block_table=table)
+    b = flash_cute.flash_attn_varlen_func(q, pages, pages, cu_q, cu_k, 70, 128, block_table=table_t)
+    assert torch.equal(a, b) and not a.isnan().any()

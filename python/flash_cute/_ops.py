@@ -58,7 +58,13 @@ class _Varlen(NamedTuple):
 
 
 def _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None):
-    return None if cu_seqlens_q is None else _Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
+    """The kernels index cu_seqlens and the block table's rows as dense arrays: views with other
+    strides are copied (they are tiny)."""
+    if cu_seqlens_q is None:
+        return None
+    if block_table is not None and block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    return _Varlen(cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, block_table)
 
 
 def _dims(q: torch.Tensor, k: torch.Tensor, varlen: _Varlen | None):
