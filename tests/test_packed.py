@@ -5,7 +5,6 @@ gradient is one tensor shaped like qkv / kv), on the CPU reference path and on t
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -128,3 +127,28 @@ def test_packed_equals_unpacked(name, device, dtype, causal):
         assert g.device == leaf.device
         assert not g.isnan().any()
         assert_close_to_rounding(g, r, f"gradient of packed input {i}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+def test_packed_backward_makes_no_copies(varlen):
+    """The packed gradient is written in place by the backward kernels (as the official package
+    does): no copy, concatenation or stacking kernel runs in the backward pass."""
+    require_bwd_kernel(torch.bfloat16, 64, True)
+    if varlen:
+        qkv = _randn((300, 3, 4, 64), torch.bfloat16, "cuda").requires_grad_()
+        cu = cu_seqlens_of([100, 0, 200], "cuda")
+        out = flash_cute.flash_attn_varlen_qkvpacked_func(qkv, cu, 200, causal=True)
+    else:
+        qkv = _randn((2, 150, 3, 4, 64), torch.bfloat16, "cuda").requires_grad_()
+        out = flash_cute.flash_attn_qkvpacked_func(qkv, causal=True)
+    dout = torch.randn_like(out)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        (grad,) = torch.autograd.grad(out, qkv, dout)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("bwd_kernel" in k for k in kernels), kernels
+    copies = [k for k in kernels if any(w in k.lower() for w in ("copy", "cat", "stack"))]
+    assert not copies, f"the packed backward ran copy kernels: {copies}"
+    assert grad.shape == qkv.shape and not grad.isnan().any()
