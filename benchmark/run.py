@@ -728,6 +728,7 @@ class Bench:
                     run = PASS_BUILDERS[case.pass_name](impl, x, case.causal)
                     run()  # first call: lazy loading, cuDNN plan building
                     outs, m.alloc_x = call_with_peak_memory(run, case.tensor_bytes)
+                    torch.cuda.empty_cache()  # every implementation is timed from the same allocator state
                     m.ms = self.timer(run)
             except Exception as e:  # noqa: BLE001 - a failing column must not stop the others
                 self.record_failure(impl, case, m, e, caught)
