@@ -37,10 +37,6 @@ def _check_tensor(name: str, t, ndim: int) -> None:
         )
     if t.dim() != ndim:
         raise FlashAttnValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if t.numel() > 0 and t.stride(-1) != 1:
-        raise FlashAttnValueError(
-            f"{name} must have a contiguous last dimension (stride 1), got strides {tuple(t.stride())}"
-        )
 
 
 def _check_same(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
