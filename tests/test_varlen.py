@@ -399,6 +399,24 @@ def test_varlen_gpu(dtype, head_dim, causal, case):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_DTYPE_IDS)
+def test_varlen_matches_per_sequence_gpu(dtype, causal):
+    """The varlen kernels give flash_attn_func's result on each sequence alone (the padded-batch
+    kernels), up to rounding: out, lse, dq, dk, dv; GQA, empty and length-1 sequences."""
+    require_bwd_kernel(dtype, 64, causal)
+    lens_q, lens_k = [100, 1, 0, 257, 31, 9], [300, 1, 7, 129, 31, 0]
+    q, k, v, cu_q, cu_k = make_varlen_qkv(lens_q, lens_k, 4, 2, 64, dtype, "cuda")
+    dout = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse, _ = flash_cute.flash_attn_varlen_func(*leaves, cu_q, cu_k, 257, 300, causal=causal,
+                                                   return_attn_probs=True)
+    grads = torch.autograd.grad(out, leaves, dout)
+    want_out, want_lse, want_grads = per_sequence(q, k, v, cu_q, cu_k, dout, causal=causal)
+    assert_matches((out.detach(), lse), (want_out, want_lse), grads, want_grads)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
 @pytest.mark.parametrize("nheads_k", [8, 2, 1], ids=["group1", "group4", "group8"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_DTYPE_IDS)
 def test_varlen_gqa_gpu(dtype, nheads_k, causal):
