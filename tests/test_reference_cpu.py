@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import flash_cute
-from flash_cute.reference import attention_backward, attention_forward, naive_attention
+from flash_cute.reference import attention_backward, attention_forward, attention_forward_fa1, naive_attention
 from helpers import assert_2x_rule, assert_grads_2x_rule, assert_lse_matches, empty_rows, make_qkv
 
 SEQLENS = [(1, 1), (97, 113), (113, 97), (1025, 97)]
@@ -563,3 +563,67 @@ def test_opcheck_fwd_autograd(causal):
     q, k, v = (t.requires_grad_() for t in make_qkv(2, 24, 16, 4, 2, 16, torch.float32))
     torch.library.opcheck(torch.ops.flash_cute.fwd.default, (q, k, v, 0.25, causal))
     torch.library.opcheck(torch.ops.flash_cute.fwd.default, (q, k, v, 0.25, causal, True))
+
+
+# --------------------------------------------------------------------------------------------
+# flash_cute.reference: the forward pass in FlashAttention-1's loop order
+
+FA1_SEQLENS = [(1, 1), (37, 129), (129, 37), (64, 64), (5, 0)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=_causal_ids)
+@pytest.mark.parametrize("group", sorted(GROUPS))
+@pytest.mark.parametrize("seqlen_q,seqlen_k", FA1_SEQLENS)
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16), (16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_fa1_order_matches_fa2_order(dtype, block_m, block_n, seqlen_q, seqlen_k, group, causal):
+    """Outer loop over key blocks (FA1) gives FA2's out and lse on the same tiles: GQA, tiles that
+    do not divide the sequences, causal-empty rows (seqlen_q > seqlen_k) and no keys at all."""
+    nheads, nheads_k = GROUPS[group]
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, nheads, nheads_k, 24, dtype)
+    out, lse = attention_forward_fa1(q, k, v, causal=causal, block_m=block_m, block_n=block_n)
+    ref, ref_lse = attention_forward(q, k, v, causal=causal, block_m=block_m, block_n=block_n)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(out, ref, **tol)
+    assert torch.equal(torch.isposinf(lse), torch.isposinf(ref_lse))
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=_causal_ids)
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(37, 129), (129, 37), (113, 97)])
+def test_fa1_order_matches_naive(seqlen_q, seqlen_k, causal):
+    """FA1's order equals the full-matrix definition (float64, GQA 4); causal rows that see no
+    key get output exactly 0 and lse +inf, every other row a finite lse."""
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, 8, 2, 40, torch.float64)
+    out, lse = attention_forward_fa1(q, k, v, causal=causal, block_m=16, block_n=32)
+    ref, ref_lse = naive_attention(q, k, v, causal=causal)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert_lse_matches(lse, ref_lse, rtol=1e-6, atol=1e-6)
+    n = empty_rows(seqlen_q, seqlen_k, causal)
+    assert torch.all(out[:, :n] == 0)
+    assert torch.all(torch.isposinf(lse[:, :, :n]))
+    assert torch.all(torch.isfinite(lse[:, :, n:]))
+
+
+@pytest.mark.parametrize("block_m,block_n", [(1, 1), (7, 5), (128, 128), (4096, 4096)])
+def test_fa1_order_block_sizes(block_m, block_n):
+    """Any tiling of FA1's order gives the same attention (custom scale, both causal modes)."""
+    q, k, v = make_qkv(1, 37, 45, 4, 2, 24, torch.float64)
+    for causal in (False, True):
+        out, lse = attention_forward_fa1(q, k, v, 0.3, causal, block_m=block_m, block_n=block_n)
+        ref, ref_lse = naive_attention(q, k, v, 0.3, causal)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        assert_lse_matches(lse, ref_lse, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fa1_order_half_inputs(dtype):
+    """Half-precision inputs: output in the input dtype, computed in float32 like FA2's order."""
+    q, k, v = make_qkv(2, 57, 41, 4, 1, 40, dtype)
+    out, lse = attention_forward_fa1(q, k, v, causal=True, block_m=16, block_n=16)
+    ref, ref_lse = attention_forward(q, k, v, causal=True, block_m=16, block_n=16)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref)
+    assert_lse_matches(lse, ref_lse, rtol=1e-5, atol=1e-5)

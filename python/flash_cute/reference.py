@@ -14,6 +14,12 @@ Forward (:func:`attention_forward`):
 * it saves the output and, per row, the log-sum-exp ``lse = m + log(l)`` of the scaled scores:
   all the backward pass needs to rebuild any tile of the softmax.
 
+Loop order: :func:`attention_forward` follows FlashAttention-2 (outer loop over query blocks, so
+``m``, ``l`` and ``acc`` of a block live in registers for its whole key loop and the output is
+written once). :func:`attention_forward_fa1` computes the same result in FlashAttention-1's order
+(outer loop over key/value blocks, with ``m``, ``l`` and ``acc`` of every query row read and
+written back for each key block), for comparison; see docs/how-it-works.md.
+
 Backward (:func:`attention_backward`), with ``P = softmax(scale * Q K^T)`` and ``O = P V``:
 
 * a preprocessing pass computes ``D = rowsum(dO * O)`` for every query row (it equals
@@ -46,7 +52,7 @@ import math
 
 import torch
 
-__all__ = ["attention_forward", "attention_backward", "naive_attention"]
+__all__ = ["attention_forward", "attention_forward_fa1", "attention_backward", "naive_attention"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -163,6 +169,80 @@ def attention_forward(
         lse[..., m0:m1] = lse_blk.to(torch.float32)
 
     return _ungroup_heads(out), lse.reshape(batch, nheads, seqlen_q)
+
+
+def attention_forward_fa1(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    block_m: int = 128,
+    block_n: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward pass in FlashAttention-1's loop order. Returns ``(out, lse)`` exactly as
+    :func:`attention_forward` does (same shapes, dtypes and conventions; no ``mask``).
+
+    FA1 swaps the loops: the outer loop walks the key/value blocks (each loaded into on-chip
+    memory once), the inner loop walks the query blocks. A query row's softmax therefore spans
+    all outer iterations, so its running max ``m``, running sum ``l`` and output accumulator
+    must survive between them: in FA1 they live in HBM and every tile reads them and writes them
+    back. Here they are full-size tensors updated in place, one slice per tile.
+
+    Why FA2's order (:func:`attention_forward`) wins on a GPU:
+
+    * FA2 keeps one query block's ``m``, ``l`` and accumulator in registers for its whole key
+      loop and writes the output once; FA1 moves them through HBM once per key block, i.e.
+      ``seqlen_k / block_n`` times more accumulator traffic (reads and writes of a
+      (seqlen_q, d) tensor per key block).
+    * FA2's query blocks are independent (no shared state), so they run in parallel: one CTA per
+      (query block, head, batch). FA1's iterations of the outer loop all update the same rows
+      and parallelise only over (batch, head), which leaves the GPU idle for small batches.
+    """
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    acc_dtype = _compute_dtype(q.dtype)
+    diagonal = seqlen_k - seqlen_q  # causal: key j visible from query i iff j <= i + diagonal
+
+    qg = _group_heads(q, nheads_k)  # (batch, nheads_k, groups, seqlen_q, d)
+    kg = _group_heads(k, nheads_k)  # (batch, nheads_k, 1, seqlen_k, d)
+    vg = _group_heads(v, nheads_k)
+
+    # The state FA1 keeps in HBM: m, l and the unnormalised output of every query row. (The FA1
+    # paper stores the output normalised and rescales it by l_old / l_new each time; the traffic
+    # is the same, and normalising once at the end gives exactly FA2's arithmetic.)
+    row_max = torch.full(qg.shape[:-1], -math.inf, dtype=acc_dtype, device=q.device)
+    row_sum = torch.zeros_like(row_max)
+    acc = torch.zeros(qg.shape, dtype=acc_dtype, device=q.device)
+
+    for n0 in range(0, seqlen_k, block_n):  # FA1's outer loop: one key/value block
+        n1 = min(n0 + block_n, seqlen_k)
+        k_blk = kg[..., n0:n1, :].to(acc_dtype)
+        v_blk = vg[..., n0:n1, :].to(acc_dtype)
+        # Causal: query blocks whose last row sees no key of this block are skipped (the same
+        # tiles attention_forward skips). Query i sees key n0 iff i >= n0 - diagonal.
+        m_begin = 0 if not causal else max(0, n0 - diagonal) // block_m * block_m
+        for m0 in range(m_begin, seqlen_q, block_m):  # inner loop: one query block
+            m1 = min(m0 + block_m, seqlen_q)
+            s = torch.matmul(qg[..., m0:m1, :].to(acc_dtype), k_blk.transpose(-1, -2)) * softmax_scale
+            s = _mask_tile(s, m0, n0, causal, diagonal, None)
+            # Read this block's state back "from HBM" ...
+            old_max, old_sum, old_acc = row_max[..., m0:m1], row_sum[..., m0:m1], acc[..., m0:m1, :]
+            new_max = torch.maximum(old_max, s.amax(dim=-1))
+            safe_max = torch.where(new_max == -math.inf, torch.zeros_like(new_max), new_max)
+            correction = torch.exp(old_max - safe_max)
+            p = torch.exp(s - safe_max.unsqueeze(-1))
+            # ... and write it back: FA1's extra HBM traffic, once per (key block, query block).
+            row_sum[..., m0:m1] = old_sum * correction + p.sum(dim=-1)
+            acc[..., m0:m1, :] = old_acc * correction.unsqueeze(-1) + torch.matmul(p, v_blk)
+            row_max[..., m0:m1] = new_max
+
+    empty = row_sum == 0  # rows that saw no key: output 0, lse +inf
+    out = (acc / torch.where(empty, torch.ones_like(row_sum), row_sum).unsqueeze(-1)).to(q.dtype)
+    lse = torch.where(empty, torch.full_like(row_sum, math.inf), row_max + torch.log(row_sum))
+    return _ungroup_heads(out), lse.to(torch.float32).reshape(batch, nheads, seqlen_q)
 
 
 def attention_backward(
