@@ -442,6 +442,31 @@ def test_varlen_max_seqlen_too_small_gpu(dtype, hint):
 
 
 @pytest.mark.cuda
+def test_deterministic_with_small_hint_and_wide_grid_gpu():
+    """deterministic=True with a max_seqlen_k hint too small while the grid row is still wider
+    than the GPU holds at once (133 key-block CTAs per head for 34k keys at a hint of 17k): the
+    ordered dQ adds must not wait for a CTA that is not resident (a hang), and the result is
+    bitwise reproducible and equals the unordered one up to rounding."""
+    dtype = torch.bfloat16
+    require_bwd_kernel(dtype, 64, False)
+    block_n = flash_cute._C.bwd_tile(64)[1]
+    lens_q, lens_k = [256, 64], [266 * block_n, 100]
+    q, k, v, cu_q, cu_k = make_varlen_qkv(lens_q, lens_k, 2, 1, 64, dtype, "cuda")
+    dout = torch.randn_like(q)
+    hint_k = 133 * block_n
+
+    def grads(deterministic):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = flash_cute.flash_attn_varlen_func(*leaves, cu_q, cu_k, 256, hint_k, deterministic=deterministic)
+        return torch.autograd.grad(out, leaves, dout)
+
+    first, second, unordered = grads(True), grads(True), grads(False)
+    for name, a, b, c in zip(("dq", "dk", "dv"), first, second, unordered):
+        assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+        assert_close_to_rounding(a, c, name)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_DTYPE_IDS)
 def test_varlen_deterministic_bitwise_gpu(dtype, causal):

@@ -363,12 +363,13 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
 
 // Grid: (key blocks, KV heads (or query heads with expand_gqa), batch). Padded batches: one CTA
 // per key block. Varlen: the grid covers the longest sequence by the max_seqlen_k hint, and a CTA
-// takes key blocks blockIdx.x, + gridDim.x, ... of its sequence (more than one only when the hint
-// was too small). Deterministic mode adds into dQ in descending key-block order and numbers the
-// blocks from the last one down: the last key block is launched first, a CTA only ever waits for
-// CTAs launched before it (or for its own earlier blocks), and with causal the last key blocks see
-// the fewest query blocks, so they finish their adds early (ascending order made key block 0,
-// which sees every query block, pace all others: 2x slower).
+// takes more than one key block of its sequence only when the hint was too small.
+// Deterministic mode adds into dQ in descending key-block order and launches the last key block
+// first: with causal the last key blocks see the fewest query blocks, so they finish their adds
+// early (ascending order made key block 0, which sees every query block, pace all others: 2x
+// slower). A CTA with several blocks takes a run of consecutive ones, top first, so every block
+// waits only for blocks of CTAs launched before it or for its own earlier ones: no CTA can wait
+// for one that is not yet resident. Otherwise a CTA takes blocks blockIdx.x + i * gridDim.x.
 template <class Traits, bool kVarlen>
 __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
   extern __shared__ __align__(128) char smem_bytes[];
@@ -378,10 +379,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
   const SeqSpan seq = seq_span<kVarlen>(p, batch);
   const int64_t ws_row0 = workspace_row0(kVarlen, Traits::kBlockM, p.seqlen_q, batch, seq.q_row0);
   const int n_blocks = kVarlen ? ceil_div(seq.len_k, kBlockN) : int(gridDim.x);
-  const bool ordered = p.dq_semaphore != nullptr;
-  for (int i = blockIdx.x; i < n_blocks; i += gridDim.x) {
-    if (i != int(blockIdx.x)) __syncthreads();  // every thread is done with the previous block's tiles
-    bwd_block<Traits>(p, smem, seq, ws_row0, ordered ? n_blocks - 1 - i : i, blockIdx.y, batch);
+  const int ctas = gridDim.x, cta = blockIdx.x;
+  // This CTA's key blocks: `count` of them, from `first`, `step` apart.
+  int first = cta, step = ctas, count = cta < n_blocks ? ceil_div(n_blocks - cta, ctas) : 0;
+  if (p.dq_semaphore != nullptr) {
+    const int run = ceil_div(n_blocks, ctas);
+    first = n_blocks - 1 - cta * run;
+    step = -1;
+    count = max(0, min(run, first + 1));
+  }
+  for (int j = 0; j < count; ++j) {
+    if (j > 0) __syncthreads();  // every thread is done with the previous block's tiles
+    bwd_block<Traits>(p, smem, seq, ws_row0, first + j * step, blockIdx.y, batch);
     if constexpr (!kVarlen) break;
   }
 }
