@@ -44,6 +44,8 @@ The functions here also take an optional ``mask`` (the CUDA kernels do not): a b
 (True = attend) or an additive float tensor (added to the scaled scores; -inf masks), broadcastable
 to (batch, nheads, seqlen_q, seqlen_k) and combined with ``causal``. It is for teaching and
 testing; rows it masks completely behave like the causal-empty rows above.
+
+:func:`kvcache_attention` states flash_attn_with_kvcache's semantics (append to a KV cache, rotary, paging).
 """
 
 from __future__ import annotations
@@ -52,7 +54,13 @@ import math
 
 import torch
 
-__all__ = ["attention_forward", "attention_forward_fa1", "attention_backward", "naive_attention"]
+__all__ = [
+    "attention_forward",
+    "attention_forward_fa1",
+    "attention_backward",
+    "naive_attention",
+    "kvcache_attention",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -371,3 +379,141 @@ def naive_attention(
     p = torch.exp(s - torch.where(lse == -math.inf, torch.zeros_like(lse), lse).unsqueeze(-1))
     out = torch.einsum("bhqk,bkhd->bqhd", p, vx)
     return out, torch.where(lse == -math.inf, torch.full_like(lse, math.inf), lse)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of ``x`` (seqlen, heads, d): row ``i`` is rotated by the angles of row
+    ``positions[i]`` of the (seqlen_ro, rotary_dim / 2) tables ``cos`` and ``sin``. Only the first
+    rotary_dim dims rotate; the rest pass through. Pair ``p`` is dims (2p, 2p + 1) when
+    ``interleaved`` (GPT-J), dims (p, p + rotary_dim / 2) otherwise (GPT-NeoX). Computed in
+    float32 (float64 for float64 inputs) and rounded once to x's dtype, as the kernel does."""
+    half = cos.shape[-1]
+    dtype = _compute_dtype(x.dtype)
+    c = cos[positions].to(dtype).unsqueeze(1)  # (seqlen, 1, half): the same angle for every head
+    s = sin[positions].to(dtype).unsqueeze(1)
+    rot, rest = x[..., : 2 * half].to(dtype), x[..., 2 * half :].to(dtype)
+    if interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+    else:
+        a, b = rot[..., :half], rot[..., half:]
+    a, b = a * c - b * s, a * s + b * c  # each pair (a, b) turns by its angle
+    rot = torch.stack((a, b), dim=-1).flatten(-2) if interleaved else torch.cat((a, b), dim=-1)
+    return torch.cat((rot, rest), dim=-1).to(x.dtype)
+
+
+def kvcache_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None,
+    cache_seqlens: int | torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    rotary_interleaved: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash_attn_with_kvcache's semantics, one batch row at a time. Returns ``(out, lse)``:
+    ``out`` like q, ``lse`` float32 (batch, nheads, seqlen_q). Updates k_cache and v_cache in place.
+
+    Each batch row ``b`` owns a logical key sequence (its "cache row"): row ``cache_batch_idx[b]``
+    (default ``b``) of a (batch_cache, seqlen_cache, nheads_k, d) cache, or with ``block_table``
+    the pages of a (num_pages, page_size, nheads_k, d) cache, logical position ``j`` living at
+    page ``block_table[b, j // page_size]``, row ``j % page_size`` (logical length: pages per row
+    x page_size). With ``s = cache_seqlens[b]`` (an int means the same for every row; None means
+    the whole logical length), ``n = k.shape[1]`` (0 without k) and ``p = cache_leftpad[b]``
+    (default 0), all in absolute logical positions:
+
+    1. the new keys and values go to positions ``s .. s + n - 1``: ``k[b, i]`` rotated at rotary
+       position ``s + i`` (when rotary_cos / rotary_sin are given), ``v[b, i]`` as is; nothing
+       else in the caches is written;
+    2. batch row ``b`` attends to positions ``p .. s + n - 1`` (old entries and the new ones),
+       and to nothing else (positions before p or from s + n on are never read);
+    3. with rotary, query row ``i`` is rotated at position ``s + i`` when causal, and every query
+       row at position ``s`` when not; q itself is not modified;
+    4. causal masking is aligned to the bottom-right corner of those ``s + n - p`` visible keys,
+       as in :func:`attention_forward` (which computes each row, grouped-query heads included).
+
+    As in flash_attn, rotary needs k and v, k needs cache_seqlens, and a paged cache takes neither
+    cache_batch_idx nor cache_leftpad. The kernels' limits (rotary_dim a multiple of 16, pages a
+    multiple of 256 rows, int32 index tensors) are not checked here.
+    """
+    batch, seqlen_q, nheads, d = q.shape
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    if k is not None and cache_seqlens is None:
+        raise ValueError("appending k and v needs cache_seqlens")
+    rotary = rotary_cos is not None or rotary_sin is not None
+    if rotary and (rotary_cos is None or rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary and k is None:
+        raise ValueError("rotary embedding needs the new k and v")
+    if rotary and 2 * rotary_cos.shape[-1] > d:
+        raise ValueError(f"rotary_dim ({2 * rotary_cos.shape[-1]}) must be <= headdim ({d})")
+    paged = block_table is not None
+    if paged and cache_batch_idx is not None:
+        raise ValueError("a paged cache (block_table) does not take cache_batch_idx")
+    if paged and cache_leftpad is not None:
+        raise ValueError("a paged cache (block_table) does not take cache_leftpad")
+
+    page_size = k_cache.shape[1]
+    cache_len = block_table.shape[1] * page_size if paged else k_cache.shape[1]  # logical length
+    seqlen_new = 0 if k is None else k.shape[1]
+
+    def per_row(x, default):
+        """An int, a (batch,) tensor or None (-> default) as a list of batch Python ints."""
+        if x is None:
+            return [default] * batch
+        if isinstance(x, int):
+            return [x] * batch
+        return [int(i) for i in x.tolist()]
+
+    seqlens = per_row(cache_seqlens, cache_len)
+    leftpad = per_row(cache_leftpad, 0)
+    for b in range(batch):
+        if not (0 <= leftpad[b] <= seqlens[b] and seqlens[b] + seqlen_new <= cache_len):
+            raise ValueError(
+                f"batch row {b}: need 0 <= cache_leftpad ({leftpad[b]}) <= cache_seqlens ({seqlens[b]}) and "
+                f"cache_seqlens + seqlen_new ({seqlen_new}) <= the cache length ({cache_len})"
+            )
+
+    def slots(b: int, positions: torch.Tensor):
+        """Where logical positions of batch row b live: indices into dims 0 and 1 of the caches."""
+        if paged:
+            pages = block_table[b].long()[positions // page_size]
+            return pages, positions % page_size
+        row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+        return torch.full_like(positions, row), positions
+
+    def arange(start: int, end: int) -> torch.Tensor:
+        return torch.arange(start, end, device=k_cache.device)
+
+    # 1. Append: the kernel writes the new rows (k rotated first) before any attention reads them.
+    for b in range(batch if k is not None else 0):
+        positions = arange(seqlens[b], seqlens[b] + seqlen_new)
+        k_new = k[b]
+        if rotary:
+            k_new = _apply_rotary(k_new, rotary_cos, rotary_sin, positions, rotary_interleaved)
+        rows, cols = slots(b, positions)
+        k_cache[rows, cols] = k_new.to(k_cache.dtype)
+        v_cache[rows, cols] = v[b].to(v_cache.dtype)
+
+    # 2. Attention of each batch row over its visible keys p .. s + n - 1.
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        rows, cols = slots(b, arange(leftpad[b], seqlens[b] + seqlen_new))
+        k_b, v_b = k_cache[rows, cols], v_cache[rows, cols]  # (visible keys, nheads_k, d)
+        q_b = q[b]
+        if rotary:
+            # Causal: query i is the token at position s + i. Not causal: all queries at s.
+            offsets = arange(0, seqlen_q) if causal else torch.zeros(seqlen_q, dtype=torch.long, device=q.device)
+            q_b = _apply_rotary(q_b, rotary_cos, rotary_sin, seqlens[b] + offsets, rotary_interleaved)
+        out_b, lse_b = attention_forward(q_b[None], k_b[None], v_b[None], softmax_scale, causal)
+        out[b], lse[b] = out_b[0], lse_b[0]
+    return out, lse
