@@ -104,3 +104,39 @@ def test_torch_compile_fullgraph():
             pytest.skip(f"torch.compile needs a C++ compiler: {exc}")
         raise
     torch.testing.assert_close(got, f(q, k, v), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("entry", ["varlen", "qkvpacked", "varlen_kvpacked"])
+def test_torch_compile_fullgraph_training_step(entry):
+    """The varlen and packed functions compile without graph breaks (aot_eager: no C++ compiler
+    needed) and give the eager loss and gradients: the packed backward's in-place op included."""
+    cu = torch.tensor([0, 5, 5, 14, 17], dtype=torch.int32)
+
+    def make():
+        if entry == "varlen":
+            return [torch.randn(17, 4, 16), torch.randn(17, 2, 16), torch.randn(17, 2, 16)]
+        if entry == "qkvpacked":
+            return [torch.randn(2, 7, 3, 4, 16)]
+        return [torch.randn(17, 4, 16), torch.randn(17, 2, 2, 16)]
+
+    def loss(*xs):
+        if entry == "varlen":
+            out = flash_cute.flash_attn_varlen_func(*xs, cu, cu, 9, 9, causal=True)
+        elif entry == "qkvpacked":
+            out = flash_cute.flash_attn_qkvpacked_func(*xs, causal=True)
+        else:
+            out = flash_cute.flash_attn_varlen_kvpacked_func(*xs, cu, cu, 9, 9, causal=True)
+        return (out * out).sum()
+
+    inputs = make()
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, loss):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        value = fn(*leaves)
+        results.append((value, torch.autograd.grad(value, leaves)))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
