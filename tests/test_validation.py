@@ -106,3 +106,69 @@ def test_rejects_batch_beyond_grid():
     with pytest.raises(ValueError, match=r"\bbatch") as info:
         flash_cute.flash_attn_func(q, k, v)
     assert isinstance(info.value, RuntimeError)
+
+
+# --------------------------------------------------------------------------------------------
+# The varlen and packed functions
+
+
+def _varlen_args(**changes):
+    """Valid keyword arguments of flash_attn_varlen_func (3 sequences), with some replaced."""
+    q = torch.randn(10, 4, 16)
+    k = torch.randn(12, 2, 16)
+    cu_q = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 6, 12], dtype=torch.int32)
+    args = {"q": q, "k": k, "v": torch.randn_like(k), "cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k,
+            "max_seqlen_q": 7, "max_seqlen_k": 6}
+    return {**args, **changes}
+
+
+VARLEN_CASES = [
+    ("cu-q-int64", lambda: _varlen_args(cu_seqlens_q=torch.tensor([0, 3, 3, 10])), TypeError, r"\bcu_seqlens_q must have dtype torch\.int32"),
+    ("cu-k-list", lambda: _varlen_args(cu_seqlens_k=[0, 5, 6, 12]), TypeError, r"\bcu_seqlens_k must be a torch\.Tensor"),
+    ("cu-q-2d", lambda: _varlen_args(cu_seqlens_q=torch.zeros(2, 2, dtype=torch.int32)), ValueError, r"\bcu_seqlens_q must be 1-D"),
+    ("cu-lengths-differ", lambda: _varlen_args(cu_seqlens_k=torch.tensor([0, 12], dtype=torch.int32)), ValueError, r"same length"),
+    ("max-seqlen-negative", lambda: _varlen_args(max_seqlen_q=-1), ValueError, r"\bmax_seqlen_q must be a non-negative int"),
+    ("max-seqlen-float", lambda: _varlen_args(max_seqlen_k=6.0), ValueError, r"\bmax_seqlen_k must be a non-negative int"),
+    ("q-4d", lambda: _varlen_args(q=torch.randn(1, 10, 4, 16)), ValueError, r"\bq must have 3 dimensions"),
+    ("k-head-dim", lambda: _varlen_args(k=torch.randn(12, 2, 8), v=torch.randn(12, 2, 8)), ValueError, r"\bk must have shape"),
+    ("heads-not-multiple", lambda: _varlen_args(k=torch.randn(12, 3, 16), v=torch.randn(12, 3, 16)), ValueError, r"multiple of the number of heads"),
+    ("block-table-int64", lambda: _varlen_args(k=torch.randn(4, 16, 2, 16), v=torch.randn(4, 16, 2, 16),
+                                               block_table=torch.zeros(3, 1, dtype=torch.int64)), TypeError, r"\bblock_table must have dtype torch\.int32"),
+    ("block-table-batch", lambda: _varlen_args(k=torch.randn(4, 16, 2, 16), v=torch.randn(4, 16, 2, 16),
+                                               block_table=torch.zeros(2, 1, dtype=torch.int32)), ValueError, r"\bblock_table must have shape \(batch=3"),
+    ("paged-k-3d", lambda: _varlen_args(block_table=torch.zeros(3, 1, dtype=torch.int32)), ValueError, r"\bk must have 4 dimensions"),
+]
+
+
+@pytest.mark.parametrize("make_args,exc_type,message", [c[1:] for c in VARLEN_CASES], ids=[c[0] for c in VARLEN_CASES])
+def test_varlen_rejects(make_args, exc_type, message):
+    with pytest.raises(exc_type, match=message) as info:
+        flash_cute.flash_attn_varlen_func(**make_args())
+    assert isinstance(info.value, RuntimeError), f"{type(info.value).__name__} is not a RuntimeError"
+
+
+def test_varlen_valid_baseline():
+    """The cases above differ from a valid call in one argument only."""
+    out = flash_cute.flash_attn_varlen_func(**_varlen_args())
+    assert out.shape == (10, 4, 16)
+
+
+@pytest.mark.parametrize("fn,args,message", [
+    ("flash_attn_qkvpacked_func", lambda: (torch.randn(2, 7, 2, 4, 16),), r"\bqkv must have shape \(batch, seqlen, 3, nheads, headdim\)"),
+    ("flash_attn_kvpacked_func", lambda: (torch.randn(2, 7, 4, 16), torch.randn(2, 7, 3, 2, 16)), r"\bkv must have shape \(batch, seqlen, 2, nheads, headdim\)"),
+    ("flash_attn_varlen_qkvpacked_func", lambda: (torch.randn(10, 3, 4, 16, 1), torch.tensor([0, 10], dtype=torch.int32), 10),
+     r"\bqkv must have shape \(total, 3, nheads, headdim\)"),
+], ids=["qkv", "kv", "varlen-qkv"])
+def test_packed_rejects(fn, args, message):
+    with pytest.raises(ValueError, match=message) as info:
+        getattr(flash_cute, fn)(*args())
+    assert isinstance(info.value, RuntimeError)
+
+
+@pytest.mark.cuda
+def test_varlen_rejects_cu_seqlens_on_another_device():
+    args = _varlen_args()
+    args.update(q=args["q"].cuda().half(), k=args["k"].cuda().half(), v=args["v"].cuda().half())
+    with pytest.raises(RuntimeError, match=r"\bcu_seqlens_q is on cpu"):
+        flash_cute.flash_attn_varlen_func(**args)
