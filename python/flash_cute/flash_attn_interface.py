@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _ops
+from . import _ops, reference
 from .errors import FlashAttnNotImplementedError, FlashAttnTypeError, FlashAttnValueError
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
 ]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -477,6 +478,220 @@ def flash_attn_varlen_kvpacked_func(
         "kv", (q, kv), varlen, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
         return_attn_probs,
     )
+
+
+def _index_vector(name: str, t, batch: int, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise FlashAttnTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise FlashAttnTypeError(f"{name} must have dtype torch.int32, got {t.dtype}")
+    if t.shape != (batch,):
+        raise FlashAttnValueError(f"{name} must have shape (batch={batch},), got {tuple(t.shape)}")
+    if t.device != device:
+        raise RuntimeError(f"flash_cute: {name} is on {t.device}, expected q's device {device}")
+
+
+def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                   cache_leftpad, block_table, num_splits) -> int:
+    """Validates the arguments of flash_attn_with_kvcache; returns each row's logical cache length."""
+    _check_tensor("q", q, 4)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, t, 4)
+        _check_same(name, t, q)
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise FlashAttnValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    batch, _, nheads, d = q.shape
+    nheads_k = k_cache.shape[2]
+    if k_cache.shape[3] != d:
+        raise FlashAttnValueError(f"k_cache must have head dim {d} (q's), got shape {tuple(k_cache.shape)}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise FlashAttnValueError(f"head dim (q.shape[-1]) must be between 1 and {MAX_HEAD_DIM}, got {d}")
+    if nheads_k == 0 or nheads % nheads_k != 0:
+        raise FlashAttnValueError(
+            f"the number of heads in q ({nheads}) must be a multiple of the number of heads in k_cache ({nheads_k})"
+        )
+    if q.is_cuda and (batch > _MAX_GRID_YZ or nheads > _MAX_GRID_YZ):
+        raise FlashAttnValueError(f"batch ({batch}) and nheads ({nheads}) must each be at most {_MAX_GRID_YZ} on CUDA")
+    if block_table is not None:
+        _check_varlen(q, torch.zeros(batch + 1, dtype=torch.int32, device=q.device),
+                      torch.zeros(batch + 1, dtype=torch.int32, device=q.device), 0, 0, block_table)
+        if cache_batch_idx is not None or cache_leftpad is not None:
+            raise FlashAttnValueError("a paged cache (block_table) takes neither cache_batch_idx nor cache_leftpad")
+        cache_len = block_table.shape[1] * k_cache.shape[1]
+    else:
+        cache_len = k_cache.shape[1]
+    if (k is None) != (v is None):
+        raise FlashAttnValueError("k and v must be given together")
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            _check_tensor(name, t, 4)
+            _check_same(name, t, q)
+            if t.shape[0] != batch or t.shape[2:] != k_cache.shape[2:]:
+                raise FlashAttnValueError(
+                    f"{name} must have shape (batch={batch}, seqlen_new, nheads_k={nheads_k}, headdim={d}), got {tuple(t.shape)}"
+                )
+        if v.shape != k.shape:
+            raise FlashAttnValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        if cache_seqlens is None:
+            raise FlashAttnValueError("appending k and v needs cache_seqlens (where to write them)")
+    if isinstance(cache_seqlens, bool) or not (cache_seqlens is None or isinstance(cache_seqlens, (int, torch.Tensor))):
+        raise FlashAttnTypeError(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}")
+    if isinstance(cache_seqlens, int) and not 0 <= cache_seqlens <= cache_len - (0 if k is None else k.shape[1]):
+        raise FlashAttnValueError(
+            f"cache_seqlens ({cache_seqlens}) plus the {0 if k is None else k.shape[1]} new rows must fit the "
+            f"cache's {cache_len} rows"
+        )
+    if isinstance(cache_seqlens, torch.Tensor):
+        _index_vector("cache_seqlens", cache_seqlens, batch, q.device)
+    if cache_batch_idx is not None:
+        _index_vector("cache_batch_idx", cache_batch_idx, batch, q.device)
+    if cache_leftpad is not None:
+        _index_vector("cache_leftpad", cache_leftpad, batch, q.device)
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise FlashAttnValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if k is None:
+            raise FlashAttnValueError("rotary embedding (rotary_cos, rotary_sin) needs the new k and v")
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            _check_tensor(name, t, 2)
+            _check_same(name, t, q)
+        if rotary_sin.shape != rotary_cos.shape:
+            raise FlashAttnValueError(f"rotary_sin must have rotary_cos's shape {tuple(rotary_cos.shape)}")
+        if 2 * rotary_cos.shape[1] > d:
+            raise FlashAttnValueError(f"rotary_dim (2 * rotary_cos.shape[1] = {2 * rotary_cos.shape[1]}) must be <= headdim ({d})")
+        if rotary_cos.shape[0] < cache_len:
+            raise FlashAttnValueError(
+                f"rotary_cos must have a row for every cache position ({cache_len}), got {rotary_cos.shape[0]}"
+            )
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise FlashAttnValueError(f"num_splits must be a non-negative int, got {num_splits!r}")
+    return cache_len
+
+
+def _rotate(x, cos, sin, positions, interleaved):
+    """Rotary embedding of x (batch, rows, heads, d) at positions (batch, rows)."""
+    flat = reference._apply_rotary(x.reshape(-1, *x.shape[2:]), cos, sin, positions.reshape(-1), interleaved)
+    return flat.view(x.shape)
+
+
+@torch.no_grad()
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),  # -1 means infinite context window
+    softcap=0.0,  # 0.0 means deactivated
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+):
+    """Attention of q against a key/value cache, for decoding; k and v (if given) are first
+    written into the cache in place, at positions cache_seqlens, and attended to in the same call.
+
+    Batch row b reads cache row cache_batch_idx[b] (default b), or the pages of block_table[b].
+    With s = cache_seqlens[b], n = the new rows and p = cache_leftpad[b] (default 0), it attends
+    to cache positions p .. s + n - 1; causal is aligned to the bottom-right corner of them. With
+    rotary_cos / rotary_sin the new k rows are rotated at positions s, s + 1, ... before they are
+    stored, and q at positions s, s + 1, ... when causal, at s for every row when not (rotary_dim =
+    2 * rotary_cos.shape[1] <= headdim; interleaved pairs dims (0, 1), (2, 3), ..., else
+    (i, i + rotary_dim / 2) as GPT-NeoX). Multi-query and grouped-query attention as elsewhere.
+
+    This first version composes the varlen forward kernel (a paged read of the cache rows) with
+    torch ops for the append and the rotary embedding; the split-KV (Flash-Decoding) kernels come
+    next, and num_splits is accepted and has no effect yet. Page sizes: any (multiples of 64 are
+    read in place, others gathered with a host sync); a contiguous cache whose length is not a
+    multiple of 64, or with cache_leftpad, is gathered too. Forward only, as in the official package.
+
+    Arguments:
+        q: (batch_size, seqlen, nheads, headdim).
+        k_cache: (batch_size_cache, seqlen_cache, nheads_k, headdim), or with block_table
+            (num_blocks, page_block_size, nheads_k, headdim).
+        v_cache: shaped like k_cache.
+        k [optional]: (batch_size, seqlen_new, nheads_k, headdim), written at cache_seqlens.
+        v [optional]: shaped like k.
+        rotary_cos [optional]: (seqlen_ro >= the cache length, rotary_dim / 2).
+        rotary_sin [optional]: the same.
+        cache_seqlens: int, or (batch_size,) int32: the rows already in each cache row (where the
+            new ones go). None: the whole cache.
+        cache_batch_idx [optional]: (batch_size,) int32: the cache row of each batch row.
+        cache_leftpad [optional]: (batch_size,) int32: the first valid position of each cache row.
+        block_table [optional]: (batch_size, max_num_blocks_per_seq) int32: paged cache.
+        softmax_scale: float. Defaults to 1 / sqrt(headdim).
+        causal: bool.
+        window_size, softcap, alibi_slopes: only the defaults so far (NotImplementedError).
+        rotary_interleaved: bool.
+        num_splits: int. Accepted; no effect yet.
+        return_softmax_lse: bool.
+    Return:
+        out: (batch_size, seqlen, nheads, headdim).
+        softmax_lse [optional, if return_softmax_lse=True]: (batch_size, nheads, seqlen), float32.
+    """
+    cache_len = _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                               cache_leftpad, block_table, num_splits)
+    _check_unsupported(0.0, softcap, alibi_slopes)
+    causal = _normalize_window(window_size, bool(causal), cache_len)
+    batch, seqlen_q, nheads, d = q.shape
+    device = q.device
+    seqlen_new = 0 if k is None else k.shape[1]
+    if cache_seqlens is None:
+        seqlens = torch.full((batch,), cache_len, dtype=torch.long, device=device)
+    elif isinstance(cache_seqlens, int):
+        seqlens = torch.full((batch,), cache_seqlens, dtype=torch.long, device=device)
+    else:
+        seqlens = cache_seqlens.long()
+    rows = torch.arange(batch, device=device) if cache_batch_idx is None else cache_batch_idx.long()
+    # 1. The append, the new keys rotated at their positions.
+    if k is not None:
+        positions = seqlens[:, None] + torch.arange(seqlen_new, device=device)
+        if rotary_cos is not None:
+            k = _rotate(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
+        if block_table is not None:
+            page_size = k_cache.shape[1]
+            pages = block_table.long().gather(1, positions // page_size)
+            k_cache[pages, positions % page_size] = k
+            v_cache[pages, positions % page_size] = v
+        else:
+            k_cache[rows[:, None], positions] = k
+            v_cache[rows[:, None], positions] = v
+    # 2. q rotated at s + i (causal) or at s for every row.
+    if rotary_cos is not None:
+        offsets = torch.arange(seqlen_q, device=device) if causal else torch.zeros(seqlen_q, dtype=torch.long, device=device)
+        q = _rotate(q, rotary_cos, rotary_sin, seqlens[:, None] + offsets, rotary_interleaved)
+    # 3. Attention through the varlen kernel, cache rows read as pages.
+    keys, values = k_cache, v_cache
+    if block_table is not None:
+        table = block_table
+    elif cache_leftpad is None:
+        table = rows[:, None].to(torch.int32)  # one page per cache row
+    else:  # the visible rows start at the left padding: gathered to the front of each row
+        index = (cache_leftpad.long()[:, None] + torch.arange(cache_len, device=device)).clamp_(max=cache_len - 1)
+        keys, values = k_cache[rows[:, None], index], v_cache[rows[:, None], index]
+        table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+    visible = seqlens + seqlen_new - (0 if cache_leftpad is None else cache_leftpad.long())
+    cu_seqlens_k = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    cu_seqlens_k[1:] = visible.cumsum(0)
+    cu_seqlens_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    out, lse = _ops.fwd(
+        _pad_head_dim(q).reshape(batch * seqlen_q, nheads, -1), _pad_head_dim(keys), _pad_head_dim(values),
+        float(softmax_scale), causal, False, cu_seqlens_q, cu_seqlens_k, seqlen_q, cache_len, table,
+    )
+    out = out[..., :d].reshape(batch, seqlen_q, nheads, d)
+    if return_softmax_lse:
+        return out, lse.view(nheads, batch, seqlen_q).transpose(0, 1).contiguous()
+    return out
 
 
 for _f in (flash_attn_qkvpacked_func, flash_attn_kvpacked_func, flash_attn_varlen_func,
