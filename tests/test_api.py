@@ -34,6 +34,13 @@ OFFICIAL_SIGNATURES = {
     "flash_attn_varlen_qkvpacked_func": [("qkv", _P.empty), ("cu_seqlens", _P.empty), ("max_seqlen", _P.empty)]
     + _OPTIONS,
     "flash_attn_varlen_kvpacked_func": [("q", _P.empty), ("kv", _P.empty)] + _VARLEN + _OPTIONS,
+    "flash_attn_with_kvcache": [
+        ("q", _P.empty), ("k_cache", _P.empty), ("v_cache", _P.empty), ("k", None), ("v", None),
+        ("rotary_cos", None), ("rotary_sin", None), ("cache_seqlens", None), ("cache_batch_idx", None),
+        ("cache_leftpad", None), ("block_table", None), ("softmax_scale", None), ("causal", False),
+        ("window_size", (-1, -1)), ("softcap", 0.0), ("rotary_interleaved", True), ("alibi_slopes", None),
+        ("num_splits", 0), ("return_softmax_lse", False),
+    ],
 }
 
 
