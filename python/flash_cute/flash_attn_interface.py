@@ -644,6 +644,14 @@ def flash_attn_with_kvcache(
     batch, seqlen_q, nheads, d = q.shape
     device = q.device
     seqlen_new = 0 if k is None else k.shape[1]
+    if rotary_cos is not None and causal and rotary_cos.shape[0] < cache_len + seqlen_q - seqlen_new:
+        # causal rotates query row i at cache_seqlens + i: up to seqlen_q - seqlen_new rows past
+        # the last cache position
+        raise FlashAttnValueError(
+            f"rotary_cos must have a row for every cache position and, with causal, for the "
+            f"{seqlen_q - seqlen_new} query rows past them ({cache_len + seqlen_q - seqlen_new}), "
+            f"got {rotary_cos.shape[0]}"
+        )
     if cache_seqlens is None:
         seqlens = torch.full((batch,), cache_len, dtype=torch.long, device=device)
     elif isinstance(cache_seqlens, int):
