@@ -627,3 +627,25 @@ def test_fa1_order_half_inputs(dtype):
     assert out.dtype == dtype
     torch.testing.assert_close(out, ref)
     assert_lse_matches(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Split-KV (Flash-Decoding) forward
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 300])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 257), (4, 100), (9, 5), (3, 0)])
+def test_split_kv_forward_equals_attention_forward(seqlen_q, seqlen_k, causal, num_splits):
+    """Partial outputs over key ranges, combined by their lse weights, give the unsplit result:
+    more splits than keys, rows that see no key (causal, seqlen_q > seqlen_k), GQA."""
+    from flash_cute.reference import split_kv_forward
+
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, 8, 2, 16, torch.float32)
+    out, lse = split_kv_forward(q, k, v, 0.3, causal, num_splits)
+    ref_out, ref_lse = attention_forward(q, k, v, 0.3, causal)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.isposinf(lse), torch.isposinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
+    assert torch.all(out.transpose(1, 2)[torch.isposinf(ref_lse)] == 0)

@@ -60,6 +60,7 @@ __all__ = [
     "attention_backward",
     "naive_attention",
     "kvcache_attention",
+    "split_kv_forward",
 ]
 
 
@@ -517,3 +518,53 @@ def kvcache_attention(
         out_b, lse_b = attention_forward(q_b[None], k_b[None], v_b[None], softmax_scale, causal)
         out[b], lse[b] = out_b[0], lse_b[0]
     return out, lse
+
+
+def split_kv_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    num_splits: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV (Flash-Decoding) forward: the same ``(out, lse)`` as :func:`attention_forward`,
+    computed the way the decoding kernels do when a few query rows face many keys.
+
+    The keys are cut into ``num_splits`` contiguous ranges; each range is an ordinary attention
+    over its keys (a separate thread block on the GPU, so a batch of one still fills the GPU),
+    giving a partial output ``out_s``, normalised over its own keys, and its ``lse_s``. A combine
+    step then weighs each partial by its share of the row's softmax mass:
+    ``lse = log(sum_s exp(lse_s))`` and ``out = sum_s exp(lse_s - lse) * out_s``. A split in
+    which a row sees no key (causal) has weight 0; a row that sees no key at all gets out 0, lse
+    +inf. The partials are kept in float32, as the kernels keep them.
+    """
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k = k.shape[1]
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be at least 1, got {num_splits}")
+    bounds = [seqlen_k * s // num_splits for s in range(num_splits + 1)]
+    rows = torch.arange(seqlen_q, device=q.device).unsqueeze(1)
+    outs, lses = [], []
+    for k0, k1 in zip(bounds[:-1], bounds[1:]):
+        if k1 == k0:
+            continue
+        mask = None
+        if causal:  # the global bottom-right rule, on this range's keys
+            keys = torch.arange(k0, k1, device=q.device).unsqueeze(0)
+            mask = keys <= rows + (seqlen_k - seqlen_q)
+        out_s, lse_s = attention_forward(q.float(), k[:, k0:k1].float(), v[:, k0:k1].float(), softmax_scale,
+                                         mask=mask)
+        outs.append(out_s)
+        lses.append(torch.where(torch.isposinf(lse_s), torch.full_like(lse_s, -math.inf), lse_s))
+    if not outs:  # no keys at all
+        return torch.zeros_like(q), torch.full((batch, nheads, seqlen_q), math.inf, device=q.device)
+    lse_all = torch.stack(lses)                      # (splits, batch, nheads, seqlen_q)
+    lse = torch.logsumexp(lse_all, dim=0)            # -inf where no split saw a key
+    empty = torch.isneginf(lse)
+    weights = torch.exp(lse_all - torch.where(empty, torch.zeros_like(lse), lse))  # 0 for empty splits
+    out = sum(w.transpose(1, 2).unsqueeze(-1) * o for w, o in zip(weights, outs))
+    return out.to(q.dtype), torch.where(empty, torch.full_like(lse, math.inf), lse)
+
