@@ -51,6 +51,20 @@ for d in (64, 128):
         flash_cute.flash_attn_varlen_func(q.detach(), pages, pages, cu(lens_q), cu(lens_k), 300, 301, block_table=table)
     except RuntimeError as e:
         if "FLASH_CUTE_HEAD_DIMS" not in str(e): raise
+# flash_attn_with_kvcache: appends crossing pages (16: gathered; 64: read in place), rotary, GQA.
+for d in (64, 128):
+    try:
+        for page in (16, 64):
+            q = torch.randn(3, 2, 8, d, device="cuda", dtype=torch.bfloat16)
+            k_cache, v_cache = (torch.randn(4 * 256 // page, page, 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            table = torch.randperm(k_cache.shape[0], device="cuda")[:3 * 256 // page].view(3, -1).to(torch.int32)
+            k, v = (torch.randn(3, 2, 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            angles = torch.rand(258, 16, device="cuda")
+            seqlens = torch.tensor([0, 63, 200], dtype=torch.int32, device="cuda")
+            flash_cute.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, angles.cos().bfloat16(), angles.sin().bfloat16(),
+                                               cache_seqlens=seqlens, block_table=table, causal=True)
+    except RuntimeError as e:
+        if "FLASH_CUTE_HEAD_DIMS" not in str(e): raise
 torch.cuda.synchronize()
 print("sweep done")
 PY
