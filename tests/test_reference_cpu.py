@@ -649,3 +649,65 @@ def test_split_kv_forward_equals_attention_forward(seqlen_q, seqlen_k, causal, n
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
     assert torch.all(out.transpose(1, 2)[torch.isposinf(ref_lse)] == 0)
+
+
+# --------------------------------------------------------------------------------------------
+# softcap, local windows and ALiBi in the reference (the oracle for the kernels to come)
+
+
+def _options_oracle(q, k, v, scale, causal, softcap, window, alibi):
+    """Direct float64 attention with flash_attn's option semantics; differentiable. Returns
+    (out, lse) with lse +inf and out 0 on rows that see no key."""
+    batch, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    kk, vv = (t.repeat_interleave(h // hk, dim=2) for t in (k, v))
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(sq).unsqueeze(1)
+    j = torch.arange(sk).unsqueeze(0)
+    diag = sk - sq
+    if alibi is not None:
+        s = s - alibi.reshape(-1, h).to(s.dtype)[:, :, None, None] * (i + diag - j).abs()
+    visible = torch.ones(sq, sk, dtype=torch.bool)
+    left, right = window
+    if causal:
+        visible &= j <= i + diag
+    if left >= 0:
+        visible &= j >= i + diag - left
+    if right >= 0:
+        visible &= j <= i + diag + right
+    s = s.masked_fill(~visible, -math.inf)
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    l = p.sum(dim=-1, keepdim=True)
+    out = torch.einsum("bhqk,bkhd->bqhd", p / l.clamp_min(1e-300), vv)
+    lse = torch.where(l.squeeze(-1) > 0, (m + l.clamp_min(1e-300).log()).squeeze(-1), torch.full_like(m.squeeze(-1), math.inf))
+    return out, lse
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(9, 17), (17, 9)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("alibi", [None, "heads", "batch_heads"])
+@pytest.mark.parametrize("window", [(-1, -1), (3, 2), (0, -1), (7, 0)], ids=["nowin", "w3-2", "w0-inf", "w7-0"])
+@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "cap5"])
+def test_reference_options_forward_backward(softcap, window, alibi, causal, seqlen_q, seqlen_k):
+    """attention_forward / attention_backward with softcap, a local window and ALiBi (alone and
+    combined, with causal and GQA) against a direct float64 computation and its autograd."""
+    q, k, v = (t.double() for t in make_qkv(2, seqlen_q, seqlen_k, 4, 2, 8, torch.float32))
+    slopes = None if alibi is None else torch.rand((4,) if alibi == "heads" else (2, 4), dtype=torch.float32)
+    scale = 0.7
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want_out, want_lse = _options_oracle(*leaves, scale, causal, softcap, window, slopes)
+    dout = torch.randn_like(want_out)
+    want_grads = torch.autograd.grad(want_out, leaves, dout)
+    options = dict(softcap=softcap, window_size=window, alibi_slopes=slopes, block_m=4, block_n=8)
+    out, lse = attention_forward(q, k, v, scale, causal, **options)
+    torch.testing.assert_close(out, want_out.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(torch.isposinf(lse), torch.isposinf(want_lse))
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[finite].double(), want_lse.detach()[finite], rtol=1e-5, atol=1e-5)
+    grads = attention_backward(dout, q, k, v, out, lse.double(), scale, causal, **options)
+    for name, g, w in zip(("dq", "dk", "dv"), grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)

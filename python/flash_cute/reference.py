@@ -116,6 +116,39 @@ def _mask_tile(s, m0, n0, causal, diagonal, mask):
     return s
 
 
+def _group_alibi(alibi_slopes, batch, nheads, nheads_k, dtype):
+    """ALiBi slopes (nheads,) or (batch, nheads) as (batch or 1, nheads_k, groups, 1, 1), or None."""
+    if alibi_slopes is None:
+        return None
+    slopes = alibi_slopes.reshape(-1, nheads).to(dtype)
+    return slopes.reshape(slopes.shape[0], nheads_k, nheads // nheads_k, 1, 1)
+
+
+def _logits(s, m0, n0, causal, diagonal, mask, softcap=0.0, window=(-1, -1), alibi=None):
+    """The logits of a tile of scaled scores ``s`` (first row query ``m0``, first column key
+    ``n0``): softcapped (``softcap * tanh(s / softcap)``), plus the ALiBi bias
+    ``-slope * |i + diagonal - j|``, then masked (causal, the local window ``(left, right)``: key j
+    visible from query i iff ``i + diagonal - left <= j <= i + diagonal + right``, -1 = unbounded,
+    and ``mask``). Returns ``(logits, t)`` with ``t = tanh(s / softcap)`` for the backward (or None).
+    The ALiBi bias follows flash_attn's documented formula; whether the official kernels' lse
+    carries the same per-row constant with causal is to be checked when the kernels take it."""
+    t = None
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    left, right = window
+    if alibi is not None or left >= 0 or right >= 0:
+        i = torch.arange(m0, m0 + s.shape[-2], device=s.device).unsqueeze(1)
+        j = torch.arange(n0, n0 + s.shape[-1], device=s.device).unsqueeze(0)
+        if alibi is not None:
+            s = s - alibi * (i + diagonal - j).abs().to(s.dtype)
+        if left >= 0:
+            s = s.masked_fill(j < i + diagonal - left, -math.inf)
+        if right >= 0:
+            s = s.masked_fill(j > i + diagonal + right, -math.inf)
+    return _mask_tile(s, m0, n0, causal, diagonal, mask), t
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -125,12 +158,17 @@ def attention_forward(
     mask: torch.Tensor | None = None,
     block_m: int = 128,
     block_n: int = 128,
+    softcap: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-2 forward, tiled. Returns ``(out, lse)``.
 
     ``out`` has q's shape and dtype; ``lse`` is float32 (batch, nheads, seqlen_q), the natural
     log of the softmax denominator of each row (including the scale), +inf for rows with no key.
     Accumulates in float32 (float64 for float64 inputs). ``mask``: see the module docstring.
+    ``softcap``, ``window_size`` and ``alibi_slopes`` ((nheads,) or (batch, nheads)) as in
+    flash_attn (see :func:`_logits`); the CUDA kernels do not take them yet.
     """
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -145,6 +183,7 @@ def attention_forward(
     kg = _group_heads(k, nheads_k)  # (batch, nheads_k, 1, seqlen_k, d)
     vg = _group_heads(v, nheads_k)
     maskg = _group_mask(mask, batch, nheads, nheads_k, seqlen_q, seqlen_k)
+    alibi = _group_alibi(alibi_slopes, batch, nheads, nheads_k, acc_dtype)
 
     out = torch.empty(qg.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(qg.shape[:-1], dtype=torch.float32, device=q.device)
@@ -161,7 +200,7 @@ def attention_forward(
         for n0 in range(0, n_end, block_n):  # inner loop: one key/value block
             n1 = min(n0 + block_n, seqlen_k)
             s = torch.matmul(q_blk, kg[..., n0:n1, :].to(acc_dtype).transpose(-1, -2)) * softmax_scale
-            s = _mask_tile(s, m0, n0, causal, diagonal, maskg)
+            s, _ = _logits(s, m0, n0, causal, diagonal, maskg, softcap, window_size, alibi)
             new_max = torch.maximum(row_max, s.amax(dim=-1))
             # Rows that have seen no key yet keep max -inf; exponentiate against 0 instead so
             # they produce zeros, not NaN.
@@ -266,6 +305,9 @@ def attention_backward(
     mask: torch.Tensor | None = None,
     block_m: int = 128,
     block_n: int = 128,
+    softcap: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention-2 backward, tiled. Returns ``(dq, dk, dv)``, typed and shaped like q, k, v.
 
@@ -287,6 +329,7 @@ def attention_backward(
     kg = _group_heads(k, nheads_k)  # (batch, nheads_k, 1, seqlen_k, d)
     vg = _group_heads(v, nheads_k)
     maskg = _group_mask(mask, batch, nheads, nheads_k, seqlen_q, seqlen_k)
+    alibi = _group_alibi(alibi_slopes, batch, nheads, nheads_k, acc_dtype)
     lseg = lse.reshape(qg.shape[:-1]).to(acc_dtype)  # (batch, nheads_k, groups, seqlen_q)
 
     # Preprocessing (its own small kernel on the GPU): D = rowsum(dO * O), one value per query
@@ -317,12 +360,14 @@ def attention_backward(
             # Recompute the probabilities from the saved lse. Masked scores are -inf and rows
             # that see no key have lse = +inf: exp(-inf) = 0 in both cases, never NaN.
             s = torch.matmul(q_blk, k_blk.transpose(-1, -2)) * softmax_scale
-            s = _mask_tile(s, m0, n0, causal, diagonal, maskg)
+            s, t = _logits(s, m0, n0, causal, diagonal, maskg, softcap, window_size, alibi)
             p = torch.exp(s - lseg[..., m0:m1].unsqueeze(-1))  # (batch, nheads_k, groups, m, n)
 
             dv_acc += torch.einsum("bhgmn,bhgmd->bhnd", p, do_blk)  # dV += P^T dO
             dp = torch.matmul(do_blk, v_blk.transpose(-1, -2))  # dP = dO V^T
             ds = p * (dp - delta[..., m0:m1].unsqueeze(-1))  # dS = P * (dP - D)
+            if t is not None:  # through the softcap: d(softcap * tanh(x / softcap)) = 1 - tanh^2
+                ds = ds * (1 - t * t)
             dk_acc += softmax_scale * torch.einsum("bhgmn,bhgmd->bhnd", ds, q_blk)  # dK += scale dS^T Q
             # dQ += scale dS K: on the GPU an atomic add into the float32 accumulator, because
             # every key block contributes to the same rows of dQ.
