@@ -55,6 +55,21 @@ Three more sections follow the grid (their numbers also go to results.json):
                 flash_cute's error must stay within 2x the anchor's (flash_attn, else
                 torch-flash) + 1e-4. Runs by default, --quick included (--no-varlen skips it;
                 --varlen runs it alone).
+  decode        flash_attn_with_kvcache, one query row against a KV cache: bf16, 32 query heads
+                over 8 KV heads, d 128, (batch, cache length) = (1, 128k), (8, 32k), (32, 4k),
+                (128, 2k); cache_seqlens = cache length - 1 and one new k/v row per call (appended
+                in place, into the same slot at every repetition), no rotary. Layouts: contiguous
+                (batch, cache, 8, 128) and paged with pages of 256 and 16 rows (a random
+                permutation block table). Columns: flash_cute (all three layouts), torch-flash
+                (SDPA flash backend on the contiguous cache's visible rows, enable_gqa; the
+                attention alone, not the append) and flash_attn (contiguous, paged 256). Each
+                line: time, GB/s = K/V bytes read (2 * batch * visible * 8 * 128 * 2) / time, as a
+                fraction of the device's copy bandwidth (dst.copy_(src) on 1 GiB, measured once,
+                2 x bytes / time), against torch-flash's, paged against the same implementation's
+                contiguous, and max |out - fp32 oracle| on a few batch rows. flash_cute's lines
+                check the bars: >= 85% of copy bandwidth, >= 1.0x torch-flash, paged >= 0.9x
+                contiguous (ok / '!'; the exit status does not depend on them). Runs by default,
+                --quick included (--no-decode skips it; --decode runs it alone).
 The summary ends with one line per section.
 
 Examples:
@@ -62,13 +77,15 @@ Examples:
   python3 benchmark/run.py --out bench-out               # the whole grid (fwd, bwd, fwdbwd), JSON, CSV, plots
   python3 benchmark/run.py --hdim 128 --seqlen 4k,16k --only flash_cute,torch-flash
   python3 benchmark/run.py --pass bwd --quick --gqa-bwd in_kernel,expand
-  python3 benchmark/run.py --pass fwd --no-varlen       # the forward grid only (no extra section)
+  python3 benchmark/run.py --pass fwd --no-varlen --no-decode  # the forward grid only (no extra section)
   python3 benchmark/run.py --dry-run --quick             # print the grid and exit (no GPU needed)
   python3 benchmark/run.py --varlen --dtype bf16         # the varlen section alone (d 128, causal off/on, all passes)
+  python3 benchmark/run.py --decode                      # the decode section alone (flash_attn_with_kvcache)
 
 Exit status: 0; 1 when a flash_cute result exceeded --tol (in the varlen section: broke the 2x
-rule) or flash_cute failed for a reason other than a head dim left out of the build (in the
-grid, the varlen section or the GQA section, where each reduction is compared with the first);
+rule; in the decode section: max |out - fp32 oracle|) or flash_cute failed for a reason other
+than a head dim left out of the build (in the grid, the varlen, decode or GQA section, where
+each reduction is compared with the first);
 2 when the CUDA context died mid-run (the rows measured so far are still printed and written).
 """
 
@@ -127,6 +144,19 @@ VARLEN_NHEADS, VARLEN_HDIM = 16, 128  # head dim: --hdim when given
 # by max(1, max |oracle|), so the slack is relative there, as GRAD_ROUNDING_TERM is).
 VARLEN_RULE_SLACK = 1e-4
 VARLEN_ANCHORS = ("flash_attn", "torch-flash")  # the 2x rule's anchor: the first that ran (no NaN)
+# The decode section (flash_attn_with_kvcache): one query row, DECODE_HEADS query heads over
+# DECODE_HEADS_K KV heads, (batch, cache length) per shape; cache_seqlens = cache length - 1 and
+# one new k/v row, so every call reads the whole cache.
+DECODE_SHAPES = ((1, 131072), (8, 32768), (32, 4096), (128, 2048))
+DECODE_HEADS, DECODE_HEADS_K, DECODE_HDIM, DECODE_DTYPE = 32, 8, 128, "bf16"
+DECODE_LAYOUTS = {"contiguous": None, "paged256": 256, "paged16": 16}  # layout -> page size (rows)
+DECODE_IMPL_LAYOUTS = {"flash_cute": ("contiguous", "paged256", "paged16"), "torch-flash": ("contiguous",),
+                       "flash_attn": ("contiguous", "paged256")}  # official: pages of a multiple of 256
+DECODE_ORACLE_ROWS = 4  # batch rows the fp32 oracle covers (first, last, spread between)
+DECODE_COPY_BYTES = 2**30  # the copy-bandwidth probe: dst.copy_(src) on this many bytes of bf16
+# The issue's bars for flash_cute's rows: fraction of copy bandwidth, GB/s over torch-flash's,
+# paged GB/s over the same shape's contiguous
+DECODE_BAR_COPY, DECODE_BAR_TF, DECODE_BAR_PAGED = 0.85, 1.0, 0.9
 
 IMPL_NAMES = ("flash_cute", "torch-flash", "cudnn", "flash_attn")
 # The implementation flash_cute's output is compared with: the first of these that ran.
@@ -150,10 +180,6 @@ class PassSpec:
     alloc_need: float
     # The check divides each tensor's max |flash_cute - ref| by max(1, max |ref|) (gradients).
     relative_check: bool = False
-
-    @property
-    def alloc_limit(self) -> float:
-        return self.alloc_need + 0.5
 
 
 PASSES = {
@@ -196,6 +222,19 @@ class Case:
         """Bytes of q."""
         return math.prod(self.shape(self.nheads)) * DTYPES[self.dtype].itemsize
 
+    # A call's peak allocation (alloc_x) is in multiples of tensor_bytes: alloc_unit names them,
+    # alloc_need is what the call's results need (more than alloc_need + 0.5 gets a note).
+    alloc_unit = "the bytes of q"
+
+    @property
+    def alloc_need(self) -> float:
+        return PASSES[self.pass_name].alloc_need
+
+    @property
+    def call_name(self) -> str:
+        """The timed call, in notes."""
+        return self.pass_name
+
     @property
     def group(self) -> tuple:
         """The summary groups rows by everything but the sequence length."""
@@ -224,6 +263,46 @@ class VarlenCase(Case):
         return 4.0 * self.nheads * self.hdim * pairs * PASSES[self.pass_name].flop_factor
 
 
+@dataclass(frozen=True)
+class DecodeCase(Case):
+    """A shape of the decode section: q (batch, 1, nheads, d) against a cache of `seqlen` rows per
+    batch row, all of them visible (cache_seqlens = seqlen - 1, plus the appended row). Its one
+    pass is the forward ('fwd'); the layouts (contiguous, paged) are columns of its row."""
+
+    @property
+    def visible(self) -> int:
+        return self.seqlen
+
+    def shape(self, heads: int) -> tuple:
+        """q (heads = nheads) or the new k, v rows (heads = kv_heads)."""
+        return (self.batch, 1, heads, self.hdim)
+
+    @property
+    def kv_bytes(self) -> int:
+        """The K and V bytes one call reads: 2 * batch * visible * kv_heads * d * itemsize."""
+        return 2 * self.batch * self.visible * self.kv_heads * self.hdim * DTYPES[self.dtype].itemsize
+
+    @property
+    def tensor_bytes(self) -> int:
+        """alloc_x's unit here: the K/V bytes read (q is a few KiB; a call that allocates a sizeable
+        fraction of the cache copies it)."""
+        return self.kv_bytes
+
+    alloc_unit = "the K/V bytes it reads"
+
+    @property
+    def alloc_need(self) -> float:
+        return 0.0  # the output and lse: a few KiB
+
+    @property
+    def call_name(self) -> str:
+        return "decode"
+
+    @property
+    def flops(self) -> float:
+        return 4.0 * self.batch * self.nheads * self.visible * self.hdim
+
+
 def build_grid(passes, dtypes, hdims, causals, seqlens, tokens: int, model_dim: int) -> list[Case]:
     return [
         Case(p, dt, d, c, s, batch=max(1, tokens // s), nheads=max(1, model_dim // d))
@@ -244,6 +323,8 @@ FwdFactory = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], Callable
 # (q, k, v, cu_seqlens, max_seqlen, causal) -> the timed call, returning the output (total, nheads, d)
 VarlenFactory = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, bool],
                          Callable[[], torch.Tensor]]
+# DecodeInputs -> the timed call, returning the output (batch, 1, nheads, d)
+DecodeFactory = Callable[["DecodeInputs"], Callable[[], torch.Tensor]]
 
 
 @dataclass
@@ -259,6 +340,7 @@ class Impl:
     version: Optional[str] = None
     setting: Optional[Callable[[], contextlib.AbstractContextManager]] = None  # e.g. a GQA reduction
     varlen: Optional[VarlenFactory] = None  # its flash_attn_varlen_func equivalent (varlen section)
+    kvcache: Optional[DecodeFactory] = None  # its flash_attn_with_kvcache equivalent (decode section)
 
     def context(self):
         """Entered around the warm-up, check and timing of every call (not inside the timed
@@ -299,6 +381,32 @@ def _flash_attn_api_varlen(module) -> VarlenFactory:
     return factory
 
 
+def _flash_attn_api_kvcache(module) -> DecodeFactory:
+    def factory(x: DecodeInputs):
+        fn = module.flash_attn_with_kvcache  # missing: an AttributeError, the column's error
+        return lambda: fn(x.q, x.k, x.v, k=x.k_new, v=x.v_new, cache_seqlens=x.cache_seqlens,
+                          block_table=x.block_table)
+
+    return factory
+
+
+def _sdpa_kvcache(x: DecodeInputs, repeat_kv: bool = False):
+    """SDPA on q (batch, nheads, 1, d) against the contiguous cache's first x.visible rows as
+    (batch, nheads_k, visible, d) views, enable_gqa=True; the append is not part of it (the cache
+    already holds the new row). repeat_kv: K/V heads repeated to nheads instead (copies made here,
+    outside the timed region), for a backend that refuses enable_gqa."""
+    if x.block_table is not None:
+        raise ValueError("torch-flash reads a contiguous cache only")
+    qt = x.q.transpose(1, 2)
+    kt, vt = (t[:, :x.visible].transpose(1, 2) for t in (x.k, x.v))
+    extra = {}
+    if repeat_kv:
+        kt, vt = (t.repeat_interleave(qt.shape[1] // t.shape[1], dim=1) for t in (kt, vt))
+    elif qt.shape[1] != kt.shape[1]:
+        extra["enable_gqa"] = True
+    return lambda: F.scaled_dot_product_attention(qt, kt, vt, **extra).transpose(1, 2)
+
+
 class _AtenFlashVarlen(torch.autograd.Function):
     """torch's vendored FA2 varlen kernels, called as SDPA's flash backend calls them:
     aten._flash_attention_forward/_backward with cum_seq tensors take (total, nheads, d) inputs.
@@ -332,7 +440,7 @@ def load_flash_cute() -> Impl:
     except Exception as e:  # noqa: BLE001 - any import failure leaves the column empty
         return Impl("flash_cute", unavailable=f"import flash_cute failed: {short_error(e)}")
     impl = Impl("flash_cute", fwd=_flash_attn_api_fwd(flash_cute), version=flash_cute.__version__,
-                varlen=_flash_attn_api_varlen(flash_cute))
+                varlen=_flash_attn_api_varlen(flash_cute), kvcache=_flash_attn_api_kvcache(flash_cute))
     try:
         flash_cute.build_info()
     except Exception as e:  # noqa: BLE001
@@ -346,7 +454,7 @@ def load_flash_attn() -> Impl:
     except Exception as e:  # noqa: BLE001 - not installed, or built against another torch
         return Impl("flash_attn", unavailable=f"not importable ({short_error(e)})")
     return Impl("flash_attn", fwd=_flash_attn_api_fwd(flash_attn), version=getattr(flash_attn, "__version__", "?"),
-                varlen=_flash_attn_api_varlen(flash_attn))
+                varlen=_flash_attn_api_varlen(flash_attn), kvcache=_flash_attn_api_kvcache(flash_attn))
 
 
 def load_sdpa(name: str, backend_name: str) -> Impl:
@@ -382,7 +490,7 @@ def load_impls(names) -> list[Impl]:
     loaders = {
         "flash_cute": load_flash_cute,
         "torch-flash": lambda: dataclasses.replace(load_sdpa("torch-flash", "FLASH_ATTENTION"),
-                                                   varlen=_aten_flash_varlen),
+                                                   varlen=_aten_flash_varlen, kvcache=_sdpa_kvcache),
         "cudnn": lambda: load_sdpa("cudnn", "CUDNN_ATTENTION"),
         "flash_attn": load_flash_attn,
     }
@@ -400,6 +508,20 @@ class Inputs:
     k: torch.Tensor
     v: torch.Tensor
     dout: Optional[torch.Tensor] = None  # the upstream gradient, for the passes with a backward
+
+
+@dataclass
+class DecodeInputs(Inputs):
+    """The decode section's inputs: q (batch, 1, nheads, d); k, v the cache (contiguous (batch,
+    cache, nheads_k, d), or pages (num_pages, page, nheads_k, d) with block_table); the new rows
+    k_new, v_new (batch, 1, nheads_k, d) appended at cache_seqlens (int32); visible: the rows
+    each batch row attends to (cache_seqlens + 1)."""
+
+    k_new: Optional[torch.Tensor] = None
+    v_new: Optional[torch.Tensor] = None
+    cache_seqlens: Optional[torch.Tensor] = None
+    visible: int = 0
+    block_table: Optional[torch.Tensor] = None
 
 
 def make_inputs(case: Case, seed: int, with_dout: Optional[bool] = None) -> Inputs:
@@ -736,11 +858,11 @@ class Bench:
         m.tflops = case.flops / (m.ms * 1e-3) / 1e12 if m.ms > 0 else None
         for w in caught:
             self.note(f"{impl.name}: warning: {warning_text(w)}")
-        if m.alloc_x is not None and m.alloc_x > spec.alloc_limit:
+        if m.alloc_x is not None and m.alloc_x > case.alloc_need + 0.5:
             self.note(
-                f"{impl.name}: one {spec.name} call allocates {m.alloc_x:.2f}x the bytes of q (its results "
-                f"need about {spec.alloc_need:g}x): it copies inputs or uses a large workspace",
-                key=(impl.name, spec.name, "alloc"),
+                f"{impl.name}: one {case.call_name} call allocates {m.alloc_x:.2f}x {case.alloc_unit} (its "
+                f"results need about {case.alloc_need:g}x): it copies inputs or uses a large workspace",
+                key=(impl.name, case.call_name, "alloc"),
             )
         return m, outs
 
@@ -801,6 +923,9 @@ def fmt_diff(row: Row, tol: float) -> str:
 
 def describe_case(c: Case) -> str:
     head = f"{c.pass_name} {c.dtype} d{c.hdim} {'causal' if c.causal else 'non-causal'}"
+    if isinstance(c, DecodeCase):
+        return (f"decode {c.dtype} d{c.hdim} batch {c.batch} cache {fmt_seqlen(c.seqlen)} (q length 1, "
+                f"heads {fmt_heads(c)})")
     if isinstance(c, VarlenCase):
         return (f"varlen {head} ({c.batch} sequences of {min(c.seqlens)}..{c.seqlen}, {c.total} tokens, "
                 f"heads {fmt_heads(c)})")
@@ -1144,6 +1269,18 @@ def format_varlen_row(table: Table, row: VarlenRow, names: list[str]) -> str:
     return table.line(cells)
 
 
+def oracle_or_none(bench: Bench, section: str, where: str, compute):
+    """The section's fp32 oracle, or None when computing it fails (e.g. out of memory): the
+    timings still come, the rows print no errors, and a note says why."""
+    try:
+        return compute()
+    except Exception as e:  # noqa: BLE001
+        if not cuda_is_alive():
+            raise FatalCudaError(f"the {section} oracle: {short_error(e)}") from e
+        bench.note(f"{section}: the fp32 oracle failed at {where}: {short_error(e)}; no errors in its rows")
+        return None
+
+
 def run_varlen_section(bench: Bench, impls: list[Impl], cases: list[VarlenCase], log, rows: list) -> None:
     """Times each pass of each implementation's varlen call, and compares every result with the
     fp32 oracle; appends a VarlenRow per case to rows (as it goes: a fatal error keeps them)."""
@@ -1172,13 +1309,7 @@ def run_varlen_section(bench: Bench, impls: list[Impl], cases: list[VarlenCase],
         group = list(group)
         with_dout = any(PASSES[c.pass_name].grad_enabled for c in group)
         x = make_inputs(group[0], bench.seed, with_dout=with_dout)
-        try:
-            oracle = varlen_oracle(x, seqlens, group[0].causal)
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the timings still come
-            if not cuda_is_alive():
-                raise FatalCudaError(f"the varlen oracle: {short_error(e)}") from e
-            bench.note(f"varlen: the fp32 oracle failed: {short_error(e)}; no errors in its rows")
-            oracle = None
+        oracle = oracle_or_none(bench, "varlen", describe_case(group[0]), lambda: varlen_oracle(x, seqlens, group[0].causal))
         # The oracle's per-sequence temporaries leave GBs of cached blocks behind. With them, an H100
         # timed flash_cute's varlen backward at 17.4 ms here against 16.2 ms in a fresh process
         # (torch-flash: 15.7 and 15.6 ms; flash_cute's call takes longer on the host, which an
@@ -1224,6 +1355,298 @@ def varlen_summary_lines(rows: list[VarlenRow]) -> list[str]:
         failed = [r for r in rows if r.results[name].error]
         if failed:
             out.append(f"varlen: {name} failed in {len(failed)} of {len(rows)} rows: "
+                       f"{first_line(failed[0].results[name].error, 120)}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Extra section: decoding against a KV cache (flash_attn_with_kvcache)
+# ----------------------------------------------------------------------------------------------
+
+
+def decode_cases() -> list[DecodeCase]:
+    return [DecodeCase("fwd", DECODE_DTYPE, DECODE_HDIM, False, cache_len, batch, DECODE_HEADS, DECODE_HEADS_K)
+            for batch, cache_len in DECODE_SHAPES]
+
+
+def decode_name(impl: str, layout: str) -> str:
+    """The column of an implementation on a layout: 'flash_cute' (contiguous), 'flash_cute[paged16]'."""
+    return impl if layout == "contiguous" else f"{impl}[{layout}]"
+
+
+def decode_base(name: str) -> tuple:
+    """'flash_cute[paged16]' -> ('flash_cute', 'paged16')."""
+    impl, _, layout = name.partition("[")
+    return impl, layout.rstrip("]") or "contiguous"
+
+
+def decode_variant(impl: Impl, x: DecodeInputs, layout: str) -> Impl:
+    """The implementation with its kvcache call on x in place of its dense forward: build_fwd then
+    times it as it times the grid (x.q, x.k, x.v are ignored there: the call holds x)."""
+    call = impl.kvcache
+    return dataclasses.replace(impl, name=decode_name(impl.name, layout), fwd=lambda *_: call(x))
+
+
+@dataclass
+class DecodeRow(Row):
+    """A shape of the decode section; results and errors per column (decode_name: implementation
+    and layout). errors: max |out - fp32 oracle| over oracle_rows; max_diff: flash_cute's worst
+    over its layouts. copy_gbps: the device copy bandwidth the %copy bar divides by."""
+
+    errors: dict = field(default_factory=dict)
+    oracle_rows: tuple = ()
+    copy_gbps: Optional[float] = None
+    tf_repeat_kv: bool = False  # torch-flash refused enable_gqa: K/V heads repeated outside the timing
+    section = "decode"
+
+    def diff(self, impl: str) -> Optional[float]:
+        return self.errors.get(impl)
+
+    def gbps(self, name: str) -> Optional[float]:
+        m = self.results.get(name)
+        return self.case.kv_bytes / (m.ms * 1e-3) / 1e9 if m is not None and m.ms else None
+
+    def us(self, name: str) -> Optional[float]:
+        m = self.results.get(name)
+        return None if m is None or m.ms is None else m.ms * 1e3
+
+    @staticmethod
+    def _over(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return a / b if a is not None and b else None
+
+    def copy_frac(self, name: str) -> Optional[float]:
+        return self._over(self.gbps(name), self.copy_gbps)
+
+    def vs_tf(self, name: str) -> Optional[float]:
+        """GB/s over torch-flash's (contiguous: the same bytes, so also its time over this one's)."""
+        return self._over(self.gbps(name), self.gbps("torch-flash"))
+
+    def vs_contiguous(self, name: str) -> Optional[float]:
+        """A paged column's GB/s over the same implementation's contiguous (None for contiguous)."""
+        impl, layout = decode_base(name)
+        return None if layout == "contiguous" else self._over(self.gbps(name), self.gbps(impl))
+
+    def bars(self, name: str) -> dict:
+        """The issue's bars for a flash_cute column: True (met), False or None (not measurable)."""
+        def at_least(x, bar):
+            return None if x is None else x >= bar
+
+        return {"copy": at_least(self.copy_frac(name), DECODE_BAR_COPY),
+                "tf": at_least(self.vs_tf(name), DECODE_BAR_TF),
+                "paged": at_least(self.vs_contiguous(name), DECODE_BAR_PAGED)}
+
+    def flash_cute_names(self) -> list[str]:
+        return [n for n in self.results if decode_base(n)[0] == "flash_cute"]
+
+    def to_dict(self) -> dict:
+        names = list(self.results)
+        return {**super().to_dict(), "section": self.section, "visible": self.case.visible,
+                "kv_bytes": self.case.kv_bytes, "copy_gbps": self.copy_gbps, "oracle_rows": self.oracle_rows,
+                "torch_flash_repeat_kv": self.tf_repeat_kv,
+                "gbps": {n: self.gbps(n) for n in names}, "copy_frac": {n: self.copy_frac(n) for n in names},
+                "vs_torch_flash": {n: self.vs_tf(n) for n in names},
+                "paged_vs_contiguous": {n: self.vs_contiguous(n) for n in names},
+                "errors_vs_fp32": self.errors, "bars": {n: self.bars(n) for n in self.flash_cute_names()}}
+
+
+def measure_copy_bandwidth(bench: Bench) -> dict:
+    """The device's copy bandwidth: dst.copy_(src) on DECODE_COPY_BYTES of bf16, timed by the
+    section's timer; GB/s = 2 x bytes (read and written) / time."""
+    src = torch.randn(DECODE_COPY_BYTES // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench.timer(lambda: (dst.copy_(src),))
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"bytes": DECODE_COPY_BYTES, "ms": ms, "gbps": 2 * DECODE_COPY_BYTES / (ms * 1e-3) / 1e9}
+
+
+def make_decode_inputs(case: DecodeCase, seed: int) -> DecodeInputs:
+    """q and the new k, v rows (make_inputs, with the case's q-length-1 shapes), a random normal
+    contiguous cache (batch, cache, nheads_k, d) that already holds the new rows at cache_seqlens
+    (every call writes them there again), cache_seqlens = cache - 1 (int32)."""
+    new = make_inputs(case, seed, with_dout=False)
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    shape = (case.batch, case.seqlen, case.kv_heads, case.hdim)
+    k, v = (torch.randn(shape, dtype=DTYPES[case.dtype], device="cuda", generator=gen) for _ in range(2))
+    pos = case.visible - 1
+    k[:, pos:pos + 1], v[:, pos:pos + 1] = new.k, new.v
+    seqlens = torch.full((case.batch,), pos, dtype=torch.int32, device=k.device)
+    return DecodeInputs(new.q, k, v, k_new=new.k, v_new=new.v, cache_seqlens=seqlens, visible=case.visible)
+
+
+def paged_inputs(x: DecodeInputs, page: int, seed: int) -> DecodeInputs:
+    """x's cache copied into pages of `page` rows: num_pages = batch * cache / page, placed by a
+    random permutation (a CPU generator seeded `seed`) that block_table (batch, cache / page) int32
+    records; the same logical contents, so the same oracle."""
+    batch, cache_len, heads_k, d = x.k.shape
+    per_row = cache_len // page
+    order = torch.randperm(batch * per_row, generator=torch.Generator().manual_seed(seed))
+    table = order.view(batch, per_row).to(device=x.k.device, dtype=torch.int32)
+    paged = []
+    for t in (x.k, x.v):
+        p = torch.empty((batch * per_row, page, heads_k, d), dtype=t.dtype, device=t.device)
+        p[table.long()] = t.view(batch, per_row, page, heads_k, d)
+        paged.append(p)
+    return dataclasses.replace(x, k=paged[0], v=paged[1], block_table=table)
+
+
+def decode_oracle_rows(batch: int) -> tuple:
+    """Up to DECODE_ORACLE_ROWS batch rows: the first, the last and evenly spread between."""
+    n = min(batch, DECODE_ORACLE_ROWS)
+    return tuple(sorted({round(i * (batch - 1) / max(1, n - 1)) for i in range(n)}))
+
+
+def decode_oracle(x: DecodeInputs, rows: tuple) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v in float32 for the given batch rows over their visible cache
+    rows (x contiguous, holding the new rows), query head h on KV head h // (nheads / nheads_k):
+    (len(rows), nheads, d). One row at a time (the 128k cache in float32 is 512 MiB per K/V): each
+    KV head's query heads are attention_fp32's queries."""
+    _, _, nheads, d = x.q.shape
+    heads_k = x.k.shape[2]
+    out = []
+    with fp32_matmul():
+        for r in rows:
+            q = x.q[r, 0].view(heads_k, nheads // heads_k, d).transpose(0, 1)  # (group, heads_k, d)
+            o = attention_fp32(q, x.k[r, :x.visible], x.v[r, :x.visible], causal=False)
+            out.append(o.transpose(0, 1).reshape(nheads, d))
+    return torch.stack(out)
+
+
+def decode_table() -> Table:
+    return Table([("batch", 5, ">"), ("cache", 5, ">"), ("layout", 10, "<"), ("implementation", 14, "<"),
+                  ("us", 8, ">"), ("GB/s", 7, ">"), ("%copy", 5, ">"), ("vs tf", 5, ">"), ("/contig", 7, ">"),
+                  ("err", 9, "<"), ("bars", 22, "<")])
+
+
+def fmt_bars(bars: dict) -> str:
+    return "  ".join(f"{k} {'-' if ok is None else 'ok' if ok else '!'}" for k, ok in bars.items())
+
+
+def format_decode_lines(table: Table, row: DecodeRow, tol: float) -> list[str]:
+    c = row.case
+    out = []
+    for name, m in row.results.items():
+        impl, layout = decode_base(name)
+        err = row.diff(name)
+        frac = row.copy_frac(name)
+        cells = [c.batch, fmt_seqlen(c.seqlen), layout, impl, fmt_num(row.us(name), ".1f"),
+                 fmt_num(row.gbps(name), ".0f"), "-" if frac is None else f"{100 * frac:.0f}%",
+                 fmt_num(row.vs_tf(name), ".2f"), fmt_num(row.vs_contiguous(name), ".2f"),
+                 "-" if err is None else f"{err:.1e}" + (" !" if impl == "flash_cute" and not err <= tol else "")]
+        if impl == "flash_cute":
+            cells.append(fmt_bars(row.bars(name)) if m.ms is not None else first_line(m.error or "-", 60))
+        elif m.ms is None:
+            cells.append(first_line(m.error or "-", 60))
+        out.append(table.line(cells))
+    return out
+
+
+def measure_decode_layout(bench: Bench, impls: list[Impl], case: DecodeCase, x: DecodeInputs, layout: str,
+                          row: DecodeRow, oracle: Optional[torch.Tensor]) -> None:
+    """Each implementation that reads this layout, timed by Bench.measure on x; its output's
+    error against the oracle (rows row.oracle_rows) goes to row.errors."""
+    for impl in impls:
+        if layout not in DECODE_IMPL_LAYOUTS[impl.name]:
+            continue
+        variant = decode_variant(impl, x, layout)
+        m, outs = bench.measure(variant, case, x)
+        if impl.name == "torch-flash" and m.ms is None and cuda_is_alive():
+            # the flash backend may refuse enable_gqa: K/V heads repeated before the timed call
+            repeat = dataclasses.replace(impl, kvcache=lambda y: _sdpa_kvcache(y, repeat_kv=True))
+            m2, outs = bench.measure(decode_variant(repeat, x, layout), case, x)
+            if m2.ms is not None:
+                bench.note(f"torch-flash: the flash backend refused enable_gqa ({m.error}); K/V heads "
+                           f"repeat_interleave'd to {case.nheads} outside the timed region (it then reads "
+                           f"{case.nheads // case.kv_heads}x the bytes that GB/s counts)", key="decode-repeat-kv")
+                m, row.tf_repeat_kv = m2, True
+        row.results[variant.name] = m
+        if outs is not None and oracle is not None:
+            row.errors[variant.name] = max_diff([outs[0][list(row.oracle_rows), 0]], [oracle])
+
+
+def run_decode_section(bench: Bench, impls: list[Impl], cases: list[DecodeCase], args, log,
+                       rows: list, copy: dict) -> None:
+    """Measures the copy bandwidth (into copy), then per shape each implementation on each of its
+    layouts (DECODE_IMPL_LAYOUTS) with Bench.measure, and compares each output with the fp32
+    oracle; appends a DecodeRow per shape to rows as it goes. One shape's tensors at a time."""
+    left_out = [i.name for i in impls if i.kvcache is None or i.name not in DECODE_IMPL_LAYOUTS]
+    impls = [i for i in impls if i.name not in left_out]
+    log(f"DECODE  flash_attn_with_kvcache: q (batch, 1, {DECODE_HEADS}, {DECODE_HDIM}) {DECODE_DTYPE} against "
+        f"a cache of {DECODE_HEADS_K} KV heads; cache_seqlens = cache - 1 and one new k/v row per call, appended "
+        "in place (the same slot at every repetition), so every call reads the whole cache; no rotary")
+    log("# layouts: contiguous (batch, cache, heads_k, d); paged256, paged16: pages of 256 / 16 rows, "
+        "num_pages = batch * cache / page, block_table a random permutation (int32)")
+    if left_out:
+        log(f"# {', '.join(left_out)}: no KV-cache entry point, left out of this section")
+    log("# torch-flash: SDPA flash backend, q (batch, heads, 1, d) against the contiguous cache's visible rows as "
+        "(batch, heads_k, L, d) views, enable_gqa=True; the attention alone (its cache holds the new row already)")
+    copy.update(measure_copy_bandwidth(bench))
+    log(f"# device copy bandwidth: dst.copy_(src) on {DECODE_COPY_BYTES / 2**30:g} GiB bf16: "
+        f"{copy['ms'] * 1e3:.0f} us, {copy['gbps']:.0f} GB/s (2 x bytes / time)")
+    log("# GB/s: K/V bytes read (2 * batch * visible * heads_k * d * 2) / time, 1e9 bytes; %copy: of the copy "
+        "bandwidth; vs tf: over torch-flash's (contiguous, same shape); /contig: paged over the same "
+        "implementation's contiguous")
+    log(f"# err: max |out - fp32 oracle| on up to {DECODE_ORACLE_ROWS} batch rows (softmax(q k^T / sqrt(d)) v "
+        f"in float32, query head h on KV head h // {DECODE_HEADS // DECODE_HEADS_K}); '!' (flash_cute) above "
+        f"{args.tol:g}")
+    log(f"# bars (flash_cute): copy >= {DECODE_BAR_COPY:.0%} of copy bandwidth, tf >= {DECODE_BAR_TF:g}x "
+        f"torch-flash, paged >= {DECODE_BAR_PAGED:g}x contiguous (within {1 - DECODE_BAR_PAGED:.0%}); '!' missed")
+    table = decode_table()
+    log(table.header())
+    for case in cases:
+        row = DecodeRow(case, ref="fp32", copy_gbps=copy["gbps"], oracle_rows=decode_oracle_rows(case.batch))
+        x = make_decode_inputs(case, bench.seed)
+        oracle = oracle_or_none(bench, "decode", describe_case(case), lambda: decode_oracle(x, row.oracle_rows))
+        torch.cuda.empty_cache()
+        for layout, page in DECODE_LAYOUTS.items():
+            if any(layout in DECODE_IMPL_LAYOUTS[i.name] for i in impls):
+                measure_decode_layout(bench, impls, case, x if page is None else paged_inputs(x, page, bench.seed),
+                                      layout, row, oracle)
+                torch.cuda.empty_cache()  # the paged copies are gone
+        fc_errors = [row.errors[n] for n in row.flash_cute_names() if n in row.errors]
+        row.max_diff = nan_max(fc_errors) if fc_errors else None
+        rows.append(row)
+        for line in format_decode_lines(table, row, args.tol):
+            log(line)
+        del x, oracle
+        torch.cuda.empty_cache()
+    log()
+
+
+def decode_summary_lines(rows: list[DecodeRow], tol: float) -> list[str]:
+    """Per flash_cute layout: GB/s, fraction of copy bandwidth, ratio to torch-flash, bars met;
+    then the correctness and the failures."""
+    if not rows:
+        return []
+    out = [f"decode: device copy bandwidth {rows[0].copy_gbps:.0f} GB/s"]
+    names = list(dict.fromkeys(n for r in rows for n in r.results))
+    for name in names:
+        if decode_base(name)[0] != "flash_cute":
+            continue
+        timed = [r for r in rows if r.gbps(name) is not None]
+        if not timed:
+            continue
+        fracs = [r.copy_frac(name) for r in timed]
+        tf = [x for x in (r.vs_tf(name) for r in timed) if x is not None]
+        met = sum(1 for r in timed if all(ok is not False for ok in r.bars(name).values()))
+        line = (f"decode {decode_base(name)[1]}: flash_cute {min(r.gbps(name) for r in timed):.0f}.."
+                f"{max(r.gbps(name) for r in timed):.0f} GB/s, {100 * min(fracs):.0f}..{100 * max(fracs):.0f}% "
+                "of copy")
+        if tf:
+            line += f", vs torch-flash geomean {geomean(tf):.2f} (min {min(tf):.2f})"
+        out.append(line + f"; bars met in {met} of {len(timed)} shapes")
+    checked = [r for r in rows if r.max_diff is not None]
+    if checked:
+        worst = nan_max(r.max_diff for r in checked)
+        flagged = [r for r in checked if r.flagged(tol)]
+        out.append(f"decode correctness: max |flash_cute - fp32| = {worst:.2e} over {len(checked)} shapes; "
+                   + (f"{len(flagged)} above {tol:g} (marked '!')" if flagged else f"none above {tol:g}"))
+    if any(r.tf_repeat_kv for r in rows):
+        out.append("decode: torch-flash ran with K/V heads repeated (its flash backend refused enable_gqa)")
+    for name in names:
+        failed = [r for r in rows if name in r.results and r.results[name].error]
+        if failed:
+            out.append(f"decode: {name} failed in {len(failed)} of {len(rows)} shapes: "
                        f"{first_line(failed[0].results[name].error, 120)}")
     return out
 
@@ -1359,7 +1782,9 @@ CSV_FIELDS = ["pass", "dtype", "hdim", "causal", "seqlen", "batch", "nheads", "n
 def write_csv(path: Path, rows: list[Row]) -> None:
     """Long format: one line per (shape, implementation). section 'grid': max_diff_vs_ref is
     flash_cute's against ref; 'varlen' (seqlen: the longest sequence, batch: their number):
-    every implementation's against the fp32 oracle."""
+    every implementation's against the fp32 oracle; 'decode' (seqlen: the cache length, all of it
+    visible; impl 'flash_cute' for the contiguous cache, 'flash_cute[paged256]' ...; flops: of the
+    q-length-1 forward): every implementation's against the fp32 oracle."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_FIELDS)
@@ -1510,8 +1935,16 @@ def parse_args(argv=None):
     varlen.add_argument("--varlen", action="store_true",
                         help=f"run only the varlen section: {VARLEN_BATCH} sequences of {VARLEN_MIN_LEN} .. "
                              f"{VARLEN_MAX_LEN} tokens, {VARLEN_NHEADS} heads, d {VARLEN_HDIM} (or --hdim), the "
-                             "dtypes, causal values and passes of the grid options")
+                             "dtypes, causal values and passes of the grid options (with --decode: those two "
+                             "sections alone)")
     varlen.add_argument("--no-varlen", action="store_true", help="skip the varlen section (run by default)")
+    decode = extra.add_mutually_exclusive_group()
+    decode.add_argument("--decode", action="store_true",
+                        help="run only the decode section (flash_attn_with_kvcache: bf16, q length 1, "
+                             f"{DECODE_HEADS}/{DECODE_HEADS_K} heads, d {DECODE_HDIM}, (batch, cache) "
+                             f"{', '.join(f'({b}, {fmt_seqlen(n)})' for b, n in DECODE_SHAPES)}; contiguous, "
+                             "paged 256, paged 16); with --varlen: those two sections alone")
+    decode.add_argument("--no-decode", action="store_true", help="skip the decode section (run by default)")
     p.add_argument("--only", metavar="IMPL,...", default=list(IMPL_NAMES),
                    type=lambda t: parse_list(t, parse_choice(IMPL_NAMES), "implementation"),
                    help=f"implementations to run, from {', '.join(IMPL_NAMES)} (default all)")
@@ -1526,7 +1959,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="also write DIR/results.json, DIR/results.csv, DIR/log.txt and DIR/<pass>_<dtype>.png")
     p.add_argument("--no-plot", action="store_true", help="with --out: skip the PNG plots")
-    p.add_argument("--dry-run", action="store_true", help="print the grid and exit (needs no GPU)")
+    p.add_argument("--dry-run", action="store_true", help="print the grid and the sections' shapes and exit (needs no GPU)")
     return p.parse_args(argv)
 
 
@@ -1557,9 +1990,14 @@ def grid_causals(args) -> list[bool]:
     return sorted(args.causal or [False, True])
 
 
+def sections_alone(args) -> bool:
+    """--varlen or --decode: those sections alone (no grid, GQA or memory section)."""
+    return args.varlen or args.decode
+
+
 def gqa_reductions(args) -> list[str]:
     """The GQA section's reductions ([]: no section); it needs flash_cute in --only."""
-    if "flash_cute" not in args.only or args.varlen:
+    if "flash_cute" not in args.only or sections_alone(args):
         return []
     if args.gqa_bwd is not None:
         return args.gqa_bwd
@@ -1567,16 +2005,20 @@ def gqa_reductions(args) -> list[str]:
 
 
 def memory_section_on(args) -> bool:
-    return not args.no_memory and not args.varlen and any(PASSES[p].grad_enabled for p in grid_passes(args))
+    return not args.no_memory and not sections_alone(args) and any(PASSES[p].grad_enabled for p in grid_passes(args))
 
 
 def varlen_section_on(args) -> bool:
-    return not args.no_varlen
+    return not args.no_varlen and (args.varlen or not args.decode)
+
+
+def decode_section_on(args) -> bool:
+    return not args.no_decode and (args.decode or not args.varlen)
 
 
 def grid_from_args(args) -> list[Case]:
-    """The grid's cases ([] with --varlen: that section alone)."""
-    if args.varlen:
+    """The grid's cases ([] with --varlen or --decode: those sections alone)."""
+    if sections_alone(args):
         return []
     hdims = sorted(args.hdim or PAPER_HDIMS)
     seqlens = sorted(args.seqlen or (QUICK_SEQLENS if args.quick else PAPER_SEQLENS))
@@ -1584,11 +2026,12 @@ def grid_from_args(args) -> list[Case]:
                       args.tokens, args.model_dim)
 
 
-def print_dry_run(cases: list[Case], varlen: list[VarlenCase], args) -> None:
+def print_dry_run(cases: list[Case], varlen: list[VarlenCase], decode: list[DecodeCase], args) -> None:
     table = Table(CASE_COLUMNS + [("seqlen", 6, ">"), ("batch", 5, ">"), ("heads", 5, ">"),
                                   ("GFLOP", 8, ">"), ("q MiB", 6, ">")])
     print(f"# command: {command_line()}")
-    print(f"# {len(cases)} shapes" + (" (--varlen: that section alone)" if args.varlen else "")
+    alone = [f"--{n}" for n in ("varlen", "decode") if getattr(args, n)]
+    print(f"# {len(cases)} shapes" + (f" ({' '.join(alone)}: the section(s) alone)" if alone else "")
           + f"; implementations: {', '.join(n for n in IMPL_NAMES if n in args.only)} "
           f"(whether each can run is found out when the benchmark runs)")
     if cases:
@@ -1602,13 +2045,14 @@ def print_dry_run(cases: list[Case], varlen: list[VarlenCase], args) -> None:
               f"causal {'/'.join('on' if c else 'off' for c in grid_causals(args))}; flash_cute with "
               f"{', '.join(args.gqa_bwd)}, and the other implementations")
     else:
-        print("# GQA backward: not run (--gqa-bwd none, --quick, --varlen, no bwd pass, or flash_cute not selected)")
+        print("# GQA backward: not run (--gqa-bwd none, --quick, --varlen, --decode, no bwd pass, or flash_cute "
+              "not selected)")
     if memory_section_on(args):
         for c in memory_cases(args):
             print(f"# memory: forward + backward peak at {c.dtype} d{c.hdim} seqlen {fmt_seqlen(c.seqlen)} "
                   f"batch {c.batch} heads {fmt_heads(c)} (q: {c.tensor_bytes / 2**20:.0f} MiB)")
     else:
-        print("# memory: not run (--no-memory, --varlen, or no pass with a backward)")
+        print("# memory: not run (--no-memory, --varlen, --decode, or no pass with a backward)")
     if varlen:
         seqlens = varlen[0].seqlens
         print(f"# varlen: {len(seqlens)} sequences of {min(seqlens)}..{max(seqlens)} tokens "
@@ -1617,7 +2061,18 @@ def print_dry_run(cases: list[Case], varlen: list[VarlenCase], args) -> None:
         for c in varlen:
             print(f"#   {describe_case(c)}: {c.flops / 1e9:.0f} GFLOP, q {c.tensor_bytes / 2**20:.0f} MiB")
     else:
-        print("# varlen: not run (--no-varlen)")
+        print("# varlen: not run (--no-varlen, or --decode alone)")
+    if decode:
+        layouts = ", ".join(f"{n} {'/'.join(l for l in DECODE_LAYOUTS if l in ls)}"
+                            for n, ls in DECODE_IMPL_LAYOUTS.items() if n in args.only)
+        print(f"# decode: flash_attn_with_kvcache, {decode[0].dtype} d{decode[0].hdim} heads {fmt_heads(decode[0])}, "
+              f"q length 1, cache_seqlens = cache - 1, one new k/v row; {layouts}; a copy-bandwidth probe "
+              f"({DECODE_COPY_BYTES / 2**30:g} GiB); {len(decode)} shapes:")
+        for c in decode:
+            print(f"#   batch {c.batch} cache {fmt_seqlen(c.seqlen)}: K/V read {c.kv_bytes / 2**20:.0f} MiB per call, "
+                  f"oracle rows {','.join(map(str, decode_oracle_rows(c.batch)))}")
+    else:
+        print("# decode: not run (--no-decode, or --varlen alone)")
 
 
 class Log:
@@ -1651,11 +2106,12 @@ def main(argv=None) -> int:
     args.gqa_bwd = gqa_reductions(args)
     cases = grid_from_args(args)
     varlen_cases_todo = varlen_cases(args) if varlen_section_on(args) else []
-    validate(cases + varlen_cases_todo)
+    decode_cases_todo = decode_cases() if decode_section_on(args) else []
+    validate(cases + varlen_cases_todo + decode_cases_todo)
     if not 1 <= args.gqa_shape[4] <= 256:
         raise SystemExit(f"--gqa-shape: head dim {args.gqa_shape[4]}: every implementation here takes 1 .. 256")
     if args.dry_run:
-        print_dry_run(cases, varlen_cases_todo, args)
+        print_dry_run(cases, varlen_cases_todo, decode_cases_todo, args)
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: only --help and --dry-run work here")
@@ -1686,7 +2142,8 @@ def main(argv=None) -> int:
     bench = Bench(impls, timer, args.seed, log)
     table = row_table(impl_names)
     rows: list[Row] = []
-    extras: dict = {"gqa_bwd": [], "memory": [], "varlen": []}  # varlen: VarlenRow objects
+    # varlen, decode: VarlenRow, DecodeRow objects; decode_copy: the copy-bandwidth probe
+    extras: dict = {"gqa_bwd": [], "memory": [], "varlen": [], "decode": [], "decode_copy": {}}
     status = 0
     try:
         if cases:
@@ -1704,6 +2161,8 @@ def main(argv=None) -> int:
             extras["memory"] = run_memory_section(bench, impls, args, log)
         if varlen_cases_todo:
             run_varlen_section(bench, impls, varlen_cases_todo, log, extras["varlen"])
+        if decode_cases_todo:
+            run_decode_section(bench, impls, decode_cases_todo, args, log, extras["decode"], extras["decode_copy"])
     except FatalCudaError as e:
         log(f"# FATAL: the CUDA context died ({e}); stopping after {len(rows)} shapes")
         status = 2
@@ -1717,21 +2176,25 @@ def main(argv=None) -> int:
             log()
             for line in summary_lines(rows, impl_names, args.tol):
                 log(line)
-        for line in extras_summary_lines(extras["gqa_bwd"], extras["memory"]) + varlen_summary_lines(extras["varlen"]):
+        for line in (extras_summary_lines(extras["gqa_bwd"], extras["memory"]) + varlen_summary_lines(extras["varlen"])
+                     + decode_summary_lines(extras["decode"], args.tol)):
             log(line)
         log.close()
-    if status == 0 and flash_cute_failed(rows + extras["varlen"], args.tol, extras["gqa_bwd"]):
+    if status == 0 and flash_cute_failed(rows + extras["varlen"] + extras["decode"], args.tol, extras["gqa_bwd"]):
         status = 1
     return status
 
 
 def flash_cute_failed(rows: list[Row], tol: float, gqa: list[dict] = ()) -> bool:
     """A flash_cute result above tol (varlen rows: breaking the 2x rule), or a flash_cute
-    failure other than a kernel left out of the build, in the grid, the varlen or the GQA section."""
+    failure other than a kernel left out of the build, in the grid, the varlen, the decode (any
+    layout: flash_cute[paged16] ...) or the GQA section."""
     for r in rows:
-        m = r.results.get("flash_cute")
-        if r.flagged(tol) or (m is not None and m.error and not m.skipped):
+        if r.flagged(tol):
             return True
+        for name, m in r.results.items():
+            if name.partition("[")[0] == "flash_cute" and m.error and not m.skipped:
+                return True
     for r in gqa:
         if r["impl"].startswith("flash_cute") and (
             (r["error"] and not r["skipped"]) or not (r["max_diff_vs_first"] is None or r["max_diff_vs_first"] <= tol)
@@ -1741,9 +2204,10 @@ def flash_cute_failed(rows: list[Row], tol: float, gqa: list[dict] = ()) -> bool
 
 
 def write_outputs(args, env: dict, rows: list[Row], impl_names: list[str], log: Log, extras: dict) -> None:
-    varlen = extras["varlen"]  # VarlenRow objects
-    write_json(args.out / "results.json", env, rows, args, {**extras, "varlen": [r.to_dict() for r in varlen]})
-    write_csv(args.out / "results.csv", rows + varlen)
+    varlen, decode = extras["varlen"], extras["decode"]  # VarlenRow, DecodeRow objects
+    write_json(args.out / "results.json", env, rows, args,
+               {**extras, "varlen": [r.to_dict() for r in varlen], "decode": [r.to_dict() for r in decode]})
+    write_csv(args.out / "results.csv", rows + varlen + decode)
     written = ["results.json", "results.csv", "log.txt"]
     if rows and not args.no_plot:
         try:
