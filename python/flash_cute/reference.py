@@ -149,6 +149,29 @@ def _logits(s, m0, n0, causal, diagonal, mask, softcap=0.0, window=(-1, -1), ali
     return _mask_tile(s, m0, n0, causal, diagonal, mask), t
 
 
+def _online_softmax_step(row_max, row_sum, acc, s, v_blk):
+    """One key block of the online softmax for the rows of ``s`` (their logits against the
+    block): the running maximum, the running sum of ``exp(s - max)`` and the unnormalised output,
+    rescaled by ``exp(max_old - max_new)`` where the block raises the maximum. Returns the new
+    ``(row_max, row_sum, acc)``."""
+    new_max = torch.maximum(row_max, s.amax(dim=-1))
+    # Rows that have seen no key yet keep max -inf; exponentiate against 0 instead so they
+    # produce zeros, not NaN.
+    safe_max = torch.where(new_max == -math.inf, torch.zeros_like(new_max), new_max)
+    correction = torch.exp(row_max - safe_max)
+    p = torch.exp(s - safe_max.unsqueeze(-1))
+    return new_max, row_sum * correction + p.sum(dim=-1), acc * correction.unsqueeze(-1) + torch.matmul(p, v_blk)
+
+
+def _finalize_rows(row_max, row_sum, acc, dtype):
+    """``(out, lse)`` of rows from their online-softmax state: ``acc / sum`` in ``dtype`` and
+    ``max + log(sum)`` in float32; rows that saw no key get output 0 and lse +inf."""
+    empty = row_sum == 0
+    out = (acc / torch.where(empty, torch.ones_like(row_sum), row_sum).unsqueeze(-1)).to(dtype)
+    lse = torch.where(empty, torch.full_like(row_sum, math.inf), row_max + torch.log(row_sum))
+    return out, lse.to(torch.float32)
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -201,20 +224,9 @@ def attention_forward(
             n1 = min(n0 + block_n, seqlen_k)
             s = torch.matmul(q_blk, kg[..., n0:n1, :].to(acc_dtype).transpose(-1, -2)) * softmax_scale
             s, _ = _logits(s, m0, n0, causal, diagonal, maskg, softcap, window_size, alibi)
-            new_max = torch.maximum(row_max, s.amax(dim=-1))
-            # Rows that have seen no key yet keep max -inf; exponentiate against 0 instead so
-            # they produce zeros, not NaN.
-            safe_max = torch.where(new_max == -math.inf, torch.zeros_like(new_max), new_max)
-            correction = torch.exp(row_max - safe_max)
-            p = torch.exp(s - safe_max.unsqueeze(-1))
-            row_sum = row_sum * correction + p.sum(dim=-1)
-            acc = acc * correction.unsqueeze(-1) + torch.matmul(p, vg[..., n0:n1, :].to(acc_dtype))
-            row_max = new_max
+            row_max, row_sum, acc = _online_softmax_step(row_max, row_sum, acc, s, vg[..., n0:n1, :].to(acc_dtype))
 
-        empty = row_sum == 0
-        out[..., m0:m1, :] = (acc / torch.where(empty, torch.ones_like(row_sum), row_sum).unsqueeze(-1)).to(q.dtype)
-        lse_blk = torch.where(empty, torch.full_like(row_sum, math.inf), row_max + torch.log(row_sum))
-        lse[..., m0:m1] = lse_blk.to(torch.float32)
+        out[..., m0:m1, :], lse[..., m0:m1] = _finalize_rows(row_max, row_sum, acc, q.dtype)
 
     return _ungroup_heads(out), lse.reshape(batch, nheads, seqlen_q)
 
@@ -276,21 +288,13 @@ def attention_forward_fa1(
             m1 = min(m0 + block_m, seqlen_q)
             s = torch.matmul(qg[..., m0:m1, :].to(acc_dtype), k_blk.transpose(-1, -2)) * softmax_scale
             s = _mask_tile(s, m0, n0, causal, diagonal, None)
-            # Read this block's state back "from HBM" ...
-            old_max, old_sum, old_acc = row_max[..., m0:m1], row_sum[..., m0:m1], acc[..., m0:m1, :]
-            new_max = torch.maximum(old_max, s.amax(dim=-1))
-            safe_max = torch.where(new_max == -math.inf, torch.zeros_like(new_max), new_max)
-            correction = torch.exp(old_max - safe_max)
-            p = torch.exp(s - safe_max.unsqueeze(-1))
-            # ... and write it back: FA1's extra HBM traffic, once per (key block, query block).
-            row_sum[..., m0:m1] = old_sum * correction + p.sum(dim=-1)
-            acc[..., m0:m1, :] = old_acc * correction.unsqueeze(-1) + torch.matmul(p, v_blk)
-            row_max[..., m0:m1] = new_max
+            # Read this block's state back "from HBM", update it, and write it back: FA1's extra
+            # HBM traffic, once per (key block, query block).
+            state = (row_max[..., m0:m1], row_sum[..., m0:m1], acc[..., m0:m1, :])
+            row_max[..., m0:m1], row_sum[..., m0:m1], acc[..., m0:m1, :] = _online_softmax_step(*state, s, v_blk)
 
-    empty = row_sum == 0  # rows that saw no key: output 0, lse +inf
-    out = (acc / torch.where(empty, torch.ones_like(row_sum), row_sum).unsqueeze(-1)).to(q.dtype)
-    lse = torch.where(empty, torch.full_like(row_sum, math.inf), row_max + torch.log(row_sum))
-    return _ungroup_heads(out), lse.to(torch.float32).reshape(batch, nheads, seqlen_q)
+    out, lse = _finalize_rows(row_max, row_sum, acc, q.dtype)  # rows that saw no key: 0, +inf
+    return _ungroup_heads(out), lse.reshape(batch, nheads, seqlen_q)
 
 
 def attention_backward(
