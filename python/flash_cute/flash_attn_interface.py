@@ -106,16 +106,20 @@ def _check_varlen(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, blo
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise FlashAttnValueError(f"{name} must be a non-negative int, got {m!r}")
     if block_table is not None:
-        if not isinstance(block_table, torch.Tensor):
-            raise FlashAttnTypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
-        if block_table.dtype != torch.int32:
-            raise FlashAttnTypeError(f"block_table must have dtype torch.int32, got {block_table.dtype}")
-        if block_table.dim() != 2 or block_table.shape[0] != batch:
-            raise FlashAttnValueError(
-                f"block_table must have shape (batch={batch}, max_num_pages_per_seq), got {tuple(block_table.shape)}"
-            )
-        if block_table.device != q.device:
-            raise RuntimeError(f"flash_cute: block_table is on {block_table.device}, expected q's device {q.device}")
+        _check_block_table(block_table, batch, q.device)
+
+
+def _check_block_table(block_table, batch: int, device) -> None:
+    if not isinstance(block_table, torch.Tensor):
+        raise FlashAttnTypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise FlashAttnTypeError(f"block_table must have dtype torch.int32, got {block_table.dtype}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise FlashAttnValueError(
+            f"block_table must have shape (batch={batch}, max_num_pages_per_seq), got {tuple(block_table.shape)}"
+        )
+    if block_table.device != device:
+        raise RuntimeError(f"flash_cute: block_table is on {block_table.device}, expected q's device {device}")
 
 
 def _normalize_window(window_size, causal: bool, seqlen_k: int) -> bool:
@@ -513,8 +517,7 @@ def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
     if q.is_cuda and (batch > _MAX_GRID_YZ or nheads > _MAX_GRID_YZ):
         raise FlashAttnValueError(f"batch ({batch}) and nheads ({nheads}) must each be at most {_MAX_GRID_YZ} on CUDA")
     if block_table is not None:
-        _check_varlen(q, torch.zeros(batch + 1, dtype=torch.int32, device=q.device),
-                      torch.zeros(batch + 1, dtype=torch.int32, device=q.device), 0, 0, block_table)
+        _check_block_table(block_table, batch, q.device)
         if cache_batch_idx is not None or cache_leftpad is not None:
             raise FlashAttnValueError("a paged cache (block_table) takes neither cache_batch_idx nor cache_leftpad")
         cache_len = block_table.shape[1] * k_cache.shape[1]
