@@ -85,6 +85,15 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _lse_strides(lse: torch.Tensor, varlen: _Varlen | None) -> tuple[int, int]:
+    """(batch, head) strides of lse: (batch, nheads, seqlen_q), or (nheads, total_q) for varlen."""
+    return (lse.stride(0), lse.stride(1)) if varlen is None else (0, lse.stride(0))
+
+
+def _cu_seqlens_ptrs(varlen: _Varlen | None) -> tuple[int, int]:
+    return (0, 0) if varlen is None else (varlen.cu_seqlens_q.data_ptr(), varlen.cu_seqlens_k.data_ptr())
+
+
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor:
     """The rows of a paged K or V cache (num_pages, page_size, nheads_k, d) as the concatenated
     varlen rows (total_k, nheads_k, d): key j of sequence b is row j % page_size of page
@@ -106,12 +115,8 @@ def _cuda_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen | Non
     nheads, d = q.shape[-2], q.shape[-1]
     nheads_k = k.shape[-2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if varlen is None:
-        lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-        lse_stride = (lse.stride(0), lse.stride(1))
-    else:
-        lse = torch.empty((nheads, q.shape[0]), dtype=torch.float32, device=q.device)
-        lse_stride = (0, lse.stride(0))
+    lse_shape = (batch, nheads, seqlen_q) if varlen is None else (nheads, q.shape[0])
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     if k.numel() == 0 or batch == 0:  # no key at all: every row is empty
@@ -125,10 +130,8 @@ def _cuda_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen | Non
     _C().fwd(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         batch, seqlen_q, seqlen_k, nheads, nheads_k, d,
-        _strides(q, varlen), _strides(k, varlen), _strides(v, varlen), _strides(out, varlen), lse_stride,
-        softmax_scale, causal,
-        0 if varlen is None else varlen.cu_seqlens_q.data_ptr(),
-        0 if varlen is None else varlen.cu_seqlens_k.data_ptr(),
+        _strides(q, varlen), _strides(k, varlen), _strides(v, varlen), _strides(out, varlen),
+        _lse_strides(lse, varlen), softmax_scale, causal, *_cu_seqlens_ptrs(varlen),
         _ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size,
         _dtype_code(q.dtype), q.device.index,
         torch.cuda.current_stream(q.device).cuda_stream,
@@ -238,10 +241,8 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     block_m, bucket = _bwd_tile_rows_cols(d)
     if varlen is None:
         ws_rows = batch * (-(-seqlen_q // block_m) * block_m)
-        lse_stride = (lse.stride(0), lse.stride(1))
     else:
         ws_rows = -(-(q.shape[0] + batch * block_m) // block_m) * block_m
-        lse_stride = (0, lse.stride(0))
     dq_accum = torch.empty((nheads, ws_rows, bucket), dtype=torch.float32, device=q.device)
     row_stats = torch.empty((2, nheads, ws_rows), dtype=torch.float32, device=q.device)  # D, lse*log2(e)
     semaphore = (
@@ -253,10 +254,8 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         row_stats[1].data_ptr(), _ptr(semaphore), ws_rows,
         batch, seqlen_q, seqlen_k, nheads, nheads_k, d, expand,
         _strides(q, varlen), _strides(k, varlen), _strides(v, varlen), _strides(out, varlen),
-        _strides(dout, varlen), _strides(dq_k, varlen), _strides(dk_k, varlen), _strides(dv_k, varlen), lse_stride,
-        softmax_scale, causal,
-        0 if varlen is None else varlen.cu_seqlens_q.data_ptr(),
-        0 if varlen is None else varlen.cu_seqlens_k.data_ptr(),
+        _strides(dout, varlen), _strides(dq_k, varlen), _strides(dk_k, varlen), _strides(dv_k, varlen),
+        _lse_strides(lse, varlen), softmax_scale, causal, *_cu_seqlens_ptrs(varlen),
         _dtype_code(q.dtype), q.device.index,
         torch.cuda.current_stream(q.device).cuda_stream,
     )
