@@ -850,7 +850,11 @@ class Bench:
                     run = PASS_BUILDERS[case.pass_name](impl, x, case.causal)
                     run()  # first call: lazy loading, cuDNN plan building
                     outs, m.alloc_x = call_with_peak_memory(run, case.tensor_bytes)
-                    torch.cuda.empty_cache()  # every implementation is timed from the same allocator state
+                    # Every implementation is timed from the same allocator state, without the
+                    # cached blocks earlier work (an oracle's temporaries, say) left behind: with
+                    # those, an H100 timed flash_cute's varlen backward at 17.4 ms against 16.2 ms
+                    # in a fresh process (torch-flash: 15.7 and 15.6 ms).
+                    torch.cuda.empty_cache()
                     m.ms = self.timer(run)
             except Exception as e:  # noqa: BLE001 - a failing column must not stop the others
                 self.record_failure(impl, case, m, e, caught)
@@ -1310,11 +1314,6 @@ def run_varlen_section(bench: Bench, impls: list[Impl], cases: list[VarlenCase],
         with_dout = any(PASSES[c.pass_name].grad_enabled for c in group)
         x = make_inputs(group[0], bench.seed, with_dout=with_dout)
         oracle = oracle_or_none(bench, "varlen", describe_case(group[0]), lambda: varlen_oracle(x, seqlens, group[0].causal))
-        # The oracle's per-sequence temporaries leave GBs of cached blocks behind. With them, an H100
-        # timed flash_cute's varlen backward at 17.4 ms here against 16.2 ms in a fresh process
-        # (torch-flash: 15.7 and 15.6 ms; flash_cute's call takes longer on the host, which an
-        # allocator stall inside the timed call would expose). Released before any timing.
-        torch.cuda.empty_cache()
         for case in group:
             row = VarlenRow(case, ref="fp32")
             relative = PASSES[case.pass_name].relative_check
@@ -1597,7 +1596,6 @@ def run_decode_section(bench: Bench, impls: list[Impl], cases: list[DecodeCase],
         row = DecodeRow(case, ref="fp32", copy_gbps=copy["gbps"], oracle_rows=decode_oracle_rows(case.batch))
         x = make_decode_inputs(case, bench.seed)
         oracle = oracle_or_none(bench, "decode", describe_case(case), lambda: decode_oracle(x, row.oracle_rows))
-        torch.cuda.empty_cache()
         for layout, page in DECODE_LAYOUTS.items():
             if any(layout in DECODE_IMPL_LAYOUTS[i.name] for i in impls):
                 measure_decode_layout(bench, impls, case, x if page is None else paged_inputs(x, page, bench.seed),
