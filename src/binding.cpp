@@ -94,6 +94,48 @@ void bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uin
   flash_cute::bwd(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
 }
 
+// Decoding against a K/V cache; see DecodeParams. Optional int32 vectors are 0 when absent;
+// o_accum / lse_accum are the float32 workspace of num_splits > 1 (0 otherwise).
+void decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t o_accum,
+            uintptr_t lse_accum, int batch, int seqlen_q, int heads, int heads_k, int head_dim, int seqlen_k,
+            int seqlen_new, Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride,
+            std::array<int64_t, 2> lse_stride, uintptr_t cache_seqlens, uintptr_t cache_batch_idx,
+            uintptr_t leftpad, uintptr_t block_table, int64_t block_table_batch_stride, int page_size,
+            double softmax_scale, bool causal, int num_splits, int dtype, int device, uintptr_t stream) {
+  flash_cute::DecodeParams p;
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.o = reinterpret_cast<void*>(o);
+  p.lse = reinterpret_cast<float*>(lse);
+  p.o_accum = reinterpret_cast<float*>(o_accum);
+  p.lse_accum = reinterpret_cast<float*>(lse_accum);
+  std::tie(p.q_batch_stride, p.q_row_stride, p.q_head_stride) = std::tuple_cat(q_stride);
+  std::tie(p.k_batch_stride, p.k_row_stride, p.k_head_stride) = std::tuple_cat(k_stride);
+  std::tie(p.v_batch_stride, p.v_row_stride, p.v_head_stride) = std::tuple_cat(v_stride);
+  std::tie(p.o_batch_stride, p.o_row_stride, p.o_head_stride) = std::tuple_cat(o_stride);
+  p.lse_batch_stride = lse_stride[0];
+  p.lse_head_stride = lse_stride[1];
+  p.batch = batch;
+  p.seqlen_q = seqlen_q;
+  p.heads = heads;
+  p.heads_k = heads_k;
+  p.head_dim = head_dim;
+  p.seqlen_k = seqlen_k;
+  p.seqlen_new = seqlen_new;
+  p.cache_seqlens = reinterpret_cast<const int*>(cache_seqlens);
+  p.cache_batch_idx = reinterpret_cast<const int*>(cache_batch_idx);
+  p.leftpad = reinterpret_cast<const int*>(leftpad);
+  p.block_table = reinterpret_cast<const int*>(block_table);
+  p.block_table_batch_stride = block_table_batch_stride;
+  p.page_size = page_size;
+  p.scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
+  p.causal = causal;
+  p.num_splits = num_splits;
+  flash_cute::decode(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -102,6 +144,16 @@ PYBIND11_MODULE(_C, m) {
         "Forward attention on device pointers; see flash_cute/_ops.py for the arguments.");
   m.def("bwd", &bwd, py::call_guard<py::gil_scoped_release>(),
         "Backward attention on device pointers; see flash_cute/_ops.py for the arguments.");
+  m.def("decode", &decode, py::call_guard<py::gil_scoped_release>(),
+        "Split-KV decoding against a K/V cache; see flash_cute/_ops.py for the arguments.");
+  m.def("decode_splits", &flash_cute::decode_splits,
+        "the split count of num_splits=0: (batch, heads_k, packed_rows, capacity, head_dim, device)");
+  m.def("decode_tile", [](int head_dim) {
+    const flash_cute::DecodeTile t = flash_cute::decode_tile(flash_cute::head_dim_bucket(head_dim));
+    return py::make_tuple(t.warps, t.stages, t.block_n);
+  }, "(warps, stages, block_n) of the decoding kernel for this head dim");
+  m.def("built_decode_kernels", &flash_cute::built_decode_kernels,
+        "(dtype, head-dim bucket) of each decoding kernel in this build");
   m.def("built_bwd_kernels", &flash_cute::built_bwd_kernels,
         "(dtype, head-dim bucket) of each backward kernel in this build");
   m.def("bwd_tile", [](int head_dim) {

@@ -2,31 +2,17 @@
 //   D = rowsum(dO * O) in fp32 (the backward kernel's dS = P * (dP - D)), lse * log2(e), and the
 //   zeroed dQ accumulator, all padded to the main kernel's tiles;
 //   dQ = scale * dQ_accum, from the padded fp32 accumulator to the input dtype and dq's layout.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 #include <cmath>
 #include <string>
 
 #include "flash_cute/cuda_check.h"
 #include "flash_cute/launch.h"
+#include "flash_cute/native.h"
 #include "flash_cute/seqlen.h"
 
 namespace flash_cute {
 namespace {
-
-template <DType> struct Native;
-template <> struct Native<DType::kFloat16> {
-  using type = __half;
-  static __device__ float2 to_float2(type a, type b) { return make_float2(__half2float(a), __half2float(b)); }
-  static __device__ type from_float(float x) { return __float2half_rn(x); }
-};
-template <> struct Native<DType::kBFloat16> {
-  using type = __nv_bfloat16;
-  static __device__ float2 to_float2(type a, type b) { return make_float2(__bfloat162float(a), __bfloat162float(b)); }
-  static __device__ type from_float(float x) { return __float2bfloat16_rn(x); }
-};
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -32,6 +32,17 @@ struct BwdKernel {
 constexpr BwdKernel kBwdKernels[] = {FLASH_CUTE_BWD_KERNELS(FLASH_CUTE_BWD_ENTRY)};
 #undef FLASH_CUTE_BWD_ENTRY
 
+using DecodeFn = void (*)(const DecodeParams&, cudaStream_t);
+struct DecodeKernel {
+  DType dtype;
+  int head_dim;
+  DecodeFn fn;
+};
+
+#define FLASH_CUTE_DECODE_ENTRY(dt, hd) {DType::dt, hd, &run_decode<DType::dt, hd>},
+constexpr DecodeKernel kDecodeKernels[] = {FLASH_CUTE_DECODE_KERNELS(FLASH_CUTE_DECODE_ENTRY)};
+#undef FLASH_CUTE_DECODE_ENTRY
+
 std::string missing_kernel_message(const char* direction, DType dtype, int head_dim, int bucket, bool causal) {
   return std::string("flash_cute: this build has no ") + direction + " kernel for " + dtype_name(dtype) +
          ", head dim " + std::to_string(head_dim) + " (bucket " + std::to_string(bucket) + ")" +
@@ -90,6 +101,31 @@ void bwd(const BwdParams& p, DType dtype, int device, cudaStream_t stream) {
   DeviceGuard guard(device);
   check_compute_capability(device);
   kernel->fn(p, stream);
+}
+
+void decode(const DecodeParams& p, DType dtype, int device, cudaStream_t stream) {
+  const int bucket = head_dim_bucket(p.head_dim);
+  const DecodeKernel* kernel = nullptr;
+  for (const DecodeKernel& k : kDecodeKernels)
+    if (k.dtype == dtype && k.head_dim == bucket) kernel = &k;
+  if (kernel == nullptr) throw std::runtime_error(missing_kernel_message("decoding", dtype, p.head_dim, bucket, false));
+  DeviceGuard guard(device);
+  check_compute_capability(device);
+  kernel->fn(p, stream);
+}
+
+int decode_splits(int batch, int heads_k, int packed_rows, int64_t capacity, int head_dim, int device) {
+  int sms = 0, smem = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "reading the SM count");
+  check_cuda(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
+             "reading the shared memory per SM");
+  return decode_num_splits(batch, heads_k, packed_rows, capacity, head_dim, sms, smem);
+}
+
+std::vector<std::tuple<std::string, int>> built_decode_kernels() {
+  std::vector<std::tuple<std::string, int>> out;
+  for (const DecodeKernel& k : kDecodeKernels) out.emplace_back(dtype_name(k.dtype), k.head_dim);
+  return out;
 }
 
 std::vector<std::tuple<std::string, int>> built_bwd_kernels() {

@@ -466,3 +466,131 @@ def test_rotary_table_too_short_for_causal_queries():
     longer = torch.rand(19, 8)
     flash_cute.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, longer.cos(), longer.sin(),
                                        cache_seqlens=15, causal=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The split-KV kernel (CUDA): long caches and every split count, paged equals contiguous, CUDA
+# graphs replayed while the cache grows, and the route to the forward kernel for long queries
+
+CUDA_DEVS = [p for p in DEVS if p.values[0].cuda] + [
+    pytest.param(Dev("cuda", torch.float16, 100), id="cuda-fp16-d100", marks=pytest.mark.cuda),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=_causal_ids)
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+@pytest.mark.parametrize("group", sorted(GROUPS))
+@pytest.mark.parametrize("dev", CUDA_DEVS)
+def test_splits_on_a_long_cache(dev, group, seqlen_q, causal):
+    """Every split count, from none to more splits than key blocks, matches the oracle and the
+    unsplit result within rounding; rows of 2099, 0, 517 and 16 cached keys plus one new."""
+    _need(dev, causal)
+    case = build(dev, batch=4, seqlen_q=seqlen_q, group=group, cache_len=2100, seqlen_new=1, rotary_dim=16,
+                 seqlen_values=[2099, 0, 517, 16])
+    unsplit = run_case(dev, case, causal, num_splits=1)
+    for n in (2, 5, 16, 128, 0):
+        out, lse, k_cache, v_cache = run_case(dev, case, causal, num_splits=n)
+        assert_close_to_rounding(out, unsplit[0], f"out (num_splits={n} vs 1)")
+        assert_close_to_rounding(lse, unsplit[1], f"lse (num_splits={n} vs 1)")
+        _assert_same_bits(k_cache, unsplit[2], f"k_cache (num_splits={n} vs 1)")
+        _assert_same_bits(v_cache, unsplit[3], f"v_cache (num_splits={n} vs 1)")
+
+
+def _as_paged(case: Case, page_size: int):
+    """The contiguous case's cache rows laid out in pages of page_size, in a random page order,
+    with 2 pages no row owns (NaN)."""
+    inputs = dict(case.inputs)
+    k_cache, v_cache = inputs["k_cache"], inputs["v_cache"]
+    batch, cache_len = k_cache.shape[:2]
+    pages = -(-cache_len // page_size)
+    num_pages = batch * pages + 2
+    table = torch.randperm(num_pages, device=k_cache.device)[: batch * pages].view(batch, pages)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        padded = torch.full((batch, pages * page_size, *cache.shape[2:]), math.nan, dtype=cache.dtype,
+                            device=cache.device)
+        padded[:, :cache_len] = cache
+        paged = torch.full((num_pages, page_size, *cache.shape[2:]), math.nan, dtype=cache.dtype, device=cache.device)
+        paged[table.flatten()] = padded.view(batch * pages, page_size, *cache.shape[2:])
+        inputs[name] = paged
+    inputs["block_table"] = table.to(torch.int32)
+    return Case(inputs, case.seqlens, case.seqlen_new,
+                lambda b, pos: (table[b].cpu().long()[pos // page_size], pos % page_size))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=_causal_ids)
+@pytest.mark.parametrize("page_size", [16, 48, 256])
+@pytest.mark.parametrize("dev", CUDA_DEVS)
+def test_paged_equals_contiguous_bitwise(dev, page_size, causal):
+    """The same keys read from pages and from contiguous rows give bit-identical results: the
+    kernel visits the same key blocks in the same order either way."""
+    _need(dev, causal)
+    case = build(dev, batch=3, seqlen_q=2, group=4, cache_len=1000, seqlen_new=2, seqlen_values=[998, 331, 15])
+    contiguous = run_case(dev, case, causal, num_splits=3)
+    paged = run_case(dev, _as_paged(case, page_size), causal, num_splits=3)
+    _assert_same_bits(paged[0], contiguous[0], "out (paged vs contiguous)")
+    _assert_same_bits(paged[1], contiguous[1], "lse (paged vs contiguous)")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("dev", CUDA_DEVS[:1])
+def test_cuda_graph_replays_as_the_cache_grows(dev, layout):
+    """One decoding step captured in a CUDA graph (num_splits=0: the heuristic) and replayed while
+    cache_seqlens grow in place, across split boundaries: every replay matches the oracle on the
+    inputs of that step, appends where it should, and equals an eager call bit for bit."""
+    _need(dev, True)
+    case = build(dev, batch=2, seqlen_q=1, group=8, cache_len=3000, seqlen_new=1, layout=layout, page_size=16,
+                 rotary_dim=16, seqlen_values=[100, 7])
+    static = case.inputs
+    kwargs = dict(causal=True, return_softmax_lse=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (caches the split count, opts in to the shared memory)
+        flash_cute.flash_attn_with_kvcache(**_clone(static), **kwargs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = flash_cute.flash_attn_with_kvcache(**static, **kwargs)
+
+    seqlens = list(case.seqlens)
+    for step_seqlens in ([100, 7], [101, 8], [1500, 1999], [2998, 64]):
+        static["cache_seqlens"].copy_(torch.tensor(step_seqlens, dtype=torch.int32))
+        for name in ("q", "k", "v"):
+            static[name].copy_(torch.randn(static[name].shape, dtype=torch.float32).to(static[name].dtype))
+        # Keys below the new lengths that no earlier step wrote get numbers (the rest stay NaN).
+        for b, (old, new) in enumerate(zip(seqlens, step_seqlens)):
+            if new > old + 1:
+                r, c = case.where(b, torch.arange(old + 1, new))
+                for name in ("k_cache", "v_cache"):
+                    static[name][r, c] = torch.randn(len(r), *static[name].shape[2:]).to(static[name].dtype).to(
+                        static[name].device)
+        seqlens = step_seqlens
+        eager = run_case(dev, Case(_clone(static), step_seqlens, 1, case.where), causal=True)
+        before = _clone(static)
+        graph.replay()
+        ref_out, ref_lse = kvcache_attention(**_clone(before, torch.float32), causal=True)
+        err = (out.float() - ref_out).abs().max().item()
+        assert not out.isnan().any() and err < 5e-2, f"step {step_seqlens}: error {err:.3e} against the oracle"
+        _assert_same_bits(out, eager[0], f"out (graph replay vs eager) at cache_seqlens {step_seqlens}")
+        _assert_same_bits(lse, eager[1], f"lse (graph replay vs eager) at cache_seqlens {step_seqlens}")
+        _assert_same_bits(static["k_cache"], eager[2], f"k_cache after the replay at {step_seqlens}")
+        _assert_same_bits(static["v_cache"], eager[3], f"v_cache after the replay at {step_seqlens}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=_causal_ids)
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("dev", CUDA_DEVS[:1])
+def test_kernel_route(dev, layout, causal, monkeypatch):
+    """Up to 64 packed query rows (seqlen_q * nheads / nheads_k) run the split-KV kernel; more run
+    the forward kernel over the cache rows; both match the oracle."""
+    _need(dev, causal)
+    import flash_cute.flash_attn_interface as interface
+
+    calls = []
+    decode = interface._ops.decode
+    monkeypatch.setattr(interface._ops, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    for seqlen_q, expect in ((16, 1), (17, 0)):  # group 4: 64 and 68 packed rows
+        calls.clear()
+        case = build(dev, batch=2, seqlen_q=seqlen_q, group=4, cache_len=300, seqlen_new=3, layout=layout,
+                     page_size=64)
+        run_case(dev, case, causal)
+        assert len(calls) == expect, f"seqlen_q={seqlen_q}: split-KV kernel ran {len(calls)} times, expected {expect}"

@@ -81,4 +81,44 @@ struct BwdParams : FwdParams {
   bool expand_gqa = false;
 };
 
+// Decoding (flash_attn_with_kvcache): a few query rows against a key/value cache, split along
+// the keys (Flash-Decoding). q, o: (batch, seqlen_q, heads, d); k, v: the cache, rows of
+// (cache rows, capacity, heads_k, d), or pages (pages, page_size, heads_k, d) with a block table.
+// Batch row b attends to its visible keys j = 0 .. len_k - 1, len_k = cache_seqlens[b] (or
+// seqlen_k) + seqlen_new - leftpad[b], stored at cache position leftpad[b] + j.
+struct DecodeParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  float* lse = nullptr;  // (batch, heads, seqlen_q) through lse_batch/head_stride, seqlen stride 1
+
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;  // batch: cache row or page
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
+  int64_t lse_batch_stride = 0, lse_head_stride = 0;
+
+  int batch = 0, seqlen_q = 0, heads = 0, heads_k = 0, head_dim = 0;
+  int seqlen_k = 0;    // the cached rows of every batch row when cache_seqlens is nullptr
+  int seqlen_new = 0;  // rows appended by this call (already in the cache), visible too
+  const int* cache_seqlens = nullptr;    // int32 (batch,) or nullptr
+  const int* cache_batch_idx = nullptr;  // int32 (batch,): the cache row of batch row b; nullptr: b
+  const int* leftpad = nullptr;          // int32 (batch,): the first visible cache position; nullptr: 0
+  const int* block_table = nullptr;      // int32 (batch, pages per row), nullptr: contiguous rows
+  int64_t block_table_batch_stride = 0;
+  int page_size = 0;  // a multiple of 16 (of decode_tile().block_n)
+
+  float scale = 0.f, scale_log2 = 0.f;
+  bool causal = false;  // bottom-right aligned: query i sees keys j <= i + len_k - seqlen_q
+
+  // num_splits > 1: split s of every (batch, KV head) covers an equal share of its key blocks and
+  // writes its normalised partial output and lse (float32, -inf when it saw no key) to
+  // o_accum (num_splits, batch * heads * seqlen_q, head_dim) and lse_accum (num_splits, same rows);
+  // row (b * heads + h) * seqlen_q + i. The combine pass merges them into o and lse.
+  int num_splits = 1;
+  float* o_accum = nullptr;
+  float* lse_accum = nullptr;
+};
+
 }  // namespace flash_cute

@@ -40,6 +40,7 @@ def extension_report() -> dict:
         return {"available": False, "error": why, "build": None}
     info["fwd_kernels"] = [list(k) for k in info["fwd_kernels"]]
     info["bwd_kernels"] = [list(k) for k in _C.built_bwd_kernels()] if hasattr(_C, "built_bwd_kernels") else []
+    info["decode_kernels"] = [list(k) for k in _C.built_decode_kernels()] if hasattr(_C, "built_decode_kernels") else []
     return {"available": True, "error": None, "build": info}
 
 
@@ -97,7 +98,8 @@ def families_report(ext: dict) -> dict:
         "backward": f"yes ({nb} kernels)" if nb else "no kernels built",
         "varlen": "yes (the same kernels as forward/backward)" if nf else "no kernels built",
         "paged": "yes (flash_attn_varlen_func(block_table=...))" if nf else "no kernels built",
-        "kvcache": kvcache,
+        "kvcache": (f"yes (split-KV decoding, {len(ext['build'].get('decode_kernels', []))} kernels)"
+                    if ext["build"].get("decode_kernels") else kvcache),
     }
 
 
@@ -233,7 +235,8 @@ def print_report(report: dict) -> None:
         print("extension flash_cute._C: OK")
         print(f"  cuda_archs {b['cuda_archs']} | head_dims {b['head_dims']} | dtypes {b['dtypes']}"
               f" | CUTLASS {b['cutlass']} | CUDA runtime {rt}")
-        for label, kernels in (("forward", b["fwd_kernels"]), ("backward", b["bwd_kernels"])):
+        for label, kernels in (("forward", b["fwd_kernels"]), ("backward", b["bwd_kernels"]),
+                               ("decoding", b.get("decode_kernels", []))):
             by_dtype = {}
             for k in kernels:
                 by_dtype.setdefault(k[0], set()).add(k[1])

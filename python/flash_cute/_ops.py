@@ -394,3 +394,83 @@ def _fwd_backward(ctx, grad_out, grad_lse):
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding against a K/V cache (flash_attn_with_kvcache): the split-KV kernel
+# ------------------------------------------------------------------------------------------------
+
+MAX_DECODE_SPLITS = 128
+
+
+@functools.lru_cache(maxsize=256)
+def decode_splits(batch: int, nheads_k: int, packed_rows: int, capacity: int, head_dim: int, device: int) -> int:
+    """The split count of num_splits=0: a function of shapes that stay fixed while a model decodes
+    (never of the current lengths), so a CUDA graph captured for one step is right for the next."""
+    return _C().decode_splits(batch, nheads_k, packed_rows, capacity, head_dim, device)
+
+
+def _int32_ptr(t: torch.Tensor | None) -> int:
+    if t is None:
+        return 0
+    assert t.dtype == torch.int32 and t.stride(-1) == 1, "validated by flash_attn_with_kvcache"
+    return t.data_ptr()
+
+
+@torch.library.custom_op("flash_cute::decode", mutates_args=())
+def decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    seqlen_k: int,
+    seqlen_new: int,
+    cache_seqlens: Optional[torch.Tensor],
+    cache_batch_idx: Optional[torch.Tensor],
+    cache_leftpad: Optional[torch.Tensor],
+    block_table: Optional[torch.Tensor],
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (batch, seqlen_q, nheads, d) against a cache, with the split-KV kernel:
+    returns out like q and lse (batch, nheads, seqlen_q) float32. Batch row b sees the keys at
+    cache positions leftpad[b] .. cached + seqlen_new - 1, cached = cache_seqlens[b] (or seqlen_k
+    when cache_seqlens is None), of cache row cache_batch_idx[b] (or b), or of the pages of
+    block_table[b] (page size a multiple of 16). num_splits 0: the heuristic; 1: no split."""
+    batch, seqlen_q, nheads, d = q.shape
+    nheads_k = k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    packed_rows = seqlen_q * (nheads // nheads_k)
+    if block_table is None:
+        capacity, page_size = k_cache.shape[1], 0
+    else:
+        capacity, page_size = block_table.shape[1] * k_cache.shape[1], k_cache.shape[1]
+    if num_splits == 0:
+        num_splits = decode_splits(batch, nheads_k, packed_rows, capacity, d, q.device.index)
+    num_splits = max(1, min(num_splits, MAX_DECODE_SPLITS))
+    o_accum = lse_accum = None
+    if num_splits > 1:
+        rows = batch * nheads * seqlen_q
+        o_accum = torch.empty((num_splits, rows, d), dtype=torch.float32, device=q.device)
+        lse_accum = torch.empty((num_splits, rows), dtype=torch.float32, device=q.device)
+    q, k_cache, v_cache = _kernel_ready(q), _kernel_ready(k_cache), _kernel_ready(v_cache)
+    _C().decode(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        _ptr(o_accum), _ptr(lse_accum), batch, seqlen_q, nheads, nheads_k, d, seqlen_k, seqlen_new,
+        _strides(q), _strides(k_cache), _strides(v_cache), _strides(out), (lse.stride(0), lse.stride(1)),
+        _int32_ptr(cache_seqlens), _int32_ptr(cache_batch_idx), _int32_ptr(cache_leftpad),
+        _int32_ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size,
+        softmax_scale, causal, num_splits, _dtype_code(q.dtype), q.device.index,
+        torch.cuda.current_stream(q.device).cuda_stream,
+    )
+    return out, lse
+
+
+@decode.register_fake
+def _(q, k_cache, v_cache, softmax_scale, causal, seqlen_k, seqlen_new, cache_seqlens, cache_batch_idx,
+      cache_leftpad, block_table, num_splits):
+    batch, seqlen_q, nheads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)

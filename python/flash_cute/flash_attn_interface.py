@@ -571,6 +571,29 @@ def _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
     return cache_len
 
 
+# Packed query rows (seqlen_q * nheads / nheads_k) up to which the split-KV kernel runs: its CTAs
+# own 16 rows and each reads the whole cache, where the forward kernel's own 128.
+_DECODE_MAX_PACKED_ROWS = 64
+
+
+def _decode_kernel_applies(q, k_cache, block_table, cache_leftpad, causal: bool) -> bool:
+    """Whether flash_attn_with_kvcache runs the split-KV kernel (else the varlen forward kernel)."""
+    if not (q.is_cuda and q.dtype in _ops._KERNEL_DTYPES):
+        return False
+    _, seqlen_q, nheads, d = q.shape
+    nheads_k = k_cache.shape[2]
+    packed = seqlen_q * (nheads // nheads_k)
+    if -(-packed // 16) * nheads_k > _MAX_GRID_YZ:
+        return False
+    if block_table is not None:
+        page_size = k_cache.shape[1]
+        if page_size % 16 != 0:
+            return False  # gathered for the forward kernel
+        if page_size % _ops._fwd_block_n(d, causal) != 0:
+            return True  # in place here; the forward kernel would gather it
+    return packed <= _DECODE_MAX_PACKED_ROWS or cache_leftpad is not None
+
+
 def _rotate(x, cos, sin, positions, interleaved):
     """Rotary embedding of x (batch, rows, heads, d) at positions (batch, rows)."""
     flat = reference._apply_rotary(x.reshape(-1, *x.shape[2:]), cos, sin, positions.reshape(-1), interleaved)
@@ -610,11 +633,12 @@ def flash_attn_with_kvcache(
     2 * rotary_cos.shape[1] <= headdim; interleaved pairs dims (0, 1), (2, 3), ..., else
     (i, i + rotary_dim / 2) as GPT-NeoX). Multi-query and grouped-query attention as elsewhere.
 
-    This first version composes the varlen forward kernel (a paged read of the cache rows) with
-    torch ops for the append and the rotary embedding; the split-KV (Flash-Decoding) kernels come
-    next, and num_splits is accepted and has no effect yet. Page sizes: any (multiples of 64 are
-    read in place, others gathered with a host sync); a contiguous cache whose length is not a
-    multiple of 64, or with cache_leftpad, is gathered too. Forward only, as in the official package.
+    On the GPU, few query rows per KV head (seqlen_q * nheads / nheads_k <= 64: decoding,
+    speculative decoding) run the split-KV (Flash-Decoding) kernel, which packs the query heads of
+    a KV head into one tile and splits the keys over as many CTAs as fill the GPU, then merges the
+    splits; longer queries run the forward kernel over the cache rows. The append and the rotary
+    embedding are torch ops ahead of the kernel. Page sizes: any multiple of 16 is read in place
+    (others are gathered, with a host sync). Forward only, as in the official package.
 
     Arguments:
         q: (batch_size, seqlen, nheads, headdim).
@@ -634,7 +658,9 @@ def flash_attn_with_kvcache(
         causal: bool.
         window_size, softcap, alibi_slopes: only the defaults so far (NotImplementedError).
         rotary_interleaved: bool.
-        num_splits: int. Accepted; no effect yet.
+        num_splits: int. 0: a heuristic from the batch, heads, cache capacity and GPU (never the
+            current lengths, so CUDA graphs stay valid as the cache grows); 1: no split; N > 1: N
+            splits (at most 128). Only the split-KV kernel splits (see above).
         return_softmax_lse: bool.
     Return:
         out: (batch_size, seqlen, nheads, headdim).
@@ -679,7 +705,18 @@ def flash_attn_with_kvcache(
     if rotary_cos is not None:
         offsets = torch.arange(seqlen_q, device=device) if causal else torch.zeros(seqlen_q, dtype=torch.long, device=device)
         q = _rotate(q, rotary_cos, rotary_sin, seqlens[:, None] + offsets, rotary_interleaved)
-    # 3. Attention through the varlen kernel, cache rows read as pages.
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    # 3. Attention: the split-KV kernel, or the varlen forward kernel with cache rows read as pages.
+    if _decode_kernel_applies(q, k_cache, block_table, cache_leftpad, causal):
+        out, lse = _ops.decode(
+            _pad_head_dim(q), _pad_head_dim(k_cache), _pad_head_dim(v_cache), float(softmax_scale), causal,
+            cache_len if cache_seqlens is None else (cache_seqlens if isinstance(cache_seqlens, int) else 0),
+            seqlen_new, cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None,
+            cache_batch_idx, cache_leftpad, None if block_table is None else block_table.contiguous(), num_splits,
+        )
+        out = out[..., :d]
+        return (out, lse) if return_softmax_lse else out
     keys, values = k_cache, v_cache
     if block_table is not None:
         table = block_table
@@ -693,8 +730,6 @@ def flash_attn_with_kvcache(
     cu_seqlens_k = torch.zeros(batch + 1, dtype=torch.int32, device=device)
     cu_seqlens_k[1:] = visible.cumsum(0)
     cu_seqlens_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(d)
     out, lse = _ops.fwd(
         _pad_head_dim(q).reshape(batch * seqlen_q, nheads, -1), _pad_head_dim(keys), _pad_head_dim(values),
         float(softmax_scale), causal, False, cu_seqlens_q, cu_seqlens_k, seqlen_q, cache_len, table,

@@ -1,0 +1,95 @@
+// Around the split-KV decoding kernel, for both dtypes: the combine pass that merges the splits'
+// partial outputs, and the host heuristic that picks how many splits a call gets.
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "flash_cute/cuda_check.h"
+#include "flash_cute/launch.h"
+#include "flash_cute/native.h"
+
+namespace flash_cute {
+namespace {
+
+constexpr int kCombineWarps = 4;
+
+// One warp per output row (b, head, i): lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse)
+// o_s. Splits that saw no key have lse_s = -inf and weigh nothing; a row no split saw gets 0 and
+// lse +inf, as a row with no visible key everywhere else.
+template <DType kDType>
+__global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(const DecodeParams p) {
+  using T = typename Native<kDType>::type;
+  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
+  const int64_t row = int64_t(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const float* lse_s = p.lse_accum + row;  // split s at lse_s[s * rows]
+
+  float max = -INFINITY;
+  for (int s = lane; s < p.num_splits; s += 32) max = fmaxf(max, lse_s[s * rows]);
+  for (int offset = 16; offset > 0; offset /= 2) max = fmaxf(max, __shfl_xor_sync(0xffffffff, max, offset));
+  float sum = 0.f;
+  if (max != -INFINITY)
+    for (int s = lane; s < p.num_splits; s += 32) sum += __expf(lse_s[s * rows] - max);
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffff, sum, offset);
+  const bool empty = sum == 0.f;
+  const float lse = empty ? INFINITY : max + __logf(sum);
+
+  const int i = int(row % p.seqlen_q);
+  const int64_t bh = row / p.seqlen_q;
+  const int head = int(bh % p.heads), batch = int(bh / p.heads);
+  if (lane == 0) p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + i] = lse;
+  T* out = static_cast<T*>(p.o) + batch * p.o_batch_stride + i * p.o_row_stride + head * p.o_head_stride;
+  for (int c = lane * 4; c < p.head_dim; c += 32 * 4) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (!empty) {
+      for (int s = 0; s < p.num_splits; ++s) {
+        const float l = lse_s[s * rows];
+        if (l == -INFINITY) continue;
+        const float w = __expf(l - lse);
+        const float4 o = *reinterpret_cast<const float4*>(p.o_accum + (s * rows + row) * p.head_dim + c);
+        acc.x += w * o.x, acc.y += w * o.y, acc.z += w * o.z, acc.w += w * o.w;
+      }
+    }
+    out[c] = Native<kDType>::from_float(acc.x);
+    out[c + 1] = Native<kDType>::from_float(acc.y);
+    out[c + 2] = Native<kDType>::from_float(acc.z);
+    out[c + 3] = Native<kDType>::from_float(acc.w);
+  }
+}
+
+}  // namespace
+
+void run_decode_combine(const DecodeParams& p, DType dtype, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
+  const dim3 grid(unsigned((rows + kCombineWarps - 1) / kCombineWarps));
+  if (dtype == DType::kFloat16) decode_combine_kernel<DType::kFloat16><<<grid, kCombineWarps * 32, 0, stream>>>(p);
+  else decode_combine_kernel<DType::kBFloat16><<<grid, kCombineWarps * 32, 0, stream>>>(p);
+  check_cuda(cudaGetLastError(), "decode combine kernel launch");
+}
+
+// Enough CTAs to fill every slot of the GPU in as few waves as possible, and no more splits than
+// that needs: each split costs a partial output and a longer combine. Slots: CTAs per SM by shared
+// memory (the decode kernel's limiter) times SMs. The smallest split count whose last wave is
+// within 85% of the best achievable fill wins; 1 when the CTAs without splitting fill the GPU.
+int decode_num_splits(int batch, int heads_k, int packed_rows, int64_t capacity, int head_dim, int num_sms,
+                      int smem_per_sm) {
+  const int64_t ctas = int64_t(batch) * heads_k * ((packed_rows + kDecodeRows - 1) / kDecodeRows);
+  const int per_sm = std::max(1, smem_per_sm / (decode_smem_bytes(head_dim_bucket(head_dim)) + 1024));
+  const int64_t slots = int64_t(num_sms) * per_sm;
+  const DecodeTile tile = decode_tile(head_dim_bucket(head_dim));
+  const int64_t rounds = (capacity + tile.block_n * tile.warps - 1) / (tile.block_n * tile.warps);
+  const int max_splits = int(std::min<int64_t>({128, std::max<int64_t>(1, rounds)}));
+  if (ctas >= slots) return 1;
+  auto fill = [&](int s) {
+    const int64_t n = ctas * s;
+    return double(n) / double((n + slots - 1) / slots * slots);
+  };
+  double best = 0.0;
+  for (int s = 1; s <= max_splits; ++s) best = std::max(best, fill(s));
+  for (int s = 1; s <= max_splits; ++s)
+    if (fill(s) >= 0.85 * best) return s;
+  return 1;
+}
+
+}  // namespace flash_cute
