@@ -94,18 +94,23 @@ void bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uin
   flash_cute::bwd(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
 }
 
-// Decoding against a K/V cache; see DecodeParams. Optional int32 vectors are 0 when absent;
+// Decoding against a K/V cache; see DecodeParams. k_new / v_new: the rows to append (0: none, or
+// already appended). Optional int32 vectors are 0 when absent;
 // o_accum / lse_accum are the float32 workspace of num_splits > 1 (0 otherwise).
-void decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t o_accum,
-            uintptr_t lse_accum, int batch, int seqlen_q, int heads, int heads_k, int head_dim, int seqlen_k,
-            int seqlen_new, Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride,
-            std::array<int64_t, 2> lse_stride, uintptr_t cache_seqlens, uintptr_t cache_batch_idx,
+void decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t k_new, uintptr_t v_new, uintptr_t o, uintptr_t lse,
+            uintptr_t o_accum, uintptr_t lse_accum, int batch, int seqlen_q, int heads, int heads_k, int head_dim, int seqlen_k,
+            int seqlen_new, Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 k_new_stride,
+            Strides3 v_new_stride, Strides3 o_stride, std::array<int64_t, 2> lse_stride, uintptr_t cache_seqlens, uintptr_t cache_batch_idx,
             uintptr_t leftpad, uintptr_t block_table, int64_t block_table_batch_stride, int page_size,
             double softmax_scale, bool causal, int num_splits, int dtype, int device, uintptr_t stream) {
   flash_cute::DecodeParams p;
   p.q = reinterpret_cast<const void*>(q);
   p.k = reinterpret_cast<const void*>(k);
   p.v = reinterpret_cast<const void*>(v);
+  p.k_new = reinterpret_cast<const void*>(k_new);
+  p.v_new = reinterpret_cast<const void*>(v_new);
+  std::tie(p.k_new_batch_stride, p.k_new_row_stride, p.k_new_head_stride) = std::tuple_cat(k_new_stride);
+  std::tie(p.v_new_batch_stride, p.v_new_row_stride, p.v_new_head_stride) = std::tuple_cat(v_new_stride);
   p.o = reinterpret_cast<void*>(o);
   p.lse = reinterpret_cast<float*>(lse);
   p.o_accum = reinterpret_cast<float*>(o_accum);

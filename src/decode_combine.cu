@@ -70,8 +70,8 @@ void run_decode_combine(const DecodeParams& p, DType dtype, cudaStream_t stream)
 
 // Enough CTAs to fill every slot of the GPU in as few waves as possible, and no more splits than
 // that needs: each split costs a partial output and a longer combine. Slots: CTAs per SM by shared
-// memory (the decode kernel's limiter) times SMs. The smallest split count whose last wave is
-// within 85% of the best achievable fill wins; 1 when the CTAs without splitting fill the GPU.
+// memory (the decode kernel's limiter) times SMs. The smallest split count whose fill of the
+// slots is within 95% of the best achievable wins; 1 when the CTAs without splitting fill the GPU.
 int decode_num_splits(int batch, int heads_k, int packed_rows, int64_t capacity, int head_dim, int num_sms,
                       int smem_per_sm) {
   const int64_t ctas = int64_t(batch) * heads_k * ((packed_rows + kDecodeRows - 1) / kDecodeRows);
@@ -88,7 +88,7 @@ int decode_num_splits(int batch, int heads_k, int packed_rows, int64_t capacity,
   double best = 0.0;
   for (int s = 1; s <= max_splits; ++s) best = std::max(best, fill(s));
   for (int s = 1; s <= max_splits; ++s)
-    if (fill(s) >= 0.85 * best) return s;
+    if (fill(s) >= 0.95 * best) return s;
   return 1;
 }
 

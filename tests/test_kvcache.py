@@ -354,10 +354,27 @@ def test_num_splits(dev, layout):
                  seqlen_values=[250, 63])
     results = [run_case(dev, case, causal=True, num_splits=n) for n in (0, 1, 3)]
     for n, other in zip((1, 3), results[1:]):
-        assert_close_to_rounding(other[0], results[0][0], f"out (num_splits={n} vs 0)")
-        assert_close_to_rounding(other[1], results[0][1], f"lse (num_splits={n} vs 0)")
+        _assert_splits_agree(dev, case, True, other, results[0], f"num_splits={n} vs 0")
         _assert_same_bits(other[2], results[0][2], f"k_cache (num_splits={n} vs 0)")
         _assert_same_bits(other[3], results[0][3], f"v_cache (num_splits={n} vs 0)")
+
+
+def _assert_splits_agree(dev: Dev, case: Case, causal: bool, got, want, what: str) -> None:
+    """Two split counts of one case: caches bit-identical; lse (float32 throughout) equal up to
+    float32 rounding; out on the CPU path equal up to rounding, on the GPU within 2x the
+    low-precision reference's error (each split rounds its probabilities to bfloat16/float16
+    against its own running maximum, so the outputs differ by more than a last rounding)."""
+    _assert_same_bits(got[2], want[2], f"k_cache ({what})")
+    _assert_same_bits(got[3], want[3], f"v_cache ({what})")
+    assert_close_to_rounding(got[1], want[1], f"lse ({what})")
+    if not dev.cuda:
+        assert_close_to_rounding(got[0], want[0], f"out ({what})")
+        return
+    ref = kvcache_attention(**_clone(case.inputs), causal=causal)[0].float()
+    ref32 = kvcache_attention(**_clone(case.inputs, torch.float32), causal=causal)[0]
+    bound = 2 * (ref - ref32).abs().max().item() + ROUNDING_TERM
+    diff = (got[0].float() - want[0].float()).abs().max().item()
+    assert diff <= bound, f"out ({what}): differs by {diff:.3e}, more than 2x the reference's error ({bound:.3e})"
 
 
 @pytest.mark.parametrize("dev", DEVS)
@@ -489,11 +506,7 @@ def test_splits_on_a_long_cache(dev, group, seqlen_q, causal):
                  seqlen_values=[2099, 0, 517, 16])
     unsplit = run_case(dev, case, causal, num_splits=1)
     for n in (2, 5, 16, 128, 0):
-        out, lse, k_cache, v_cache = run_case(dev, case, causal, num_splits=n)
-        assert_close_to_rounding(out, unsplit[0], f"out (num_splits={n} vs 1)")
-        assert_close_to_rounding(lse, unsplit[1], f"lse (num_splits={n} vs 1)")
-        _assert_same_bits(k_cache, unsplit[2], f"k_cache (num_splits={n} vs 1)")
-        _assert_same_bits(v_cache, unsplit[3], f"v_cache (num_splits={n} vs 1)")
+        _assert_splits_agree(dev, case, causal, run_case(dev, case, causal, num_splits=n), unsplit, f"num_splits={n} vs 1")
 
 
 def _as_paged(case: Case, page_size: int):

@@ -138,19 +138,10 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
     k_base += cache_row * p.k_batch_stride + int64_t(leftpad) * p.k_row_stride;
     v_base += cache_row * p.v_batch_stride + int64_t(leftpad) * p.v_row_stride;
   }
-  // Key block n (keys n * 16 ..) starts at these rows; a page holds whole blocks (paged caches have
-  // no left padding, and page_size % 16 == 0).
-  auto block_offsets = [&](int n, int64_t& k_off, int64_t& v_off) {
-    const int key = n * kBlockN;
-    if (paged) {
-      const int64_t page = p.block_table[batch * p.block_table_batch_stride + key / p.page_size];
-      const int64_t row = key % p.page_size;
-      k_off = page * p.k_batch_stride + row * p.k_row_stride;
-      v_off = page * p.v_batch_stride + row * p.v_row_stride;
-    } else {
-      k_off = int64_t(key) * p.k_row_stride;
-      v_off = int64_t(key) * p.v_row_stride;
-    }
+  // The page of key block n (keys n * 16 ..): a page holds whole blocks (paged caches have no
+  // left padding, and page_size % 16 == 0).
+  auto page_of = [&](int n) -> int64_t {
+    return p.block_table[batch * p.block_table_batch_stride + n * kBlockN / p.page_size];
   };
 
   // ------------------------------------------------------------------------------------------
@@ -166,24 +157,62 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   Tensor tKcK = load_thr.partition_S(make_identity_tensor(TileQ{}));  // (row, col) of each vector
   Tensor tKsK0 = load_thr.partition_D(make_tensor(make_smem_ptr(ring), tile_layout));
   const int d = p.head_dim;
+  constexpr int kVecs = kHeadDim / 8;  // 16-byte vectors per row
 
-  // Issues the cp.async of key block (round * kWarps + warp) into `stage`. Rows past the visible
-  // keys and columns past the head dim are zero-filled, so they add nothing (and no NaN) to P V.
-  auto load_block = [&](int round, int stage) {
+  // The appended keys are j >= new_begin. With k_new given they are read from k_new / v_new and
+  // written into the cache by every CTA that reads them (the same values: the writes agree), so
+  // no CTA depends on another's writes.
+  const int new_begin = p.k_new != nullptr ? len_k - p.seqlen_new : len_k;
+
+  // Issues the cp.async of key block (round * kWarps + warp) into `stage`; `page` is its page when
+  // paged (looked up a step ahead). Rows past the visible keys and columns past the head dim are
+  // zero-filled, so they add nothing (and no NaN) to P V.
+  auto load_block = [&](int round, int stage, int64_t page) {
     const int n = round * kWarps + warp;
-    int64_t k_off, v_off;
-    block_offsets(n, k_off, v_off);
-    const int valid = keys - n * kBlockN;
-    Tensor gK = make_tensor(make_gmem_ptr(k_base + k_off), TileQ{}, make_stride(p.k_row_stride, _1{}));
-    Tensor gV = make_tensor(make_gmem_ptr(v_base + v_off), TileQ{}, make_stride(p.v_row_stride, _1{}));
+    const int key0 = n * kBlockN;
+    int64_t k_off = int64_t(key0) * p.k_row_stride, v_off = int64_t(key0) * p.v_row_stride;
+    if (paged) {
+      const int64_t row = key0 % p.page_size;
+      k_off = page * p.k_batch_stride + row * p.k_row_stride;
+      v_off = page * p.v_batch_stride + row * p.v_row_stride;
+    }
+    const int valid = keys - key0;
     Tensor sK = make_tensor(tKsK0.data() + (k_tile(stage) - ring), tKsK0.layout());
     Tensor sV = make_tensor(tKsK0.data() + (v_tile(stage) - ring), tKsK0.layout());
-    if (valid >= kBlockN && d == kHeadDim) {
-      copy(load_copy, load_thr.partition_S(gK), sK);
-      copy(load_copy, load_thr.partition_S(gV), sV);
-    } else {
-      copy_predicated</*kZeroFill=*/true>(load_copy, load_thr.partition_S(gK), sK, tKcK, valid, d);
-      copy_predicated</*kZeroFill=*/true>(load_copy, load_thr.partition_S(gV), sV, tKcK, valid, d);
+    if (min(key0 + kBlockN, keys) <= new_begin) {  // old keys only: tiled copies from the cache
+      Tensor gK = make_tensor(make_gmem_ptr(k_base + k_off), TileQ{}, make_stride(p.k_row_stride, _1{}));
+      Tensor gV = make_tensor(make_gmem_ptr(v_base + v_off), TileQ{}, make_stride(p.v_row_stride, _1{}));
+      if (valid >= kBlockN && d == kHeadDim) {
+        copy(load_copy, load_thr.partition_S(gK), sK);
+        copy(load_copy, load_thr.partition_S(gV), sV);
+      } else {
+        copy_predicated</*kZeroFill=*/true>(load_copy, load_thr.partition_S(gK), sK, tKcK, valid, d);
+        copy_predicated</*kZeroFill=*/true>(load_copy, load_thr.partition_S(gV), sV, tKcK, valid, d);
+      }
+      return;
+    }
+    // A block with appended keys (rare: the last block or two of a sequence), row by row.
+    Tensor sK_rc = make_tensor(make_smem_ptr(k_tile(stage)), tile_layout);
+    Tensor sV_rc = make_tensor(make_smem_ptr(v_tile(stage)), tile_layout);
+    for (int v = lane; v < kRows * kVecs; v += 32) {
+      const int r = v / kVecs, c = (v % kVecs) * 8, key = key0 + r;
+      const bool ok = r < valid && c < d;
+      const cute::uint128_t* k_src = reinterpret_cast<const cute::uint128_t*>(k_base + k_off + r * p.k_row_stride + c);
+      const cute::uint128_t* v_src = reinterpret_cast<const cute::uint128_t*>(v_base + v_off + r * p.v_row_stride + c);
+      if (ok && key >= new_begin) {
+        cute::uint128_t* k_dst = const_cast<cute::uint128_t*>(k_src);
+        cute::uint128_t* v_dst = const_cast<cute::uint128_t*>(v_src);
+        const int64_t i = key - new_begin;
+        k_src = reinterpret_cast<const cute::uint128_t*>(static_cast<const Element*>(p.k_new) + batch * p.k_new_batch_stride +
+                                                         i * p.k_new_row_stride + head_k * p.k_new_head_stride + c);
+        v_src = reinterpret_cast<const cute::uint128_t*>(static_cast<const Element*>(p.v_new) + batch * p.v_new_batch_stride +
+                                                         i * p.v_new_row_stride + head_k * p.v_new_head_stride + c);
+        *k_dst = *k_src;  // the append
+        *v_dst = *v_src;
+      }
+      if (!ok) k_src = v_src = reinterpret_cast<const cute::uint128_t*>(k_base);
+      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(*k_src, *reinterpret_cast<cute::uint128_t*>(&sK_rc(r, c)), ok);
+      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(*v_src, *reinterpret_cast<cute::uint128_t*>(&sV_rc(r, c)), ok);
     }
   };
 
@@ -194,8 +223,6 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
     Element* q_tile = k_tile(kStages - 1);
     const Element* q = static_cast<const Element*>(p.q) + batch * p.q_batch_stride;
     Tensor sQ = make_tensor(make_smem_ptr(q_tile), tile_layout);
-    constexpr int kVecs = kHeadDim / 8;  // 16-byte vectors per row
-    CUTE_UNROLL
     for (int v = lane; v < kRows * kVecs; v += 32) {
       const int r = v / kVecs, c = (v % kVecs) * 8;
       const int packed = row0 + r;
@@ -209,9 +236,11 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   }
   CUTE_UNROLL
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load_block(round_begin + s, s);
+    if (s < steps) load_block(round_begin + s, s, paged ? page_of((round_begin + s) * kWarps + warp) : 0);
     cp_async_fence();
   }
+  // Paged: the page of the block a step loads is read one step earlier, off the critical path.
+  int64_t next_page = paged && kStages - 1 < steps ? page_of((round_begin + kStages - 1) * kWarps + warp) : 0;
 
   typename Traits::WarpMma mma;
   auto thr_mma = mma.get_thread_slice(lane);
@@ -250,8 +279,9 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   // ------------------------------------------------------------------------------------------
   for (int step = 0; step < steps; ++step) {
     const int ahead = step + kStages - 1;
-    if (ahead < steps) load_block(round_begin + ahead, ahead % kStages);
+    if (ahead < steps) load_block(round_begin + ahead, ahead % kStages, next_page);
     cp_async_fence();
+    if (paged && ahead + 1 < steps) next_page = page_of((round_begin + ahead + 1) * kWarps + warp);
     cp_async_wait<kStages - 1>();  // this step's block has landed ...
     __syncwarp();                  // ... for every lane
 
@@ -318,7 +348,6 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   // ------------------------------------------------------------------------------------------
   const bool partial = p.num_splits > 1;
   const int64_t accum_rows = int64_t(p.batch) * p.heads * p.seqlen_q;
-  constexpr int kVecs = kHeadDim / 8;
   for (int v = threadIdx.x; v < kRows * kVecs; v += Traits::kThreads) {
     const int r = v / kVecs, c = (v % kVecs) * 8;
     if (r >= rows || c >= d) continue;

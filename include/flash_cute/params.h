@@ -101,7 +101,13 @@ struct DecodeParams {
 
   int batch = 0, seqlen_q = 0, heads = 0, heads_k = 0, head_dim = 0;
   int seqlen_k = 0;    // the cached rows of every batch row when cache_seqlens is nullptr
-  int seqlen_new = 0;  // rows appended by this call (already in the cache), visible too
+  int seqlen_new = 0;  // rows appended by this call, visible too (keys len_k - seqlen_new ..)
+  // The appended rows (batch, seqlen_new, heads_k, d). Given: the kernel reads them from here and
+  // writes them into the cache at positions cache_seqlens[b] ..; nullptr: already in the cache.
+  const void* k_new = nullptr;
+  const void* v_new = nullptr;
+  int64_t k_new_batch_stride = 0, k_new_row_stride = 0, k_new_head_stride = 0;
+  int64_t v_new_batch_stride = 0, v_new_row_stride = 0, v_new_head_stride = 0;
   const int* cache_seqlens = nullptr;    // int32 (batch,) or nullptr
   const int* cache_batch_idx = nullptr;  // int32 (batch,): the cache row of batch row b; nullptr: b
   const int* leftpad = nullptr;          // int32 (batch,): the first visible cache position; nullptr: 0

@@ -30,11 +30,16 @@ def _C():
     return module
 
 
+def kernel_ready(t: torch.Tensor) -> bool:
+    """Whether the kernels read (and write) t in place: a 16-byte aligned base, strides that are
+    multiples of 8 elements, the last dimension contiguous."""
+    return t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.stride(-1) == 1
+
+
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """The kernels load 16-byte vectors: a base address aligned to 16 bytes, strides that are
     multiples of 8 elements. Anything else (offset views, odd strides) is copied once."""
-    aligned = t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.stride(-1) == 1
-    return t if aligned else t.clone(memory_format=torch.contiguous_format)
+    return t if kernel_ready(t) else t.clone(memory_format=torch.contiguous_format)
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
@@ -417,11 +422,13 @@ def _int32_ptr(t: torch.Tensor | None) -> int:
     return t.data_ptr()
 
 
-@torch.library.custom_op("flash_cute::decode", mutates_args=())
+@torch.library.custom_op("flash_cute::decode", mutates_args=("k_cache", "v_cache"))
 def decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    k_new: Optional[torch.Tensor],
+    v_new: Optional[torch.Tensor],
     softmax_scale: float,
     causal: bool,
     seqlen_k: int,
@@ -436,7 +443,10 @@ def decode(
     returns out like q and lse (batch, nheads, seqlen_q) float32. Batch row b sees the keys at
     cache positions leftpad[b] .. cached + seqlen_new - 1, cached = cache_seqlens[b] (or seqlen_k
     when cache_seqlens is None), of cache row cache_batch_idx[b] (or b), or of the pages of
-    block_table[b] (page size a multiple of 16). num_splits 0: the heuristic; 1: no split."""
+    block_table[b] (page size a multiple of 16). k_new, v_new (batch, seqlen_new, nheads_k, d):
+    the rows to append, written into the caches (which must be kernel_ready) at positions
+    cached .. and attended to; None: they are in the caches already. num_splits 0: the
+    heuristic; 1: no split."""
     batch, seqlen_q, nheads, d = q.shape
     nheads_k = k_cache.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -456,11 +466,16 @@ def decode(
         rows = batch * nheads * seqlen_q
         o_accum = torch.empty((num_splits, rows, d), dtype=torch.float32, device=q.device)
         lse_accum = torch.empty((num_splits, rows), dtype=torch.float32, device=q.device)
+    if k_new is not None:
+        assert kernel_ready(k_cache) and kernel_ready(v_cache), "the append writes the caches in place"
+        k_new, v_new = _kernel_ready(k_new), _kernel_ready(v_new)
     q, k_cache, v_cache = _kernel_ready(q), _kernel_ready(k_cache), _kernel_ready(v_cache)
     _C().decode(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_new), _ptr(v_new), out.data_ptr(), lse.data_ptr(),
         _ptr(o_accum), _ptr(lse_accum), batch, seqlen_q, nheads, nheads_k, d, seqlen_k, seqlen_new,
-        _strides(q), _strides(k_cache), _strides(v_cache), _strides(out), (lse.stride(0), lse.stride(1)),
+        _strides(q), _strides(k_cache), _strides(v_cache),
+        (0, 0, 0) if k_new is None else _strides(k_new), (0, 0, 0) if v_new is None else _strides(v_new),
+        _strides(out), (lse.stride(0), lse.stride(1)),
         _int32_ptr(cache_seqlens), _int32_ptr(cache_batch_idx), _int32_ptr(cache_leftpad),
         _int32_ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size,
         softmax_scale, causal, num_splits, _dtype_code(q.dtype), q.device.index,
@@ -470,7 +485,7 @@ def decode(
 
 
 @decode.register_fake
-def _(q, k_cache, v_cache, softmax_scale, causal, seqlen_k, seqlen_new, cache_seqlens, cache_batch_idx,
+def _(q, k_cache, v_cache, k_new, v_new, softmax_scale, causal, seqlen_k, seqlen_new, cache_seqlens, cache_batch_idx,
       cache_leftpad, block_table, num_splits):
     batch, seqlen_q, nheads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)

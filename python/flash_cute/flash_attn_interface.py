@@ -636,8 +636,9 @@ def flash_attn_with_kvcache(
     On the GPU, few query rows per KV head (seqlen_q * nheads / nheads_k <= 64: decoding,
     speculative decoding) run the split-KV (Flash-Decoding) kernel, which packs the query heads of
     a KV head into one tile and splits the keys over as many CTAs as fill the GPU, then merges the
-    splits; longer queries run the forward kernel over the cache rows. The append and the rotary
-    embedding are torch ops ahead of the kernel. Page sizes: any multiple of 16 is read in place
+    splits, and writes k and v into the cache in the same pass; longer queries run the forward
+    kernel over the cache rows after a torch append. The rotary embedding of q and k is torch ops
+    ahead of the kernels. Page sizes: any multiple of 16 is read in place
     (others are gathered, with a host sync). Forward only, as in the official package.
 
     Arguments:
@@ -681,19 +682,29 @@ def flash_attn_with_kvcache(
             f"{seqlen_q - seqlen_new} query rows past them ({cache_len + seqlen_q - seqlen_new}), "
             f"got {rotary_cos.shape[0]}"
         )
-    if cache_seqlens is None:
-        seqlens = torch.full((batch,), cache_len, dtype=torch.long, device=device)
-    elif isinstance(cache_seqlens, int):
-        seqlens = torch.full((batch,), cache_seqlens, dtype=torch.long, device=device)
-    else:
-        seqlens = cache_seqlens.long()
-    rows = torch.arange(batch, device=device) if cache_batch_idx is None else cache_batch_idx.long()
-    # 1. The append, the new keys rotated at their positions.
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d)
+    decode = _decode_kernel_applies(q, k_cache, block_table, cache_leftpad, causal)
+    # The split-KV kernel appends k and v itself where it can write the caches in place.
+    fused_append = (decode and k is not None and d % 8 == 0 and _ops.kernel_ready(k_cache)
+                    and _ops.kernel_ready(v_cache))
+    seqlens = rows = None
+    if rotary_cos is not None or (k is not None and not fused_append) or not decode:
+        if cache_seqlens is None:
+            seqlens = torch.full((batch,), cache_len, dtype=torch.long, device=device)
+        elif isinstance(cache_seqlens, int):
+            seqlens = torch.full((batch,), cache_seqlens, dtype=torch.long, device=device)
+        else:
+            seqlens = cache_seqlens.long()
+        rows = torch.arange(batch, device=device) if cache_batch_idx is None else cache_batch_idx.long()
+    # 1. The new keys rotated at their positions s, s + 1, ..., and appended (here, or by the kernel).
     if k is not None:
-        positions = seqlens[:, None] + torch.arange(seqlen_new, device=device)
+        positions = None if seqlens is None else seqlens[:, None] + torch.arange(seqlen_new, device=device)
         if rotary_cos is not None:
             k = _rotate(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
-        if block_table is not None:
+        if fused_append:
+            pass  # the kernel writes them
+        elif block_table is not None:
             page_size = k_cache.shape[1]
             pages = block_table.long().gather(1, positions // page_size)
             k_cache[pages, positions % page_size] = k
@@ -705,12 +716,11 @@ def flash_attn_with_kvcache(
     if rotary_cos is not None:
         offsets = torch.arange(seqlen_q, device=device) if causal else torch.zeros(seqlen_q, dtype=torch.long, device=device)
         q = _rotate(q, rotary_cos, rotary_sin, seqlens[:, None] + offsets, rotary_interleaved)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(d)
     # 3. Attention: the split-KV kernel, or the varlen forward kernel with cache rows read as pages.
-    if _decode_kernel_applies(q, k_cache, block_table, cache_leftpad, causal):
+    if decode:
         out, lse = _ops.decode(
-            _pad_head_dim(q), _pad_head_dim(k_cache), _pad_head_dim(v_cache), float(softmax_scale), causal,
+            _pad_head_dim(q), _pad_head_dim(k_cache), _pad_head_dim(v_cache),
+            k if fused_append else None, v if fused_append else None, float(softmax_scale), causal,
             cache_len if cache_seqlens is None else (cache_seqlens if isinstance(cache_seqlens, int) else 0),
             seqlen_new, cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None,
             cache_batch_idx, cache_leftpad, None if block_table is None else block_table.contiguous(), num_splits,
