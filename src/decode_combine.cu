@@ -12,17 +12,20 @@ namespace flash_cute {
 namespace {
 
 constexpr int kCombineWarps = 4;
+constexpr int kMaxHeadDim = 256;
 
-// One warp per output row (b, head, i): lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse)
-// o_s. Splits that saw no key have lse_s = -inf and weigh nothing; a row no split saw gets 0 and
-// lse +inf, as a row with no visible key everywhere else.
+// One CTA per output row (b, head, i): lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) o_s.
+// Warp w sums splits w, w + 4, ...; its lanes hold 4 columns each (a float4) per 128 columns; the
+// loop has no branch, so the loads of several splits are in flight together. Splits that saw no
+// key have lse_s = -inf (weight 0) and o_s = 0; a row no split saw gets 0 and lse +inf, as a row
+// with no visible key everywhere else.
 template <DType kDType>
 __global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(const DecodeParams p) {
   using T = typename Native<kDType>::type;
+  __shared__ float4 partial[kCombineWarps][kMaxHeadDim / 4];
   const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
-  const int64_t row = int64_t(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
+  const int64_t row = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* lse_s = p.lse_accum + row;  // split s at lse_s[s * rows]
 
   float max = -INFINITY;
@@ -35,21 +38,29 @@ __global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(cons
   const bool empty = sum == 0.f;
   const float lse = empty ? INFINITY : max + __logf(sum);
 
+  const float* o_s = p.o_accum + row * p.head_dim;  // split s at o_s[s * rows * head_dim]
+  for (int c = lane * 4; c < p.head_dim; c += 32 * 4) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = warp; s < p.num_splits; s += kCombineWarps) {
+      const float w = empty ? 0.f : __expf(lse_s[s * rows] - lse);  // 0 for lse_s = -inf
+      const float4 o = *reinterpret_cast<const float4*>(o_s + s * rows * p.head_dim + c);
+      acc.x += w * o.x, acc.y += w * o.y, acc.z += w * o.z, acc.w += w * o.w;
+    }
+    partial[warp][c / 4] = acc;
+  }
+  __syncthreads();
+
   const int i = int(row % p.seqlen_q);
   const int64_t bh = row / p.seqlen_q;
   const int head = int(bh % p.heads), batch = int(bh / p.heads);
-  if (lane == 0) p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + i] = lse;
+  if (threadIdx.x == 0) p.lse[batch * p.lse_batch_stride + head * p.lse_head_stride + i] = lse;
   T* out = static_cast<T*>(p.o) + batch * p.o_batch_stride + i * p.o_row_stride + head * p.o_head_stride;
-  for (int c = lane * 4; c < p.head_dim; c += 32 * 4) {
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (!empty) {
-      for (int s = 0; s < p.num_splits; ++s) {
-        const float l = lse_s[s * rows];
-        if (l == -INFINITY) continue;
-        const float w = __expf(l - lse);
-        const float4 o = *reinterpret_cast<const float4*>(p.o_accum + (s * rows + row) * p.head_dim + c);
-        acc.x += w * o.x, acc.y += w * o.y, acc.z += w * o.z, acc.w += w * o.w;
-      }
+  for (int c = threadIdx.x * 4; c < p.head_dim; c += kCombineWarps * 32 * 4) {
+    float4 acc = partial[0][c / 4];
+    for (int w = 1; w < kCombineWarps; ++w) {
+      const float4 o = partial[w][c / 4];
+      acc.x += o.x, acc.y += o.y, acc.z += o.z, acc.w += o.w;
     }
     out[c] = Native<kDType>::from_float(acc.x);
     out[c + 1] = Native<kDType>::from_float(acc.y);
@@ -61,8 +72,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(cons
 }  // namespace
 
 void run_decode_combine(const DecodeParams& p, DType dtype, cudaStream_t stream) {
-  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
-  const dim3 grid(unsigned((rows + kCombineWarps - 1) / kCombineWarps));
+  const dim3 grid(unsigned(int64_t(p.batch) * p.heads * p.seqlen_q));
   if (dtype == DType::kFloat16) decode_combine_kernel<DType::kFloat16><<<grid, kCombineWarps * 32, 0, stream>>>(p);
   else decode_combine_kernel<DType::kBFloat16><<<grid, kCombineWarps * 32, 0, stream>>>(p);
   check_cuda(cudaGetLastError(), "decode combine kernel launch");

@@ -599,8 +599,8 @@ def test_kernel_route(dev, layout, causal, monkeypatch):
     import flash_cute.flash_attn_interface as interface
 
     calls = []
-    decode = interface._ops.decode
-    monkeypatch.setattr(interface._ops, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    decode = interface._ops.decode_eager
+    monkeypatch.setattr(interface._ops, "decode_eager", lambda *a, **k: calls.append(1) or decode(*a, **k))
     for seqlen_q, expect in ((16, 1), (17, 0)):  # group 4: 64 and 68 packed rows
         calls.clear()
         case = build(dev, batch=2, seqlen_q=seqlen_q, group=4, cache_len=300, seqlen_new=3, layout=layout,

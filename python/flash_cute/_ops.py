@@ -33,13 +33,22 @@ def _C():
 def kernel_ready(t: torch.Tensor) -> bool:
     """Whether the kernels read (and write) t in place: a 16-byte aligned base, strides that are
     multiples of 8 elements, the last dimension contiguous."""
-    return t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1]) and t.stride(-1) == 1
+    strides = t.stride()
+    return strides[-1] == 1 and t.data_ptr() % 16 == 0 and math.gcd(*strides[:-1]) % 8 == 0
 
 
 def _kernel_ready(t: torch.Tensor) -> torch.Tensor:
     """The kernels load 16-byte vectors: a base address aligned to 16 bytes, strides that are
     multiples of 8 elements. Anything else (offset views, odd strides) is copied once."""
     return t if kernel_ready(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+def _stream(device_index: int) -> int:
+    """The handle of the current CUDA stream of the device: where the kernels are launched."""
+    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # skips building a Stream object
+    if get_raw is not None:
+        return get_raw(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
@@ -82,7 +91,7 @@ def _dims(q: torch.Tensor, k: torch.Tensor, varlen: _Varlen | None):
 def _strides(t: torch.Tensor, varlen: _Varlen | None = None) -> tuple[int, int, int]:
     """(batch, row, head) strides in elements; concatenated varlen rows have batch stride 0."""
     if varlen is None or t.dim() == 4:  # padded batch, or pages (the page stride)
-        return (t.stride(0), t.stride(1), t.stride(2))
+        return t.stride()[:3]
     return (0, t.stride(0), t.stride(1))
 
 
@@ -139,7 +148,7 @@ def _cuda_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen | Non
         _lse_strides(lse, varlen), softmax_scale, causal, *_cu_seqlens_ptrs(varlen),
         _ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size,
         _dtype_code(q.dtype), q.device.index,
-        torch.cuda.current_stream(q.device).cuda_stream,
+        _stream(q.device.index),
     )
     return out, lse
 
@@ -262,7 +271,7 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         _strides(dout, varlen), _strides(dq_k, varlen), _strides(dk_k, varlen), _strides(dv_k, varlen),
         _lse_strides(lse, varlen), softmax_scale, causal, *_cu_seqlens_ptrs(varlen),
         _dtype_code(q.dtype), q.device.index,
-        torch.cuda.current_stream(q.device).cuda_stream,
+        _stream(q.device.index),
     )
     if expand:
         groups = nheads // nheads_k
@@ -415,15 +424,7 @@ def decode_splits(batch: int, nheads_k: int, packed_rows: int, capacity: int, he
     return _C().decode_splits(batch, nheads_k, packed_rows, capacity, head_dim, device)
 
 
-def _int32_ptr(t: torch.Tensor | None) -> int:
-    if t is None:
-        return 0
-    assert t.dtype == torch.int32 and t.stride(-1) == 1, "validated by flash_attn_with_kvcache"
-    return t.data_ptr()
-
-
-@torch.library.custom_op("flash_cute::decode", mutates_args=("k_cache", "v_cache"))
-def decode(
+def decode_eager(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -446,11 +447,15 @@ def decode(
     block_table[b] (page size a multiple of 16). k_new, v_new (batch, seqlen_new, nheads_k, d):
     the rows to append, written into the caches (which must be kernel_ready) at positions
     cached .. and attended to; None: they are in the caches already. num_splits 0: the
-    heuristic; 1: no split."""
+    heuristic; 1: no split. The int32 vectors and block_table must be contiguous.
+
+    Host time matters here (a decoding step of a small batch is ~100 us of GPU time): each
+    tensor is asked for its strides once."""
     batch, seqlen_q, nheads, d = q.shape
     nheads_k = k_cache.shape[2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    device = q.device
+    out = torch.empty(q.shape, dtype=q.dtype, device=device)
+    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out, lse
     packed_rows = seqlen_q * (nheads // nheads_k)
@@ -459,29 +464,35 @@ def decode(
     else:
         capacity, page_size = block_table.shape[1] * k_cache.shape[1], k_cache.shape[1]
     if num_splits == 0:
-        num_splits = decode_splits(batch, nheads_k, packed_rows, capacity, d, q.device.index)
+        num_splits = decode_splits(batch, nheads_k, packed_rows, capacity, d, device.index)
     num_splits = max(1, min(num_splits, MAX_DECODE_SPLITS))
     o_accum = lse_accum = None
     if num_splits > 1:
         rows = batch * nheads * seqlen_q
-        o_accum = torch.empty((num_splits, rows, d), dtype=torch.float32, device=q.device)
-        lse_accum = torch.empty((num_splits, rows), dtype=torch.float32, device=q.device)
-    if k_new is not None:
-        assert kernel_ready(k_cache) and kernel_ready(v_cache), "the append writes the caches in place"
+        o_accum = torch.empty((num_splits, rows, d), dtype=torch.float32, device=device)
+        lse_accum = torch.empty((num_splits, rows), dtype=torch.float32, device=device)
+    if k_new is None:
+        k_cache, v_cache = _kernel_ready(k_cache), _kernel_ready(v_cache)
+    else:  # written in place: the caller checked kernel_ready(k_cache) and kernel_ready(v_cache)
         k_new, v_new = _kernel_ready(k_new), _kernel_ready(v_new)
-    q, k_cache, v_cache = _kernel_ready(q), _kernel_ready(k_cache), _kernel_ready(v_cache)
+    q = _kernel_ready(q)
+    no_strides = (0, 0, 0)
     _C().decode(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), _ptr(k_new), _ptr(v_new), out.data_ptr(), lse.data_ptr(),
         _ptr(o_accum), _ptr(lse_accum), batch, seqlen_q, nheads, nheads_k, d, seqlen_k, seqlen_new,
-        _strides(q), _strides(k_cache), _strides(v_cache),
-        (0, 0, 0) if k_new is None else _strides(k_new), (0, 0, 0) if v_new is None else _strides(v_new),
-        _strides(out), (lse.stride(0), lse.stride(1)),
-        _int32_ptr(cache_seqlens), _int32_ptr(cache_batch_idx), _int32_ptr(cache_leftpad),
-        _int32_ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size,
-        softmax_scale, causal, num_splits, _dtype_code(q.dtype), q.device.index,
-        torch.cuda.current_stream(q.device).cuda_stream,
+        q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3],
+        no_strides if k_new is None else k_new.stride()[:3], no_strides if v_new is None else v_new.stride()[:3],
+        out.stride()[:3], lse.stride()[:2],
+        _ptr(cache_seqlens), _ptr(cache_batch_idx), _ptr(cache_leftpad),
+        _ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size,
+        softmax_scale, causal, num_splits, _dtype_code(q.dtype), device.index, _stream(device.index),
     )
     return out, lse
+
+
+# The operator that torch.compile sees. Eager calls take decode_eager directly: the dispatcher's
+# own cost per call is of the order of a small decoding step (see flash_attn_with_kvcache).
+decode = torch.library.custom_op("flash_cute::decode", decode_eager, mutates_args=("k_cache", "v_cache"))
 
 
 @decode.register_fake

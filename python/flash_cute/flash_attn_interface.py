@@ -718,14 +718,16 @@ def flash_attn_with_kvcache(
         q = _rotate(q, rotary_cos, rotary_sin, seqlens[:, None] + offsets, rotary_interleaved)
     # 3. Attention: the split-KV kernel, or the varlen forward kernel with cache rows read as pages.
     if decode:
-        out, lse = _ops.decode(
+        dense = [None if t is None else t.contiguous() for t in (cache_batch_idx, cache_leftpad, block_table)]
+        out, lse = (_ops.decode if torch.compiler.is_compiling() else _ops.decode_eager)(
             _pad_head_dim(q), _pad_head_dim(k_cache), _pad_head_dim(v_cache),
             k if fused_append else None, v if fused_append else None, float(softmax_scale), causal,
             cache_len if cache_seqlens is None else (cache_seqlens if isinstance(cache_seqlens, int) else 0),
-            seqlen_new, cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None,
-            cache_batch_idx, cache_leftpad, None if block_table is None else block_table.contiguous(), num_splits,
+            seqlen_new, cache_seqlens.contiguous() if isinstance(cache_seqlens, torch.Tensor) else None,
+            *dense, num_splits,
         )
-        out = out[..., :d]
+        if out.shape[-1] != d:
+            out = out[..., :d]
         return (out, lse) if return_softmax_lse else out
     keys, values = k_cache, v_cache
     if block_table is not None:
