@@ -1,9 +1,9 @@
-"""Decode timing experiments (exploration; benchmark/run.py makes the claims).
-python3 tools/decode_sweep.py: repeated timings per (batch, cache, layout, splits), and the GPU
-kernels of one call (torch.profiler) with their durations."""
+"""GPU time of the decoding kernels alone, beside torch's flash backend (torch.profiler; no host
+overhead in the numbers). benchmark/run.py --decode makes the claims (whole calls); this tells
+how much of a call is kernel. python3 tools/decode_sweep.py"""
 import torch
+
 import flash_cute
-from triton.testing import do_bench
 
 torch.manual_seed(0)
 H, HK, D = 32, 8, 128
@@ -24,19 +24,6 @@ def inputs(batch, cache, layout):
     return q, kc, torch.randn_like(kc), kn, vn, seqlens, table
 
 
-def run(batch, cache, layout, splits_list, repeats=1):
-    q, kc, vc, kn, vn, seqlens, table = inputs(batch, cache, layout)
-    gb = 2 * batch * cache * HK * D * 2 / 1e9
-    for r in range(repeats):
-        for s in splits_list:
-            f = lambda: flash_cute.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, block_table=table,
-                                                           causal=True, num_splits=s)
-            ms = do_bench(f, warmup=50, rep=200, return_mode="median")
-            print(f"b{batch:<4} cache {cache:>6} {layout:<10} splits {s:>3} (rep {r}): {ms * 1e3:8.1f} us "
-                  f"{gb / ms * 1e3:7.0f} GB/s", flush=True)
-    return q, kc, vc, kn, vn, seqlens, table
-
-
 def kernel_times(f, flush: bool, n=20):
     """GPU time per call of each kernel of f, with or without an L2 flush (256 MB zeroed) before each call."""
     buf = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
@@ -53,21 +40,27 @@ def kernel_times(f, flush: bool, n=20):
 
 
 if __name__ == "__main__":
-    for batch, cache, layout in ((32, 4096, "contiguous"), (32, 4096, "paged16"), (1, 131072, "contiguous"),
-                                 (1, 131072, "paged16"), (8, 32768, "contiguous")):
-        q, kc, vc, kn, vn, seqlens, table = inputs(batch, cache, layout)
-        f = lambda: flash_cute.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, block_table=table,
-                                                       causal=True)
-        for flush in (False, True, False, True):
-            t = kernel_times(f, flush)
-            print(f"b{batch} {cache} {layout} flush={flush}: " + ", ".join(f"{k}: {v:.1f} us" for k, v in t.items()),
-                  flush=True)
-        if layout == "contiguous":
-            kt, vt = kc[:, :cache - 1].transpose(1, 2), vc[:, :cache - 1].transpose(1, 2)
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                g = lambda: torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), kt, vt, enable_gqa=True)
-                for flush in (False, True):
-                    t = kernel_times(g, flush)
-                    print(f"  torch-flash flush={flush}: " + ", ".join(f"{k}: {v:.1f} us" for k, v in t.items()), flush=True)
-        del q, kc, vc
+    # GPU time of the kernels alone (torch.profiler), L2 flushed before each call as do_bench does:
+    # the issue-5 decode shapes, flash_cute's layouts beside torch's flash backend (contiguous).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    print(f"# {torch.cuda.get_device_name()}; us per call of the GPU kernels (decode + combine), L2 flushed")
+    for batch, cache in ((1, 131072), (8, 32768), (32, 4096), (128, 2048)):
+        row = {}
+        for layout in ("contiguous", "paged256", "paged16"):
+            q, kc, vc, kn, vn, seqlens, table = inputs(batch, cache, layout)
+            f = lambda: flash_cute.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, block_table=table,
+                                                           causal=True)
+            t = kernel_times(f, True)
+            row[layout] = sum(v for k, v in t.items() if "flash_cute" in k)
+            if layout == "contiguous":
+                kt, vt = kc[:, :cache - 1].transpose(1, 2), vc[:, :cache - 1].transpose(1, 2)
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    g = lambda: torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), kt, vt,
+                                                                                 enable_gqa=True)
+                    t = kernel_times(g, True)
+                row["torch-flash"] = sum(v for k, v in t.items() if "flash" in k)
+            del q, kc, vc
+        tf = row["torch-flash"]
+        print(f"b{batch:<4} cache {cache:>6}: torch-flash {tf:6.1f}  " +
+              "  ".join(f"{k} {v:6.1f} ({tf / v:.2f}x)" for k, v in row.items() if k != "torch-flash"), flush=True)

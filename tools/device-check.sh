@@ -61,8 +61,16 @@ for d in (64, 128):
             k, v = (torch.randn(3, 2, 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
             angles = torch.rand(258, 16, device="cuda")
             seqlens = torch.tensor([0, 63, 200], dtype=torch.int32, device="cuda")
-            flash_cute.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, angles.cos().bfloat16(), angles.sin().bfloat16(),
-                                               cache_seqlens=seqlens, block_table=table, causal=True)
+            for splits in (0, 1, 3):
+                flash_cute.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, angles.cos().bfloat16(), angles.sin().bfloat16(),
+                                                   cache_seqlens=seqlens, block_table=table, causal=True, num_splits=splits)
+        # Contiguous rows through cache_batch_idx, left padding, split-KV with the combine pass.
+        k_cache, v_cache = (torch.randn(5, 300, 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        idx = torch.tensor([4, 0, 2], dtype=torch.int32, device="cuda")
+        pad = torch.tensor([0, 5, 17], dtype=torch.int32, device="cuda")
+        for splits in (1, 4):
+            flash_cute.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, cache_batch_idx=idx,
+                                               cache_leftpad=pad, causal=False, num_splits=splits)
     except RuntimeError as e:
         if "FLASH_CUTE_HEAD_DIMS" not in str(e): raise
 torch.cuda.synchronize()

@@ -138,11 +138,23 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
     k_base += cache_row * p.k_batch_stride + int64_t(leftpad) * p.k_row_stride;
     v_base += cache_row * p.v_batch_stride + int64_t(leftpad) * p.v_row_stride;
   }
-  // The page of key block n (keys n * 16 ..): a page holds whole blocks (paged caches have no
-  // left padding, and page_size % 16 == 0).
-  auto page_of = [&](int n) -> int64_t {
-    return p.block_table[batch * p.block_table_batch_stride + n * kBlockN / p.page_size];
+  // Paged: where this warp's key block of step t starts, as the offsets of its first row in K and
+  // V. A page holds whole blocks (page_size % 16 == 0; paged caches have no left padding). Lane l
+  // looks up step 32 c + l of chunk c, a chunk ahead of use, and the steps shuffle it out: one
+  // table read per lane per 32 steps, its latency hidden behind the 32 steps before.
+  auto lookup = [&](int chunk, int64_t& k_off, int64_t& v_off) {
+    const int t = chunk * 32 + lane;
+    k_off = v_off = 0;
+    if (!paged || t >= steps) return;
+    const int key = ((round_begin + t) * kWarps + warp) * kBlockN;
+    const int64_t page = p.block_table[batch * p.block_table_batch_stride + key / p.page_size];
+    const int64_t row = key % p.page_size;
+    k_off = page * p.k_batch_stride + row * p.k_row_stride;
+    v_off = page * p.v_batch_stride + row * p.v_row_stride;
   };
+  int64_t k_off_cur, v_off_cur, k_off_next, v_off_next;  // chunks of the step being loaded, and the next
+  lookup(0, k_off_cur, v_off_cur);
+  lookup(1, k_off_next, v_off_next);
 
   // ------------------------------------------------------------------------------------------
   // This warp's ring of K/V tiles in shared memory, and its copies
@@ -164,17 +176,19 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   // no CTA depends on another's writes.
   const int new_begin = p.k_new != nullptr ? len_k - p.seqlen_new : len_k;
 
-  // Issues the cp.async of key block (round * kWarps + warp) into `stage`; `page` is its page when
-  // paged (looked up a step ahead). Rows past the visible keys and columns past the head dim are
-  // zero-filled, so they add nothing (and no NaN) to P V.
-  auto load_block = [&](int round, int stage, int64_t page) {
-    const int n = round * kWarps + warp;
-    const int key0 = n * kBlockN;
+  // Issues the cp.async of this warp's key block of step t into `stage`; t advances by one per
+  // call. Rows past the visible keys and columns past the head dim are zero-filled, so they add
+  // nothing (and no NaN) to P V.
+  auto load_block = [&](int t, int stage) {
+    const int key0 = ((round_begin + t) * kWarps + warp) * kBlockN;
     int64_t k_off = int64_t(key0) * p.k_row_stride, v_off = int64_t(key0) * p.v_row_stride;
     if (paged) {
-      const int64_t row = key0 % p.page_size;
-      k_off = page * p.k_batch_stride + row * p.k_row_stride;
-      v_off = page * p.v_batch_stride + row * p.v_row_stride;
+      if (t % 32 == 0 && t > 0) {  // the next chunk's lookups become current; look up the one after
+        k_off_cur = k_off_next, v_off_cur = v_off_next;
+        lookup(t / 32 + 1, k_off_next, v_off_next);
+      }
+      k_off = __shfl_sync(0xffffffff, k_off_cur, t % 32);
+      v_off = __shfl_sync(0xffffffff, v_off_cur, t % 32);
     }
     const int valid = keys - key0;
     Tensor sK = make_tensor(tKsK0.data() + (k_tile(stage) - ring), tKsK0.layout());
@@ -236,11 +250,9 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   }
   CUTE_UNROLL
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load_block(round_begin + s, s, paged ? page_of((round_begin + s) * kWarps + warp) : 0);
+    if (s < steps) load_block(s, s);
     cp_async_fence();
   }
-  // Paged: the page of the block a step loads is read one step earlier, off the critical path.
-  int64_t next_page = paged && kStages - 1 < steps ? page_of((round_begin + kStages - 1) * kWarps + warp) : 0;
 
   typename Traits::WarpMma mma;
   auto thr_mma = mma.get_thread_slice(lane);
@@ -279,9 +291,8 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   // ------------------------------------------------------------------------------------------
   for (int step = 0; step < steps; ++step) {
     const int ahead = step + kStages - 1;
-    if (ahead < steps) load_block(round_begin + ahead, ahead % kStages, next_page);
+    if (ahead < steps) load_block(ahead, ahead % kStages);
     cp_async_fence();
-    if (paged && ahead + 1 < steps) next_page = page_of((round_begin + ahead + 1) * kWarps + warp);
     cp_async_wait<kStages - 1>();  // this step's block has landed ...
     __syncwarp();                  // ... for every lane
 
