@@ -489,8 +489,12 @@ def test_rotary_table_too_short_for_causal_queries():
 # The split-KV kernel (CUDA): long caches and every split count, paged equals contiguous, CUDA
 # graphs replayed while the cache grows, and the route to the forward kernel for long queries
 
+# Beyond the development build's bf16 d64/d128: each decode tile shape (4 warps x 4 stages up to
+# d96, 4 x 3 at d128, 2 warps above) and head dims that are not a bucket.
 CUDA_DEVS = [p for p in DEVS if p.values[0].cuda] + [
-    pytest.param(Dev("cuda", torch.float16, 100), id="cuda-fp16-d100", marks=pytest.mark.cuda),
+    pytest.param(Dev("cuda", dtype, d), id=f"cuda-{name}-d{d}", marks=pytest.mark.cuda)
+    for dtype, name, d in ((torch.float16, "fp16", 32), (torch.float16, "fp16", 100), (torch.bfloat16, "bf16", 200),
+                           (torch.float16, "fp16", 256))
 ]
 
 
