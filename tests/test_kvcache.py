@@ -611,3 +611,17 @@ def test_kernel_route(dev, layout, causal, monkeypatch):
                      page_size=64)
         run_case(dev, case, causal)
         assert len(calls) == expect, f"seqlen_q={seqlen_q}: split-KV kernel ran {len(calls)} times, expected {expect}"
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("dev", CUDA_DEVS[:1])
+def test_opcheck_decode(dev, paged):
+    """torch.library.opcheck of flash_cute::decode (the split-KV op, appending k/v in place): the
+    schema's mutations, the fake implementation and the AOT dispatch."""
+    _need(dev, True)
+    case = build(dev, batch=2, seqlen_q=2, group=4, cache_len=200, seqlen_new=2, layout="paged" if paged else "contiguous",
+                 page_size=16)
+    x = case.inputs
+    args = (x["q"], x["k_cache"], x["v_cache"], x["k"], x["v"], 0.125, True, 0, 2, x["cache_seqlens"], None, None,
+            x.get("block_table"), 3)
+    torch.library.opcheck(torch.ops.flash_cute.decode.default, args)
