@@ -4,6 +4,7 @@ gradients), output poisoning and the lists of kernels in the build."""
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -376,3 +377,39 @@ def varlen_call_bytes(q, k, v, batch, max_seqlen_q):
     dq_accum = padded_rows * h * 256 * 4
     per_kv_head = k.nbytes // max(1, k.shape[-2]) * h  # k-sized (paged caches too), with nheads heads
     return 16 * (q.nbytes + k.nbytes + v.nbytes + per_kv_head) + 2 * dq_accum + 16 * h * padded_rows + _SMALL_REQUEST
+
+
+# --------------------------------------------------------------------------------------------
+# softcap, local windows and ALiBi
+
+
+def options_oracle(q, k, v, scale, causal, softcap, window, alibi):
+    """Direct float64 attention with flash_attn's option semantics; differentiable. Returns
+    (out, lse) with lse +inf and out 0 on rows that see no key."""
+    batch, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    kk, vv = (t.repeat_interleave(h // hk, dim=2) for t in (k, v))
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(sq).unsqueeze(1)
+    j = torch.arange(sk).unsqueeze(0)
+    diag = sk - sq
+    if alibi is not None:
+        s = s - alibi.reshape(-1, h).to(s.dtype)[:, :, None, None] * (i + diag - j).abs()
+    visible = torch.ones(sq, sk, dtype=torch.bool)
+    left, right = window
+    if causal:
+        visible &= j <= i + diag
+    if left >= 0:
+        visible &= j >= i + diag - left
+    if right >= 0:
+        visible &= j <= i + diag + right
+    s = s.masked_fill(~visible, -math.inf)
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    l = p.sum(dim=-1, keepdim=True)
+    out = torch.einsum("bhqk,bkhd->bqhd", p / l.clamp_min(1e-300), vv)
+    lse = torch.where(l.squeeze(-1) > 0, (m + l.clamp_min(1e-300).log()).squeeze(-1), torch.full_like(m.squeeze(-1), math.inf))
+    return out, lse

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import flash_cute
 from flash_cute.reference import attention_backward, attention_forward, attention_forward_fa1, naive_attention
-from helpers import assert_2x_rule, assert_grads_2x_rule, assert_lse_matches, empty_rows, make_qkv
+from helpers import assert_2x_rule, assert_grads_2x_rule, assert_lse_matches, empty_rows, make_qkv, options_oracle
 
 SEQLENS = [(1, 1), (97, 113), (113, 97), (1025, 97)]
 # GQA group size -> (nheads, nheads_k)
@@ -655,38 +655,6 @@ def test_split_kv_forward_equals_attention_forward(seqlen_q, seqlen_k, causal, n
 # softcap, local windows and ALiBi in the reference (the oracle for the kernels to come)
 
 
-def _options_oracle(q, k, v, scale, causal, softcap, window, alibi):
-    """Direct float64 attention with flash_attn's option semantics; differentiable. Returns
-    (out, lse) with lse +inf and out 0 on rows that see no key."""
-    batch, sq, h, d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
-    kk, vv = (t.repeat_interleave(h // hk, dim=2) for t in (k, v))
-    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(sq).unsqueeze(1)
-    j = torch.arange(sk).unsqueeze(0)
-    diag = sk - sq
-    if alibi is not None:
-        s = s - alibi.reshape(-1, h).to(s.dtype)[:, :, None, None] * (i + diag - j).abs()
-    visible = torch.ones(sq, sk, dtype=torch.bool)
-    left, right = window
-    if causal:
-        visible &= j <= i + diag
-    if left >= 0:
-        visible &= j >= i + diag - left
-    if right >= 0:
-        visible &= j <= i + diag + right
-    s = s.masked_fill(~visible, -math.inf)
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)
-    out = torch.einsum("bhqk,bkhd->bqhd", p / l.clamp_min(1e-300), vv)
-    lse = torch.where(l.squeeze(-1) > 0, (m + l.clamp_min(1e-300).log()).squeeze(-1), torch.full_like(m.squeeze(-1), math.inf))
-    return out, lse
-
-
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(9, 17), (17, 9)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("alibi", [None, "heads", "batch_heads"])
@@ -699,7 +667,7 @@ def test_reference_options_forward_backward(softcap, window, alibi, causal, seql
     slopes = None if alibi is None else torch.rand((4,) if alibi == "heads" else (2, 4), dtype=torch.float32)
     scale = 0.7
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    want_out, want_lse = _options_oracle(*leaves, scale, causal, softcap, window, slopes)
+    want_out, want_lse = options_oracle(*leaves, scale, causal, softcap, window, slopes)
     dout = torch.randn_like(want_out)
     want_grads = torch.autograd.grad(want_out, leaves, dout)
     options = dict(softcap=softcap, window_size=window, alibi_slopes=slopes, block_m=4, block_n=8)

@@ -46,10 +46,13 @@ CASES = [
     ("nheads-not-multiple", lambda: _args(**dict(zip("qkv", _qkv(nheads=3, nheads_k=2)))), ValueError, r"number of heads"),
     ("nheads-k-0", lambda: _args(**dict(zip("qkv", _qkv(nheads=3, nheads_k=0)))), ValueError, r"number of heads"),
     ("dropout_p", lambda: _args(dropout_p=0.1), NotImplementedError, r"dropout_p"),
-    ("softcap", lambda: _args(softcap=1.0), NotImplementedError, r"softcap"),
-    ("alibi_slopes", lambda: _args(alibi_slopes=torch.ones(4)), NotImplementedError, r"alibi_slopes"),
-    ("window-16-0", lambda: _args(window_size=(16, 0)), NotImplementedError, r"window_size"),
-    ("window-0-16", lambda: _args(window_size=(0, 16)), NotImplementedError, r"window_size"),
+    ("softcap-negative", lambda: _args(softcap=-1.0), ValueError, r"softcap"),
+    ("softcap-string", lambda: _args(softcap="1"), ValueError, r"softcap"),
+    ("softcap-bool", lambda: _args(softcap=True), ValueError, r"softcap"),
+    ("alibi-not-a-tensor", lambda: _args(alibi_slopes=[1.0] * 4), TypeError, r"alibi_slopes must be a torch\.Tensor"),
+    ("alibi-float16", lambda: _args(alibi_slopes=torch.ones(4, dtype=torch.float16)), TypeError, r"alibi_slopes must have dtype torch\.float32"),
+    ("alibi-shape", lambda: _args(alibi_slopes=torch.ones(2)), ValueError, r"alibi_slopes must have shape"),
+    ("alibi-batch-shape", lambda: _args(alibi_slopes=torch.ones(3, 4)), ValueError, r"alibi_slopes must have shape"),
     ("window-none", lambda: _args(window_size=None), ValueError, r"window_size"),
     ("window-int", lambda: _args(window_size=5), ValueError, r"window_size"),
     ("window-one", lambda: _args(window_size=(1,)), ValueError, r"window_size"),
@@ -172,3 +175,20 @@ def test_varlen_rejects_cu_seqlens_on_another_device():
     args.update(q=args["q"].cuda().half(), k=args["k"].cuda().half(), v=args["v"].cuda().half())
     with pytest.raises(RuntimeError, match=r"\bcu_seqlens_q is on cpu"):
         flash_cute.flash_attn_varlen_func(**args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "option", [dict(softcap=1.0), dict(alibi_slopes="tensor"), dict(window_size=(16, 0)), dict(window_size=(0, 16))],
+    ids=["softcap", "alibi_slopes", "window-16-0", "window-0-16"],
+)
+def test_kernel_dtypes_refuse_options_not_in_the_kernels_yet(option):
+    """float16/bfloat16 CUDA inputs run the kernels, which take only the default softcap, window
+    and ALiBi so far: a NotImplementedError names the option (float32 and CPU inputs take it)."""
+    q, k, v = (t.cuda() for t in _qkv())
+    if option.get("alibi_slopes") == "tensor":
+        option = dict(alibi_slopes=torch.ones(4, device="cuda"))
+    name = next(iter(option))
+    with pytest.raises(NotImplementedError, match=name):
+        flash_cute.flash_attn_func(q, k, v, **option)
+

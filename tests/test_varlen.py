@@ -516,7 +516,14 @@ def test_opcheck_varlen_cpu(causal):
     torch.library.opcheck(torch.ops.flash_cute.bwd.default, (dout, q, k, v, out, lse, 0.25, causal, False, *varlen))
     grads = tuple(torch.empty_like(t) for t in (q, k, v))
     torch.library.opcheck(torch.ops.flash_cute.bwd_into.default,
-                          (dout, q, k, v, out, lse, 0.25, causal, False, *varlen, *grads))
+                          (dout, q, k, v, out, lse, 0.25, causal, False, *varlen, 0.0, -1, -1, None, *grads))
+    # softcap, a window and (batch, nheads) ALiBi slopes through all three
+    options = (2.0, 2, 1, torch.rand(3, 4))
+    torch.library.opcheck(torch.ops.flash_cute.fwd.default, (q, k, v, 0.25, False, False, *varlen, None, *options))
+    out, lse = torch.ops.flash_cute.fwd(q, k, v, 0.25, False, False, *varlen, None, *options)
+    torch.library.opcheck(torch.ops.flash_cute.bwd.default, (dout, q, k, v, out, lse, 0.25, False, False, *varlen, *options))
+    torch.library.opcheck(torch.ops.flash_cute.bwd_into.default,
+                          (dout, q, k, v, out, lse, 0.25, False, False, *varlen, *options, *grads))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])

@@ -71,6 +71,37 @@ class _Varlen(NamedTuple):
         return self.cu_seqlens_q.shape[0] - 1
 
 
+class _Options(NamedTuple):
+    """softcap, the local window (left, right) (-1: unbounded) and ALiBi slopes ((nheads,) or
+    (batch, nheads) float32), with flash_attn's semantics (see reference._logits). So far only the
+    reference path (CPU tensors, float32) takes them; the CUDA kernels take the defaults."""
+
+    softcap: float = 0.0
+    window: tuple[int, int] = (-1, -1)
+    alibi_slopes: torch.Tensor | None = None
+
+    def is_default(self) -> bool:
+        return self.softcap == 0.0 and self.window == (-1, -1) and self.alibi_slopes is None
+
+    def reference_kwargs(self, sequence: int | None = None) -> dict:
+        """The reference functions' keyword arguments; ``sequence``: those of one sequence of a
+        variable-length batch (its row of (batch, nheads) slopes)."""
+        alibi = self.alibi_slopes
+        if alibi is not None and alibi.dim() == 2 and sequence is not None:
+            alibi = alibi[sequence]
+        return dict(softcap=self.softcap, window_size=self.window, alibi_slopes=alibi)
+
+
+def _check_kernel_options(options: _Options) -> None:
+    if not options.is_default():
+        names = [n for n, on in (("softcap", options.softcap != 0.0), ("window_size", options.window != (-1, -1)),
+                                 ("alibi_slopes", options.alibi_slopes is not None)) if on]
+        raise FlashAttnNotImplementedError(
+            f"flash_cute: {', '.join(names)} is not in the CUDA kernels yet; float16/bfloat16 CUDA inputs "
+            "take only the defaults (CPU tensors and float32 run the reference, which takes it)"
+        )
+
+
 def _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None):
     """The kernels index cu_seqlens and the block table's rows as dense arrays: views with other
     strides are copied (they are tiny)."""
@@ -153,15 +184,16 @@ def _cuda_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen | Non
     return out, lse
 
 
-def _reference_varlen_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen):
+def _reference_varlen_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen, options: _Options):
     """The reference path of a variable-length batch: one sequence at a time."""
     if varlen.block_table is not None:
         k = gather_pages(k, varlen.block_table, varlen.cu_seqlens_k)
         v = gather_pages(v, varlen.block_table, varlen.cu_seqlens_k)
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.full((q.shape[1], q.shape[0]), math.inf, dtype=torch.float32, device=q.device)
-    for (q0, q1), (k0, k1) in _sequences(varlen):
-        o, l = reference.attention_forward(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale, causal)
+    for b, ((q0, q1), (k0, k1)) in enumerate(_sequences(varlen)):
+        o, l = reference.attention_forward(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale, causal,
+                                           **options.reference_kwargs(b))
         out[q0:q1], lse[:, q0:q1] = o[0], l[0]
     return out, lse
 
@@ -172,14 +204,15 @@ def _sequences(varlen: _Varlen):
     return [((cu_q[b], cu_q[b + 1]), (cu_k[b], cu_k[b + 1])) for b in range(varlen.batch)]
 
 
-def _attention_fwd(q, k, v, softmax_scale, causal, varlen):
+def _attention_fwd(q, k, v, softmax_scale, causal, varlen, options: _Options):
     if q.is_cuda and q.dtype in _KERNEL_DTYPES:
+        _check_kernel_options(options)
         return _cuda_fwd(q, k, v, softmax_scale, causal, varlen)
     if q.is_cuda:
         _warn_slow_path(q.dtype)
     if varlen is not None:
-        return _reference_varlen_fwd(q, k, v, softmax_scale, causal, varlen)
-    return reference.attention_forward(q, k, v, softmax_scale, causal)
+        return _reference_varlen_fwd(q, k, v, softmax_scale, causal, varlen, options)
+    return reference.attention_forward(q, k, v, softmax_scale, causal, **options.reference_kwargs())
 
 
 @torch.library.custom_op("flash_cute::fwd", mutates_args=())
@@ -195,12 +228,18 @@ def fwd(
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
     block_table: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
+    window_left: int = -1,
+    window_right: int = -1,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, softmax_lse): out like q; lse float32 (batch, nheads, seqlen_q), or for a
     variable-length batch (cu_seqlens_q given; q (total_q, nheads, d)) (nheads, total_q).
-    ``deterministic`` is not used by the forward pass; it is carried to the backward pass."""
+    ``deterministic`` is not used by the forward pass; it is carried to the backward pass.
+    softcap, window_left/right, alibi_slopes: see _Options."""
     varlen = _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
-    return _attention_fwd(q, k, v, softmax_scale, causal, varlen)
+    options = _Options(softcap, (window_left, window_right), alibi_slopes)
+    return _attention_fwd(q, k, v, softmax_scale, causal, varlen, options)
 
 
 def _warn_slow_path(dtype: torch.dtype) -> None:
@@ -216,7 +255,8 @@ def _warn_slow_path(dtype: torch.dtype) -> None:
 
 @fwd.register_fake
 def _(q, k, v, softmax_scale, causal, deterministic=False, cu_seqlens_q=None, cu_seqlens_k=None,
-      max_seqlen_q=0, max_seqlen_k=0, block_table=None):
+      max_seqlen_q=0, max_seqlen_k=0, block_table=None, softcap=0.0, window_left=-1, window_right=-1,
+      alibi_slopes=None):
     if cu_seqlens_q is not None:
         return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     batch, seqlen_q, nheads, d = q.shape
@@ -283,30 +323,32 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
             dst.copy_(src)
 
 
-def _reference_bwd(dout, q, k, v, out, lse, softmax_scale, causal, varlen):
+def _reference_bwd(dout, q, k, v, out, lse, softmax_scale, causal, varlen, options: _Options):
     if varlen is None:
-        return reference.attention_backward(dout, q, k, v, out, lse, softmax_scale, causal)
+        return reference.attention_backward(dout, q, k, v, out, lse, softmax_scale, causal, **options.reference_kwargs())
     if varlen.block_table is not None:
         raise FlashAttnNotImplementedError(
             "flash_cute: the backward pass of paged K/V (block_table) runs on the gathered rows; "
             "call flash_attn_varlen_func, which gathers the pages when gradients are needed"
         )
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for (q0, q1), (k0, k1) in _sequences(varlen):
+    for b, ((q0, q1), (k0, k1)) in enumerate(_sequences(varlen)):
         grads = reference.attention_backward(
             dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
-            lse[None, :, q0:q1], softmax_scale, causal,
+            lse[None, :, q0:q1], softmax_scale, causal, **options.reference_kwargs(b),
         )
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = (g[0] for g in grads)
     return dq, dk, dv
 
 
-def _attention_bwd_into(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, varlen, dq, dk, dv):
+def _attention_bwd_into(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, varlen, options: _Options,
+                        dq, dk, dv):
     if q.is_cuda and q.dtype in _KERNEL_DTYPES:
+        _check_kernel_options(options)
         return _cuda_bwd(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, varlen, dq, dk, dv)
     if q.is_cuda:
         _warn_slow_path(q.dtype)
-    for dst, src in zip((dq, dk, dv), _reference_bwd(dout, q, k, v, out, lse, softmax_scale, causal, varlen)):
+    for dst, src in zip((dq, dk, dv), _reference_bwd(dout, q, k, v, out, lse, softmax_scale, causal, varlen, options)):
         dst.copy_(src)
 
 
@@ -331,17 +373,23 @@ def bwd(
     cu_seqlens_k: Optional[torch.Tensor] = None,
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
+    softcap: float = 0.0,
+    window_left: int = -1,
+    window_right: int = -1,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of flash_cute::fwd, shaped and typed like q, k, v (contiguous)."""
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     varlen = _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    _attention_bwd_into(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, varlen, dq, dk, dv)
+    options = _Options(softcap, (window_left, window_right), alibi_slopes)
+    _attention_bwd_into(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, varlen, options, dq, dk, dv)
     return dq, dk, dv
 
 
 @bwd.register_fake
 def _(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, cu_seqlens_q=None,
-      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+      cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, softcap=0.0, window_left=-1, window_right=-1,
+      alibi_slopes=None):
     # Contiguous, like both implementations' results (empty_like would copy q's strides).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -361,6 +409,10 @@ def bwd_into(
     cu_seqlens_k: Optional[torch.Tensor],
     max_seqlen_q: int,
     max_seqlen_k: int,
+    softcap: float,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: Optional[torch.Tensor],
     dq: torch.Tensor,
     dk: torch.Tensor,
     dv: torch.Tensor,
@@ -368,21 +420,23 @@ def bwd_into(
     """flash_cute::bwd writing into given tensors (the packed functions pass views of one
     gradient buffer, so the packed gradient needs no copy)."""
     varlen = _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    _attention_bwd_into(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, varlen, dq, dk, dv)
+    options = _Options(softcap, (window_left, window_right), alibi_slopes)
+    _attention_bwd_into(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, varlen, options, dq, dk, dv)
 
 
 @bwd_into.register_fake
 def _(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, cu_seqlens_q, cu_seqlens_k,
-      max_seqlen_q, max_seqlen_k, dq, dk, dv):
+      max_seqlen_q, max_seqlen_k, softcap, window_left, window_right, alibi_slopes, dq, dk, dv):
     return None
 
 
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, softmax_scale, causal, *rest = inputs
-    rest += [False, None, None, 0, 0, None][len(rest):]
-    deterministic, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table = rest
+    rest += [False, None, None, 0, 0, None, 0.0, -1, -1, None][len(rest):]
+    (deterministic, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, softcap, window_left,
+     window_right, alibi_slopes) = rest
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     # The lse's gradient is never used: do not have autograd fill a zero tensor for it.
     ctx.set_materialize_grads(False)
     ctx.softmax_scale = softmax_scale
@@ -390,11 +444,12 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.deterministic = bool(deterministic)
     ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
     ctx.paged = block_table is not None
+    ctx.options = (softcap, window_left, window_right)
 
 
 def _fwd_backward(ctx, grad_out, grad_lse):
     # The log-sum-exp is an auxiliary output (as in the official package): its gradient is ignored.
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
     if ctx.paged:
         raise FlashAttnNotImplementedError(
             "flash_cute::fwd with a block_table has no backward; flash_attn_varlen_func gathers "
@@ -403,8 +458,8 @@ def _fwd_backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.deterministic,
-                     cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                     cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen, *ctx.options, alibi_slopes)
+    return (dq, dk, dv) + (None,) * 12
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)

@@ -122,35 +122,46 @@ def _check_block_table(block_table, batch: int, device) -> None:
         raise RuntimeError(f"flash_cute: block_table is on {block_table.device}, expected q's device {device}")
 
 
-def _normalize_window(window_size, causal: bool, seqlen_k: int) -> bool:
-    """Returns the effective causal flag. Windows that cover every key are no window; (-1, 0) is
-    causal attention, as in the official package. Real windows are not implemented yet."""
+def _normalize_window(window_size, causal: bool, seqlen_k: int) -> tuple[bool, tuple[int, int]]:
+    """(causal, (left, right)): the official package's reading of window_size and causal. Key j is
+    visible from query i iff i + d - left <= j <= i + d + right (d = seqlen_k - seqlen_q; -1:
+    unbounded). Sides at least seqlen_k wide are unbounded; causal sets right = 0; (-1, 0) is
+    causal attention and (-1, -1) none, returned as the causal flag with no window."""
     try:
         left, right = (int(w) for w in window_size)
     except (TypeError, ValueError):
         raise FlashAttnValueError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
-    if left >= seqlen_k:
-        left = -1
-    if right >= seqlen_k:
-        right = -1
+    left = -1 if left < 0 or left >= seqlen_k else left
+    right = -1 if right < 0 or right >= seqlen_k else right
     if causal:
         right = 0
     if left < 0 and right == 0:
-        return True
-    if left < 0 and right < 0:
-        return False
-    raise FlashAttnNotImplementedError(
-        f"flash_cute: window_size={tuple(window_size)} (sliding-window attention) is not implemented yet"
-    )
+        return True, (-1, -1)
+    return False, (left, right)
 
 
-def _check_unsupported(dropout_p: float, softcap: float, alibi_slopes) -> None:
+def _check_unsupported(dropout_p: float) -> None:
     if dropout_p != 0.0:
         raise FlashAttnNotImplementedError(f"flash_cute: dropout_p={dropout_p} is not implemented yet; use dropout_p=0.0")
-    if softcap != 0.0:
-        raise FlashAttnNotImplementedError(f"flash_cute: softcap={softcap} is not implemented yet; use softcap=0.0")
+
+
+def _check_options(q, softcap, alibi_slopes, batch: int, nheads: int) -> float:
+    """Validates softcap (returned as a float) and alibi_slopes: float32 (nheads,) or (batch, nheads)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0:
+        raise FlashAttnValueError(f"softcap must be a float >= 0 (0.0: off), got {softcap!r}")
     if alibi_slopes is not None:
-        raise FlashAttnNotImplementedError("flash_cute: alibi_slopes is not implemented yet; pass alibi_slopes=None")
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise FlashAttnTypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+        if alibi_slopes.dtype != torch.float32:
+            raise FlashAttnTypeError(f"alibi_slopes must have dtype torch.float32, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+            raise FlashAttnValueError(
+                f"alibi_slopes must have shape (nheads={nheads},) or (batch={batch}, nheads={nheads}), "
+                f"got {tuple(alibi_slopes.shape)}"
+            )
+        if alibi_slopes.device != q.device:
+            raise RuntimeError(f"flash_cute: alibi_slopes is on {alibi_slopes.device}, expected q's device {q.device}")
+    return float(softcap)
 
 
 def _pad_head_dim(t: torch.Tensor) -> torch.Tensor:
@@ -185,9 +196,14 @@ def flash_attn_func(
         softmax_scale: float. Defaults to 1 / sqrt(headdim).
         causal: bool. Causal mask aligned to the bottom-right corner of the attention matrix:
             query i sees key j iff j <= i + seqlen_k - seqlen_q. Rows that see no key return 0.
-        window_size: (left, right). (-1, -1) is full attention; (-1, 0) equals causal.
-        softcap: float. 0.0 means off (only 0.0 is supported so far).
-        alibi_slopes: None (ALiBi is not supported so far).
+        window_size: (left, right). If not (-1, -1), local attention: query i sees key j iff
+            i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right (-1: unbounded).
+            (-1, 0) equals causal.
+        softcap: float. 0.0 means off; else scores become softcap * tanh(scores / softcap).
+        alibi_slopes: (nheads,) or (batch_size, nheads), float32. Adds the bias
+            -slope * |i + seqlen_k - seqlen_q - j| to the score of query i and key j.
+            Local windows, softcap and ALiBi run on the CPU path and for float32 inputs so far;
+            the float16/bfloat16 CUDA kernels raise NotImplementedError naming the option.
         deterministic: bool. Affects the backward pass only.
         return_attn_probs: bool. Also return the log-sum-exp and the attention-probability
             matrix (an empty tensor when dropout_p == 0, as in the official package).
@@ -235,8 +251,10 @@ def _attention(kind, tensors, varlen, dropout_p, softmax_scale, causal, window_s
         _check_varlen(q, *varlen)
     else:
         _check_qkv(q, k, v)
-    _check_unsupported(dropout_p, softcap, alibi_slopes)
-    causal = _normalize_window(window_size, bool(causal), _max_keys(k, varlen))
+    _check_unsupported(dropout_p)
+    softcap = _check_options(q, softcap, alibi_slopes, q.shape[0] if varlen is None else varlen[0].shape[0] - 1,
+                             q.shape[-2])
+    causal, window = _normalize_window(window_size, bool(causal), _max_keys(k, varlen))
     head_dim = q.shape[-1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
@@ -248,7 +266,8 @@ def _attention(kind, tensors, varlen, dropout_p, softmax_scale, causal, window_s
         cu_seqlens_k, block_table = varlen[1], varlen[4]
         k, v = _ops.gather_pages(k, block_table, cu_seqlens_k), _ops.gather_pages(v, block_table, cu_seqlens_k)
         kind, tensors, varlen = "", (q, k, v), (*varlen[:4], None)
-    args = (float(softmax_scale), causal, bool(deterministic), *(varlen or (None, None, 0, 0, None)))
+    args = (float(softmax_scale), causal, bool(deterministic), *(varlen or (None, None, 0, 0, None)), softcap,
+            *window, alibi_slopes)
     if kind:
         out, lse = _PackedAttention.apply(kind, args, *tensors)
     else:
@@ -278,21 +297,22 @@ class _PackedAttention(torch.autograd.Function):
     def forward(ctx, kind, args, *tensors):
         q, k, v = _unpack(kind, tensors)
         out, lse = _ops.fwd(q, k, v, *args)
-        ctx.save_for_backward(*tensors, out, lse, *(t for t in args[3:5]))
+        ctx.save_for_backward(*tensors, out, lse, *args[3:5], args[11])
         ctx.kind, ctx.args = kind, args
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        *tensors, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        softmax_scale, causal, deterministic, _, _, max_seqlen_q, max_seqlen_k, _ = ctx.args
+        *tensors, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+        softmax_scale, causal, deterministic, _, _, max_seqlen_q, max_seqlen_k, _, softcap, left, right, _ = ctx.args
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         grads = tuple(torch.empty_like(t) for t in tensors)
         _ops.bwd_into(
             grad_out, *_unpack(ctx.kind, tensors), out, lse, softmax_scale, causal, deterministic,
-            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *_unpack(ctx.kind, grads),
+            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap, left, right, alibi_slopes,
+            *_unpack(ctx.kind, grads),
         )
         return (None, None, *grads)
 
@@ -303,9 +323,14 @@ _ATTENTION_ARGS_DOC = """
         causal: bool. Causal mask aligned to the bottom-right corner of each sequence's attention
             matrix: query i sees key j iff j <= i + seqlen_k - seqlen_q. Rows that see no key
             return 0 (lse +inf).
-        window_size: (left, right). (-1, -1) is full attention; (-1, 0) equals causal.
-        softcap: float. 0.0 means off (only 0.0 is supported so far).
-        alibi_slopes: None (ALiBi is not supported so far).
+        window_size: (left, right). If not (-1, -1), local attention: query i sees key j iff
+            i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right, per sequence
+            (-1: unbounded). (-1, 0) equals causal.
+        softcap: float. 0.0 means off; else scores become softcap * tanh(scores / softcap).
+        alibi_slopes: (nheads,) or (batch_size, nheads), float32. Adds the bias
+            -slope * |i + seqlen_k - seqlen_q - j| to the score of query i and key j.
+            Local windows, softcap and ALiBi run on the CPU path and for float32 inputs so far;
+            the float16/bfloat16 CUDA kernels raise NotImplementedError naming the option.
         deterministic: bool. Affects the backward pass only: bitwise-reproducible dq.
         return_attn_probs: bool. Also return the log-sum-exp and the attention-probability
             matrix (an empty tensor when dropout_p == 0, as in the official package)."""
@@ -657,7 +682,9 @@ def flash_attn_with_kvcache(
         block_table [optional]: (batch_size, max_num_blocks_per_seq) int32: paged cache.
         softmax_scale: float. Defaults to 1 / sqrt(headdim).
         causal: bool.
-        window_size, softcap, alibi_slopes: only the defaults so far (NotImplementedError).
+        window_size, softcap, alibi_slopes: as in flash_attn_func (with a window, rotary
+            queries are positional, as with causal). CPU path and float32 so far; the
+            float16/bfloat16 CUDA kernels raise NotImplementedError naming the option.
         rotary_interleaved: bool.
         num_splits: int. 0: a heuristic from the batch, heads, cache capacity and GPU (never the
             current lengths, so CUDA graphs stay valid as the cache grows); 1: no split; N > 1: N
@@ -669,12 +696,16 @@ def flash_attn_with_kvcache(
     """
     cache_len = _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                cache_leftpad, block_table, num_splits)
-    _check_unsupported(0.0, softcap, alibi_slopes)
-    causal = _normalize_window(window_size, bool(causal), cache_len)
     batch, seqlen_q, nheads, d = q.shape
+    softcap = _check_options(q, softcap, alibi_slopes, batch, nheads)
+    causal, window = _normalize_window(window_size, bool(causal), cache_len)
+    if q.is_cuda and q.dtype in _ops._KERNEL_DTYPES:  # before the append: a refused call changes nothing
+        _ops._check_kernel_options(_ops._Options(softcap, window, alibi_slopes))
+    # Rotary: query row i sits at position s + i when causal or local, else every row at s.
+    positional_q = causal or window != (-1, -1)
     device = q.device
     seqlen_new = 0 if k is None else k.shape[1]
-    if rotary_cos is not None and causal and rotary_cos.shape[0] < cache_len + seqlen_q - seqlen_new:
+    if rotary_cos is not None and positional_q and rotary_cos.shape[0] < cache_len + seqlen_q - seqlen_new:
         # causal rotates query row i at cache_seqlens + i: up to seqlen_q - seqlen_new rows past
         # the last cache position
         raise FlashAttnValueError(
@@ -712,9 +743,10 @@ def flash_attn_with_kvcache(
         else:
             k_cache[rows[:, None], positions] = k
             v_cache[rows[:, None], positions] = v
-    # 2. q rotated at s + i (causal) or at s for every row.
+    # 2. q rotated at s + i (causal or local) or at s for every row.
     if rotary_cos is not None:
-        offsets = torch.arange(seqlen_q, device=device) if causal else torch.zeros(seqlen_q, dtype=torch.long, device=device)
+        offsets = (torch.arange(seqlen_q, device=device) if positional_q
+                   else torch.zeros(seqlen_q, dtype=torch.long, device=device))
         q = _rotate(q, rotary_cos, rotary_sin, seqlens[:, None] + offsets, rotary_interleaved)
     # 3. Attention: the split-KV kernel, or the varlen forward kernel with cache rows read as pages.
     if decode:
@@ -744,7 +776,8 @@ def flash_attn_with_kvcache(
     cu_seqlens_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
     out, lse = _ops.fwd(
         _pad_head_dim(q).reshape(batch * seqlen_q, nheads, -1), _pad_head_dim(keys), _pad_head_dim(values),
-        float(softmax_scale), causal, False, cu_seqlens_q, cu_seqlens_k, seqlen_q, cache_len, table,
+        float(softmax_scale), causal, False, cu_seqlens_q, cu_seqlens_k, seqlen_q, cache_len, table, softcap, *window,
+        alibi_slopes,
     )
     out = out[..., :d].reshape(batch, seqlen_q, nheads, d)
     if return_softmax_lse:

@@ -467,6 +467,9 @@ def kvcache_attention(
     softmax_scale: float | None = None,
     causal: bool = False,
     rotary_interleaved: bool = True,
+    softcap: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """flash_attn_with_kvcache's semantics, one batch row at a time. Returns ``(out, lse)``:
     ``out`` like q, ``lse`` float32 (batch, nheads, seqlen_q). Updates k_cache and v_cache in place.
@@ -484,8 +487,9 @@ def kvcache_attention(
        else in the caches is written;
     2. batch row ``b`` attends to positions ``p .. s + n - 1`` (old entries and the new ones),
        and to nothing else (positions before p or from s + n on are never read);
-    3. with rotary, query row ``i`` is rotated at position ``s + i`` when causal, and every query
-       row at position ``s`` when not; q itself is not modified;
+    3. with rotary, query row ``i`` is rotated at position ``s + i`` when causal or local
+       (``window_size`` not (-1, -1)), and every query row at position ``s`` when not; q itself is
+       not modified;
     4. causal masking is aligned to the bottom-right corner of those ``s + n - p`` visible keys,
        as in :func:`attention_forward` (which computes each row, grouped-query heads included).
 
@@ -562,9 +566,12 @@ def kvcache_attention(
         q_b = q[b]
         if rotary:
             # Causal: query i is the token at position s + i. Not causal: all queries at s.
-            offsets = arange(0, seqlen_q) if causal else torch.zeros(seqlen_q, dtype=torch.long, device=q.device)
+            positional = causal or tuple(window_size) != (-1, -1)
+            offsets = arange(0, seqlen_q) if positional else torch.zeros(seqlen_q, dtype=torch.long, device=q.device)
             q_b = _apply_rotary(q_b, rotary_cos, rotary_sin, seqlens[b] + offsets, rotary_interleaved)
-        out_b, lse_b = attention_forward(q_b[None], k_b[None], v_b[None], softmax_scale, causal)
+        alibi_b = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        out_b, lse_b = attention_forward(q_b[None], k_b[None], v_b[None], softmax_scale, causal, softcap=softcap,
+                                         window_size=tuple(window_size), alibi_slopes=alibi_b)
         out[b], lse[b] = out_b[0], lse_b[0]
     return out, lse
 
