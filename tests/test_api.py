@@ -147,3 +147,31 @@ def test_torch_compile_fullgraph_training_step(entry):
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("entry", ["func", "qkvpacked"])
+def test_torch_compile_fullgraph_with_options(entry):
+    """softcap, a local window and ALiBi slopes (a tensor input) travel through the compiled ops
+    and their autograd (aot_eager), to the eager loss and gradients."""
+    slopes = torch.rand(4)
+
+    def loss(*xs):
+        options = dict(causal=True, window_size=(3, 0), softcap=5.0, alibi_slopes=slopes)
+        if entry == "func":
+            out = flash_cute.flash_attn_func(*xs, **options)
+        else:
+            out = flash_cute.flash_attn_qkvpacked_func(*xs, **options)
+        return (out * out).sum()
+
+    inputs = list(make_qkv(2, 9, 9, 4, 2, 16, torch.float32)) if entry == "func" else [torch.randn(2, 9, 3, 4, 16)]
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, loss):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        value = fn(*leaves)
+        results.append((value, torch.autograd.grad(value, leaves)))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
