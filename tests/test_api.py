@@ -113,6 +113,22 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(got, f(q, k, v), rtol=1e-6, atol=1e-6)
 
 
+def _assert_compiled_step_matches_eager(loss, inputs):
+    """torch.compile(loss, fullgraph=True, backend="aot_eager") gives the eager loss and the
+    gradients with respect to every input."""
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, loss):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        value = fn(*leaves)
+        results.append((value, torch.autograd.grad(value, leaves)))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("entry", ["varlen", "qkvpacked", "varlen_kvpacked"])
 def test_torch_compile_fullgraph_training_step(entry):
     """The varlen and packed functions compile without graph breaks (aot_eager: no C++ compiler
@@ -136,17 +152,7 @@ def test_torch_compile_fullgraph_training_step(entry):
         return (out * out).sum()
 
     inputs = make()
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (compiled, loss):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        value = fn(*leaves)
-        results.append((value, torch.autograd.grad(value, leaves)))
-    (got, got_grads), (want, want_grads) = results
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    _assert_compiled_step_matches_eager(loss, inputs)
 
 
 @pytest.mark.parametrize("entry", ["func", "qkvpacked"])
@@ -164,14 +170,4 @@ def test_torch_compile_fullgraph_with_options(entry):
         return (out * out).sum()
 
     inputs = list(make_qkv(2, 9, 9, 4, 2, 16, torch.float32)) if entry == "func" else [torch.randn(2, 9, 3, 4, 16)]
-    torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    results = []
-    for fn in (compiled, loss):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        value = fn(*leaves)
-        results.append((value, torch.autograd.grad(value, leaves)))
-    (got, got_grads), (want, want_grads) = results
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    _assert_compiled_step_matches_eager(loss, inputs)

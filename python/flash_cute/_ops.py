@@ -151,6 +151,7 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: t
     return cache[block_table.long()[seq, j // page_size], j % page_size]
 
 
+@functools.cache
 def _fwd_block_n(head_dim: int, causal: bool) -> int:
     return _C().fwd_tile(head_dim, causal)[1]
 
