@@ -70,6 +70,21 @@ Three more sections follow the grid (their numbers also go to results.json):
                 check the bars: >= 85% of copy bandwidth, >= 1.0x torch-flash, paged >= 0.9x
                 contiguous (ok / '!'; the exit status does not depend on them). Runs by default,
                 --quick included (--no-decode skips it; --decode runs it alone).
+  options       flash_attn_func's options, one variant per line: plain, causal, window (1024,
+                1024), sliding (causal, window (1024, 0), Mistral's), softcap 30, alibi (ALiBi's
+                geometric slopes, float32 (nheads,)), dropout 0.1, combined (causal, window
+                (1024, 0), softcap 30 and alibi); bf16 d128 seqlen 4k (or --dtype, --hdim,
+                --seqlen; batch and heads from --tokens, --model-dim: 4 x 16), fwd and bwd timed
+                as in the grid. Columns: flash_cute's time, over its plain time (/plain) and, for
+                the masked variants, per attended (query, key) pair counted from the mask (/area);
+                fc/tf, fc/fa as in the grid (the anchor's time over flash_cute's). torch-flash is
+                torch.ops.aten._flash_attention_forward/_backward called directly with the
+                option's keywords (an option an op's schema lacks, e.g. softcap, prints '-').
+                Bars per line: cost (/area when masked, else /plain) <= 1.10 (dropout 1.25), fc/tf
+                and fc/fa >= 0.9 (PASS / FAIL; the exit status does not depend on them); err: max
+                |flash_cute's output - fp32 oracle| on that input (dropout: the oracle applies the
+                keep mask S_dmask >= 0 of a return_attn_probs=True call). Not run by default
+                (--options runs it alone; with --varlen or --decode, after them).
 The summary ends with one line per section.
 
 Examples:
@@ -81,11 +96,13 @@ Examples:
   python3 benchmark/run.py --dry-run --quick             # print the grid and exit (no GPU needed)
   python3 benchmark/run.py --varlen --dtype bf16         # the varlen section alone (d 128, causal off/on, all passes)
   python3 benchmark/run.py --decode                      # the decode section alone (flash_attn_with_kvcache)
+  python3 benchmark/run.py --options                     # the options section alone (windows, softcap, ALiBi, dropout)
 
 Exit status: 0; 1 when a flash_cute result exceeded --tol (in the varlen section: broke the 2x
-rule; in the decode section: max |out - fp32 oracle|) or flash_cute failed for a reason other
-than a head dim left out of the build (in the grid, the varlen, decode or GQA section, where
-each reduction is compared with the first);
+rule; in the decode and options sections: max |out - fp32 oracle|) or flash_cute failed for a
+reason other than a head dim left out of the build (in the grid, the varlen, decode, options or
+GQA section, where each reduction is compared with the first; an option flash_cute refuses
+counts);
 2 when the CUDA context died mid-run (the rows measured so far are still printed and written).
 """
 
@@ -96,6 +113,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -157,6 +175,22 @@ DECODE_COPY_BYTES = 2**30  # the copy-bandwidth probe: dst.copy_(src) on this ma
 # The issue's bars for flash_cute's rows: fraction of copy bandwidth, GB/s over torch-flash's,
 # paged GB/s over the same shape's contiguous
 DECODE_BAR_COPY, DECODE_BAR_TF, DECODE_BAR_PAGED = 0.85, 1.0, 0.9
+# The options section: one shape (batch, heads from --tokens, --model-dim), each variant's
+# flash_attn_func keywords (causal apart: Case's), fwd and bwd.
+OPTIONS_DTYPE, OPTIONS_HDIM, OPTIONS_SEQLEN, OPTIONS_PASSES = "bf16", 128, 4096, ("fwd", "bwd")
+OPTIONS_VARIANTS = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"window": (1024, 1024)},
+    "sliding": {"causal": True, "window": (1024, 0)},  # Mistral's sliding window
+    "softcap": {"softcap": 30.0},
+    "alibi": {"alibi": True},
+    "dropout": {"dropout_p": 0.1},
+    "combined": {"causal": True, "window": (1024, 0), "softcap": 30.0, "alibi": True},
+}
+# The issue's bars: an option's time over plain's (per attended pair when masked), dropout's;
+# flash_cute's speed over the official kernels' with the same option
+OPTIONS_BAR_COST, OPTIONS_BAR_DROPOUT, OPTIONS_BAR_OFFICIAL = 1.10, 1.25, 0.9
 
 IMPL_NAMES = ("flash_cute", "torch-flash", "cudnn", "flash_attn")
 # The implementation flash_cute's output is compared with: the first of these that ran.
@@ -303,6 +337,51 @@ class DecodeCase(Case):
         return 4.0 * self.batch * self.nheads * self.visible * self.hdim
 
 
+@functools.lru_cache(maxsize=None)
+def attended_pairs(seqlen_q: int, seqlen_k: int, causal: bool, window: tuple = (-1, -1)) -> int:
+    """The (query, key) pairs a mask lets through, counted row by row, aligned to the bottom-right
+    corner as in flash_attn: query i sees key j iff i + diag - left <= j <= i + diag + right (diag
+    = seqlen_k - seqlen_q, -1 unbounded; causal: right = 0)."""
+    left, right = window[0], 0 if causal else window[1]
+    count = 0
+    for i in range(seqlen_k - seqlen_q, seqlen_k):
+        lo = max(0, i - left) if left >= 0 else 0
+        hi = min(seqlen_k - 1, i + right) if right >= 0 else seqlen_k - 1
+        count += max(0, hi - lo + 1)
+    return count
+
+
+@dataclass(frozen=True)
+class OptionsCase(Case):
+    """A row of the options section: flash_attn_func on (batch, seqlen, nheads, d) inputs with one
+    variant's options (OPTIONS_VARIANTS; causal is Case's)."""
+
+    variant: str = "plain"
+    window: tuple = (-1, -1)
+    softcap: float = 0.0
+    alibi: bool = False
+    dropout_p: float = 0.0
+
+    @property
+    def pairs(self) -> int:
+        """The attended (query, key) pairs per (batch, head)."""
+        return attended_pairs(self.seqlen, self.seqlen, self.causal, self.window)
+
+    @property
+    def flops(self) -> float:
+        """4*d per attended pair per head and batch row, times the pass's factor."""
+        return 4.0 * self.batch * self.nheads * self.hdim * self.pairs * PASSES[self.pass_name].flop_factor
+
+    @property
+    def cost_bar(self) -> float:
+        return OPTIONS_BAR_DROPOUT if self.dropout_p else OPTIONS_BAR_COST
+
+    def api_kwargs(self, alibi_slopes: Optional[torch.Tensor]) -> dict:
+        """flash_attn_func's keywords for the variant, causal apart."""
+        return {"dropout_p": self.dropout_p, "window_size": self.window, "softcap": self.softcap,
+                "alibi_slopes": alibi_slopes if self.alibi else None}
+
+
 def build_grid(passes, dtypes, hdims, causals, seqlens, tokens: int, model_dim: int) -> list[Case]:
     return [
         Case(p, dt, d, c, s, batch=max(1, tokens // s), nheads=max(1, model_dim // d))
@@ -341,6 +420,8 @@ class Impl:
     setting: Optional[Callable[[], contextlib.AbstractContextManager]] = None  # e.g. a GQA reduction
     varlen: Optional[VarlenFactory] = None  # its flash_attn_varlen_func equivalent (varlen section)
     kvcache: Optional[DecodeFactory] = None  # its flash_attn_with_kvcache equivalent (decode section)
+    # (q, k, v, causal, **flash_attn_func keywords) -> the timed call (options section)
+    options: Optional[Callable[..., Callable[[], torch.Tensor]]] = None
 
     def context(self):
         """Entered around the warm-up, check and timing of every call (not inside the timed
@@ -367,8 +448,8 @@ def _sdpa_fwd(q, k, v, causal):
 
 
 def _flash_attn_api_fwd(module) -> FwdFactory:
-    def factory(q, k, v, causal):
-        return lambda: module.flash_attn_func(q, k, v, causal=causal)
+    def factory(q, k, v, causal, **options):
+        return lambda: module.flash_attn_func(q, k, v, causal=causal, **options)
 
     return factory
 
@@ -407,31 +488,64 @@ def _sdpa_kvcache(x: DecodeInputs, repeat_kv: bool = False):
     return lambda: F.scaled_dot_product_attention(qt, kt, vt, **extra).transpose(1, 2)
 
 
-class _AtenFlashVarlen(torch.autograd.Function):
-    """torch's vendored FA2 varlen kernels, called as SDPA's flash backend calls them:
-    aten._flash_attention_forward/_backward with cum_seq tensors take (total, nheads, d) inputs.
-    The backward gets the forward's logsumexp and its two RNG-state tensors (philox seed and
-    offset in older torch, rng_state and unused in newer) as they came."""
+@functools.lru_cache(maxsize=None)
+def aten_arguments(op: str) -> tuple:
+    """The argument names of torch.ops.aten.<op> in this torch (its keywords vary by version)."""
+    return tuple(a.name for a in getattr(torch.ops.aten, op).default._schema.arguments)
+
+
+def aten_keywords(op: str, options: dict) -> dict:
+    """The options that are set (not None), as keywords of torch.ops.aten.<op>; NotImplementedError
+    naming those the op does not take in this torch."""
+    given = {name: value for name, value in options.items() if value is not None}
+    missing = [name for name in given if name not in aten_arguments(op)]
+    if missing:
+        raise NotImplementedError(f"aten.{op} takes no {', '.join(missing)} in torch {torch.__version__}")
+    return given
+
+
+class _AtenFlash(torch.autograd.Function):
+    """torch's vendored FA2 kernels, called as SDPA's flash backend calls them:
+    aten._flash_attention_forward/_backward on (batch, seqlen, nheads, d) inputs (cu_seqlens None)
+    or, with cum_seq tensors, on varlen (total, nheads, d) ones. The backward gets the forward's
+    logsumexp and its two RNG-state tensors (philox seed and offset in older torch, rng_state and
+    unused in newer) as they came, so that dropout drops what the forward dropped. options: the
+    ops' keywords (aten_keywords: one an op lacks raises when that op is called)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, dropout_p=0.0, options=None):
+        options = options or {}
         out, lse, rng_a, rng_b, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, False)
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, causal, False,
+            **aten_keywords("_flash_attention_forward", options))
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (cu_seqlens, max_seqlen, causal, rng_a, rng_b)
+        ctx.args = (cu_seqlens, max_seqlen, causal, dropout_p, options, rng_a, rng_b)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        cu_seqlens, max_seqlen, causal, rng_a, rng_b = ctx.args
+        cu_seqlens, max_seqlen, causal, dropout_p, options, rng_a, rng_b = ctx.args
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, causal, rng_a, rng_b)
-        return dq, dk, dv, None, None, None
+            dout, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, causal, rng_a, rng_b,
+            **aten_keywords("_flash_attention_backward", options))
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _aten_flash_varlen(q, k, v, cu_seqlens, max_seqlen, causal):
-    return lambda: _AtenFlashVarlen.apply(q, k, v, cu_seqlens, max_seqlen, causal)
+    return lambda: _AtenFlash.apply(q, k, v, cu_seqlens, max_seqlen, causal, 0.0, None)
+
+
+def _aten_flash(q, k, v, causal, dropout_p=0.0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """The options section's torch-flash: _AtenFlash on (batch, seqlen, nheads, d) inputs (seqlen_q
+    = seqlen_k), flash_attn_func's options as the aten ops' keywords (an unbounded window side and
+    softcap 0 are left out). An option the forward lacks raises here, outside the timed call; one
+    the backward lacks (alibi_slopes in torch 2.13) when the backward runs."""
+    options = {"window_size_left": window_size[0] if window_size[0] >= 0 else None,
+               "window_size_right": window_size[1] if window_size[1] >= 0 else None,
+               "softcap": softcap or None, "alibi_slopes": alibi_slopes}
+    aten_keywords("_flash_attention_forward", options)
+    return lambda: _AtenFlash.apply(q, k, v, None, q.shape[1], causal, dropout_p, options)
 
 
 def load_flash_cute() -> Impl:
@@ -440,7 +554,8 @@ def load_flash_cute() -> Impl:
     except Exception as e:  # noqa: BLE001 - any import failure leaves the column empty
         return Impl("flash_cute", unavailable=f"import flash_cute failed: {short_error(e)}")
     impl = Impl("flash_cute", fwd=_flash_attn_api_fwd(flash_cute), version=flash_cute.__version__,
-                varlen=_flash_attn_api_varlen(flash_cute), kvcache=_flash_attn_api_kvcache(flash_cute))
+                varlen=_flash_attn_api_varlen(flash_cute), kvcache=_flash_attn_api_kvcache(flash_cute),
+                options=_flash_attn_api_fwd(flash_cute))
     try:
         flash_cute.build_info()
     except Exception as e:  # noqa: BLE001
@@ -454,7 +569,8 @@ def load_flash_attn() -> Impl:
     except Exception as e:  # noqa: BLE001 - not installed, or built against another torch
         return Impl("flash_attn", unavailable=f"not importable ({short_error(e)})")
     return Impl("flash_attn", fwd=_flash_attn_api_fwd(flash_attn), version=getattr(flash_attn, "__version__", "?"),
-                varlen=_flash_attn_api_varlen(flash_attn), kvcache=_flash_attn_api_kvcache(flash_attn))
+                varlen=_flash_attn_api_varlen(flash_attn), kvcache=_flash_attn_api_kvcache(flash_attn),
+                options=_flash_attn_api_fwd(flash_attn))
 
 
 def load_sdpa(name: str, backend_name: str) -> Impl:
@@ -490,7 +606,8 @@ def load_impls(names) -> list[Impl]:
     loaders = {
         "flash_cute": load_flash_cute,
         "torch-flash": lambda: dataclasses.replace(load_sdpa("torch-flash", "FLASH_ATTENTION"),
-                                                   varlen=_aten_flash_varlen, kvcache=_sdpa_kvcache),
+                                                   varlen=_aten_flash_varlen, kvcache=_sdpa_kvcache,
+                                                   options=_aten_flash),
         "cudnn": lambda: load_sdpa("cudnn", "CUDNN_ATTENTION"),
         "flash_attn": load_flash_attn,
     }
@@ -930,6 +1047,9 @@ def describe_case(c: Case) -> str:
     if isinstance(c, DecodeCase):
         return (f"decode {c.dtype} d{c.hdim} batch {c.batch} cache {fmt_seqlen(c.seqlen)} (q length 1, "
                 f"heads {fmt_heads(c)})")
+    if isinstance(c, OptionsCase):
+        return (f"options {c.variant} {c.pass_name} {c.dtype} d{c.hdim} seqlen {fmt_seqlen(c.seqlen)} "
+                f"(batch {c.batch}, heads {fmt_heads(c)})")
     if isinstance(c, VarlenCase):
         return (f"varlen {head} ({c.batch} sequences of {min(c.seqlens)}..{c.seqlen}, {c.total} tokens, "
                 f"heads {fmt_heads(c)})")
@@ -1220,14 +1340,33 @@ def fp32_matmul():
         torch.set_float32_matmul_precision(saved)
 
 
-def attention_fp32(q, k, v, causal: bool) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v of one sequence, from the definition, in float32: q, k, v
-    (seqlen, nheads, d), as many keys as queries (causal: query i sees keys 0..i)."""
+def attention_fp32(q, k, v, causal: bool, window=(-1, -1), softcap: float = 0.0, alibi=None, keep=None,
+                   dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v of one sequence, from the definition, in float32: q (seqlen_q,
+    nheads, d), k, v (seqlen_k, nheads, d). flash_attn_func's options, masks aligned to the
+    bottom-right corner (diag = seqlen_k - seqlen_q): causal (query i sees keys j <= i + diag),
+    window (left, right): i + diag - left <= j <= i + diag + right (-1 unbounded), softcap: scores
+    softcap * tanh(scores / softcap), then alibi ((nheads,) slopes): - slope * |i + diag - j|;
+    keep ((nheads, seqlen_q, seqlen_k) bool): dropout's kept entries, the probabilities scaled by
+    1 / (1 - dropout_p)."""
     q, k, v = (t.float().transpose(0, 1) for t in (q, k, v))  # (nheads, seqlen, d)
     s = q @ k.transpose(1, 2) * q.shape[-1] ** -0.5
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
-    return (s.softmax(-1) @ v).transpose(0, 1)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    left, right = window[0], 0 if causal else window[1]
+    if alibi is not None or left >= 0 or right >= 0:
+        i = torch.arange(s.shape[1], device=s.device).unsqueeze(1) + (s.shape[2] - s.shape[1])
+        j = torch.arange(s.shape[2], device=s.device)
+        if alibi is not None:
+            s = s - alibi.float().view(-1, 1, 1) * (i - j).abs()
+        if right >= 0:
+            s = s.masked_fill(j > i + right, -math.inf)
+        if left >= 0:
+            s = s.masked_fill(j < i - left, -math.inf)
+    p = s.softmax(-1)
+    if keep is not None:
+        p = p * keep / (1 - dropout_p)
+    return (p @ v).transpose(0, 1)
 
 
 def varlen_oracle(x: Inputs, seqlens, causal: bool) -> dict:
@@ -1649,6 +1788,232 @@ def decode_summary_lines(rows: list[DecodeRow], tol: float) -> list[str]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Extra section: flash_attn_func's options (causal, local windows, softcap, ALiBi, dropout)
+# ----------------------------------------------------------------------------------------------
+
+
+def options_cases(args) -> list[OptionsCase]:
+    """Per (dtype, d, seqlen): each variant (OPTIONS_VARIANTS, plain first), each of its passes."""
+    passes = [p for p in args.passes if p in OPTIONS_PASSES]
+    return [
+        OptionsCase(p, dt, d, opts.get("causal", False), s, max(1, args.tokens // s), max(1, args.model_dim // d),
+                    variant=name, **{k: v for k, v in opts.items() if k != "causal"})
+        for dt, d, s in itertools.product(args.dtype or [OPTIONS_DTYPE], sorted(args.hdim or [OPTIONS_HDIM]),
+                                          sorted(args.seqlen or [OPTIONS_SEQLEN]))
+        for name, opts in OPTIONS_VARIANTS.items()
+        for p in passes
+    ]
+
+
+def describe_options(case: OptionsCase) -> str:
+    """The variant's flash_attn_func keywords, e.g. 'causal, window_size=(1024, 0), softcap=30'."""
+    parts = ["causal"] if case.causal else []
+    parts += [f"window_size={case.window}"] if case.window != (-1, -1) else []
+    parts += [f"softcap={case.softcap:g}"] if case.softcap else []
+    parts += ["alibi_slopes"] if case.alibi else []
+    parts += [f"dropout_p={case.dropout_p:g}"] if case.dropout_p else []
+    return ", ".join(parts) or "none"
+
+
+def alibi_slopes(nheads: int, device="cuda") -> torch.Tensor:
+    """ALiBi's geometric slopes, float32 (nheads,): 2^(-8h/n), h = 1..n, for n = nheads a power of
+    two; otherwise those of the largest power of two n below nheads, then the odd-numbered slopes
+    of 2n heads."""
+    n = 2 ** int(math.log2(nheads))
+    slopes = [2 ** (-8 * h / n) for h in range(1, n + 1)] + [2 ** (-4 * (2 * h + 1) / n) for h in range(nheads - n)]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
+def options_variant(impl: Impl, case: OptionsCase, slopes: torch.Tensor) -> Impl:
+    """The implementation with the variant's options in its forward: the pass builders time it as
+    they time the grid."""
+    kwargs = case.api_kwargs(slopes)
+    return dataclasses.replace(impl, sdpa_backend=None,
+                               fwd=lambda q, k, v, causal: impl.options(q, k, v, causal, **kwargs))
+
+
+def options_error(impl: Impl, case: OptionsCase, x: Inputs, slopes: torch.Tensor, out: torch.Tensor) -> float:
+    """max |out - fp32 oracle| over the batch rows (one at a time). Dropout: out is replaced by that
+    of a return_attn_probs=True call, whose S_dmask (batch, heads, seqlen rounded up to 128 twice)
+    gives the oracle its keep mask (S_dmask >= 0)."""
+    keep = None
+    if case.dropout_p:
+        with torch.no_grad():
+            out, _, s_dmask = impl.options(x.q, x.k, x.v, case.causal, **case.api_kwargs(slopes),
+                                           return_attn_probs=True)()
+        if s_dmask.dim() != 4 or min(s_dmask.shape[-2:]) < case.seqlen:
+            raise ValueError(f"S_dmask of shape {tuple(s_dmask.shape)}: no dropout keep mask to check against")
+        keep = s_dmask[..., :case.seqlen, :case.seqlen] >= 0
+    worst = 0.0
+    with fp32_matmul():
+        for b in range(case.batch):
+            ref = attention_fp32(x.q[b], x.k[b], x.v[b], case.causal, case.window, case.softcap,
+                                 slopes if case.alibi else None, None if keep is None else keep[b], case.dropout_p)
+            worst = nan_max([worst, max_diff([out[b]], [ref])])
+    return worst
+
+
+@dataclass
+class OptionsRow(Row):
+    """A (variant, pass) of the options section. plain: the plain variant's row of the same pass and
+    shape (None for the plain row itself), the base of the cost ratios; max_diff (fwd rows):
+    flash_cute's max |out - fp32 oracle|."""
+
+    plain: Optional[Row] = field(default=None, repr=False, compare=False)
+    section = "options"
+
+    def ms(self, impl: str = "flash_cute") -> Optional[float]:
+        m = self.results.get(impl)
+        return None if m is None else m.ms
+
+    def vs_plain(self, per_pair: bool = False) -> Optional[float]:
+        """flash_cute's time over its plain time; per_pair: each per attended pair (None where the
+        variant attends as many pairs as plain)."""
+        base = self.plain or self
+        a, b = self.ms(), base.ms()
+        if a is None or not b or (per_pair and self.case.pairs == base.case.pairs):
+            return None
+        return a / b * (base.case.pairs / self.case.pairs if per_pair else 1.0)
+
+    def cost(self) -> Optional[float]:
+        """What the cost bar bounds: /area for a masked variant, else /plain."""
+        return self.vs_plain(per_pair=self.case.pairs != (self.plain or self).case.pairs)
+
+    def bars(self) -> dict:
+        """cost (not for plain) and one per anchor that ran: True (met), False, None (not measured);
+        all False where flash_cute has no time."""
+        if "flash_cute" not in self.results:
+            return {}
+        cost = self.cost()
+        bars = {} if self.plain is None else {"cost": None if cost is None else cost <= self.case.cost_bar}
+        for anchor, _ in RATIO_ANCHORS:
+            if anchor in self.results:
+                r = self.ratio("flash_cute", anchor)
+                bars[IMPL_ABBREV[anchor]] = None if r is None else r >= OPTIONS_BAR_OFFICIAL
+        return bars if self.ms() is not None else dict.fromkeys(bars, False)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "section": self.section, "attended_pairs": self.case.pairs,
+                "vs_plain": self.vs_plain(), "vs_plain_per_pair": self.vs_plain(per_pair=True),
+                "cost_bar": None if self.plain is None else self.case.cost_bar,
+                "vs_anchor": {a: self.ratio("flash_cute", a) for a, _ in RATIO_ANCHORS if a in self.results},
+                "bars": self.bars()}
+
+
+def fmt_pass_fail(bars: dict) -> str:
+    return " ".join(f"{k}:{'-' if ok is None else 'PASS' if ok else 'FAIL'}" for k, ok in bars.items()) or "-"
+
+
+def options_table(names: list[str], passes: list[str]) -> Table:
+    cols = [("variant", 8, "<")]
+    for p in passes:
+        cols += [(f"{p} ms", 7, ">"), ("/plain", 6, ">"), ("/area", 6, ">")]
+        cols += [(label, 6, ">") for _, label in ratio_columns(names)]
+        cols += [(f"{p} bars", 8 + 8 * len(ratio_columns(names)), "<")]
+    return Table(cols + [("err", 9, "<")])
+
+
+def format_options_line(table: Table, rows: dict, names: list[str], passes: list[str], tol: float) -> str:
+    """One variant: rows maps each pass to its OptionsRow."""
+    cells = [next(iter(rows.values())).case.variant]
+    for p in passes:
+        r = rows[p]
+        cells += [fmt_num(r.ms(), ".3f"), fmt_num(r.vs_plain(), ".3f"), fmt_num(r.vs_plain(per_pair=True), ".3f")]
+        cells += [fmt_num(r.ratio("flash_cute", a), ".3f") for a, _ in ratio_columns(names)]
+        cells += [fmt_pass_fail(r.bars())]
+    return table.line(cells + [fmt_diff(rows["fwd"], tol) if "fwd" in rows else "-"])
+
+
+def run_options_section(bench: Bench, impls: list[Impl], cases: list[OptionsCase], args, log, rows: list) -> None:
+    """Per shape, one set of inputs; per variant, each pass of each implementation timed by
+    Bench.measure, flash_cute's forward output compared with the fp32 oracle; appends an OptionsRow
+    per (variant, pass) to rows as it goes; prints a line per variant."""
+    left_out = [i.name for i in impls if i.options is None]
+    impls = [i for i in impls if i.options is not None]
+    names = [i.name for i in impls]
+    passes = list(dict.fromkeys(c.pass_name for c in cases))
+    variants = {c.variant: c for c in cases}  # one case of each, for its options
+    log("OPTIONS  flash_attn_func's options, one line per variant: "
+        + "; ".join(f"{name}: {describe_options(c)}" for name, c in variants.items()))
+    log("# alibi_slopes: ALiBi's geometric slopes 2^(-8h/heads), float32 (heads,); one set of inputs per shape")
+    if left_out:
+        log(f"# {', '.join(left_out)}: no entry point with these options, left out of this section")
+    if "torch-flash" in names:
+        keywords = {op: [a.name for a in getattr(torch.ops.aten, op).default._schema.arguments if a.kwarg_only]
+                    for op in ("_flash_attention_forward", "_flash_attention_backward")}
+        log("# torch-flash: torch.ops.aten._flash_attention_forward/_backward called directly on (batch, seqlen, "
+            "heads, d), keywords " + "; ".join(f"{op[1:]}: {', '.join(k)}" for op, k in keywords.items())
+            + "; an option an op lacks: '-'")
+    log(f"# {', '.join(passes)} timed as in the grid; /plain: flash_cute's time over its plain time; /area: the same "
+        "per attended (query, key) pair, counted from the mask (masked variants); fc/tf, fc/fa: the anchor's time "
+        "over flash_cute's (> 1: flash_cute faster)")
+    log(f"# bars: cost: /area (masked variants) or /plain <= {OPTIONS_BAR_COST:.2f} (dropout "
+        f"{OPTIONS_BAR_DROPOUT:.2f}); tf, fa: fc/tf, fc/fa >= {OPTIONS_BAR_OFFICIAL:g}; '-': not measured; FAIL "
+        "everywhere when flash_cute failed")
+    log(f"# err: max |flash_cute's output - fp32 oracle| on the same input (dropout: a return_attn_probs=True call, "
+        f"the oracle keeping S_dmask >= 0 and scaling by 1 / (1 - p)); '!' above {args.tol:g}")
+    table = options_table(names, passes)
+    for (dtype, hdim, seqlen), block in itertools.groupby(cases, key=lambda c: (c.dtype, c.hdim, c.seqlen)):
+        block = list(block)
+        x = make_inputs(block[0], bench.seed, with_dout=any(PASSES[c.pass_name].grad_enabled for c in block))
+        slopes = alibi_slopes(block[0].nheads)
+        pairs = {c.variant: c.pairs for c in block}
+        log(f"{dtype} d{hdim} seqlen {fmt_seqlen(seqlen)} batch {block[0].batch} heads {fmt_heads(block[0])}; attended "
+            f"pairs per head: plain {pairs['plain']}, " + ", ".join(
+                f"{name} {n / pairs['plain']:.3f}x" for name, n in pairs.items() if n != pairs["plain"]))
+        log(table.header())
+        plain: dict = {}
+        for _, variant in itertools.groupby(block, key=lambda c: c.variant):
+            done = {}
+            for case in variant:
+                row = OptionsRow(case, plain=plain.get(case.pass_name))
+                fc_out = None
+                for impl in impls:
+                    row.results[impl.name], outs = bench.measure(options_variant(impl, case, slopes), case, x)
+                    if impl.name == "flash_cute" and outs is not None and case.pass_name == "fwd":
+                        fc_out = outs[0]
+                    del outs
+                if fc_out is not None:
+                    fc = next(i for i in impls if i.name == "flash_cute")
+                    row.ref = "fp32"
+                    row.max_diff = oracle_or_none(bench, "options", describe_case(case),
+                                                  lambda: options_error(fc, case, x, slopes, fc_out))
+                    del fc_out
+                    torch.cuda.empty_cache()
+                plain.setdefault(case.pass_name, row)  # plain comes first
+                done[case.pass_name] = row
+                rows.append(row)
+            log(format_options_line(table, done, names, passes, args.tol))
+        del x
+        log()
+
+
+def options_summary_lines(rows: list[OptionsRow], tol: float) -> list[str]:
+    """Per pass: the variants that meet every bar, those that miss one; the correctness; failures."""
+    out = []
+    for p in dict.fromkeys(r.case.pass_name for r in rows):
+        sub = [r for r in rows if r.case.pass_name == p]
+        missed = [f"{r.case.variant} ({', '.join(k for k, ok in r.bars().items() if ok is False)})"
+                  for r in sub if False in r.bars().values()]
+        out.append(f"options {p}: no bar missed by {len(sub) - len(missed)} of {len(sub)} variants"
+                   + (f"; missed: {'; '.join(missed)}" if missed else ""))
+    checked = [r for r in rows if r.max_diff is not None]
+    if checked:
+        flagged = [r.case.variant for r in checked if r.flagged(tol)]
+        out.append(f"options correctness: max |flash_cute - fp32| = {nan_max(r.max_diff for r in checked):.2e} over "
+                   f"{len(checked)} variants; "
+                   + (f"above {tol:g}: {', '.join(flagged)}" if flagged else f"none above {tol:g}"))
+    for name in dict.fromkeys(n for r in rows for n in r.results):
+        failed = [r for r in rows if r.results[name].error]
+        if failed:
+            which = ("all" if len(failed) == len(rows) else
+                     ", ".join(f"{r.case.variant} {r.case.pass_name}" for r in failed) + " of")
+            out.append(f"options: {name} failed in {which} {len(rows)} rows: "
+                       f"{first_line(failed[0].results[name].error, 120)}")
+    return out
+
+
 def extras_summary_lines(gqa: list[dict], memory: list[dict]) -> list[str]:
     """One line per extra section for the summary: the reductions' time ratio, and flash_cute's
     peak memory against torch-flash's."""
@@ -1774,7 +2139,7 @@ def write_json(path: Path, env: dict, rows: list[Row], args, extras: Optional[di
 
 
 CSV_FIELDS = ["pass", "dtype", "hdim", "causal", "seqlen", "batch", "nheads", "nheads_k", "flops",
-              "impl", "ms", "tflops", "alloc_x", "skipped", "error", "max_diff_vs_ref", "ref", "section"]
+              "impl", "ms", "tflops", "alloc_x", "skipped", "error", "max_diff_vs_ref", "ref", "section", "variant"]
 
 
 def write_csv(path: Path, rows: list[Row]) -> None:
@@ -1782,7 +2147,8 @@ def write_csv(path: Path, rows: list[Row]) -> None:
     flash_cute's against ref; 'varlen' (seqlen: the longest sequence, batch: their number):
     every implementation's against the fp32 oracle; 'decode' (seqlen: the cache length, all of it
     visible; impl 'flash_cute' for the contiguous cache, 'flash_cute[paged256]' ...; flops: of the
-    q-length-1 forward): every implementation's against the fp32 oracle."""
+    q-length-1 forward): every implementation's against the fp32 oracle; 'options' (variant: its
+    name; flops: over the attended pairs): flash_cute's forward against the fp32 oracle."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(CSV_FIELDS)
@@ -1792,7 +2158,7 @@ def write_csv(path: Path, rows: list[Row]) -> None:
                 diff = r.diff(name)
                 w.writerow([c.pass_name, c.dtype, c.hdim, int(c.causal), c.seqlen, c.batch, c.nheads,
                             c.kv_heads, f"{c.flops:.6g}", name, m.ms, m.tflops, m.alloc_x, int(m.skipped), m.error,
-                            diff, r.ref if diff is not None else None, r.section])
+                            diff, r.ref if diff is not None else None, r.section, getattr(c, "variant", None)])
 
 
 IMPL_COLORS = {"flash_cute": "#d62728", "torch-flash": "#1f77b4", "cudnn": "#2ca02c", "flash_attn": "#ff7f0e"}
@@ -1943,6 +2309,11 @@ def parse_args(argv=None):
                              f"{', '.join(f'({b}, {fmt_seqlen(n)})' for b, n in DECODE_SHAPES)}; contiguous, "
                              "paged 256, paged 16); with --varlen: those two sections alone")
     decode.add_argument("--no-decode", action="store_true", help="skip the decode section (run by default)")
+    extra.add_argument("--options", action="store_true",
+                       help="run the options section (after --varlen, --decode if given; else alone): "
+                            f"flash_attn_func with {', '.join(OPTIONS_VARIANTS)}, {OPTIONS_DTYPE} d{OPTIONS_HDIM} "
+                            f"seqlen {fmt_seqlen(OPTIONS_SEQLEN)} (or --dtype, --hdim, --seqlen), fwd and bwd, "
+                            "against torch's FA2 aten ops and flash_attn")
     p.add_argument("--only", metavar="IMPL,...", default=list(IMPL_NAMES),
                    type=lambda t: parse_list(t, parse_choice(IMPL_NAMES), "implementation"),
                    help=f"implementations to run, from {', '.join(IMPL_NAMES)} (default all)")
@@ -1989,8 +2360,8 @@ def grid_causals(args) -> list[bool]:
 
 
 def sections_alone(args) -> bool:
-    """--varlen or --decode: those sections alone (no grid, GQA or memory section)."""
-    return args.varlen or args.decode
+    """--varlen, --decode or --options: those sections alone (no grid, GQA or memory section)."""
+    return args.varlen or args.decode or args.options
 
 
 def gqa_reductions(args) -> list[str]:
@@ -2007,11 +2378,11 @@ def memory_section_on(args) -> bool:
 
 
 def varlen_section_on(args) -> bool:
-    return not args.no_varlen and (args.varlen or not args.decode)
+    return not args.no_varlen and (args.varlen or not sections_alone(args))
 
 
 def decode_section_on(args) -> bool:
-    return not args.no_decode and (args.decode or not args.varlen)
+    return not args.no_decode and (args.decode or not sections_alone(args))
 
 
 def grid_from_args(args) -> list[Case]:
@@ -2024,11 +2395,12 @@ def grid_from_args(args) -> list[Case]:
                       args.tokens, args.model_dim)
 
 
-def print_dry_run(cases: list[Case], varlen: list[VarlenCase], decode: list[DecodeCase], args) -> None:
+def print_dry_run(cases: list[Case], varlen: list[VarlenCase], decode: list[DecodeCase], options: list[OptionsCase],
+                  args) -> None:
     table = Table(CASE_COLUMNS + [("seqlen", 6, ">"), ("batch", 5, ">"), ("heads", 5, ">"),
                                   ("GFLOP", 8, ">"), ("q MiB", 6, ">")])
     print(f"# command: {command_line()}")
-    alone = [f"--{n}" for n in ("varlen", "decode") if getattr(args, n)]
+    alone = [f"--{n}" for n in ("varlen", "decode", "options") if getattr(args, n)]
     print(f"# {len(cases)} shapes" + (f" ({' '.join(alone)}: the section(s) alone)" if alone else "")
           + f"; implementations: {', '.join(n for n in IMPL_NAMES if n in args.only)} "
           f"(whether each can run is found out when the benchmark runs)")
@@ -2043,14 +2415,14 @@ def print_dry_run(cases: list[Case], varlen: list[VarlenCase], decode: list[Deco
               f"causal {'/'.join('on' if c else 'off' for c in grid_causals(args))}; flash_cute with "
               f"{', '.join(args.gqa_bwd)}, and the other implementations")
     else:
-        print("# GQA backward: not run (--gqa-bwd none, --quick, --varlen, --decode, no bwd pass, or flash_cute "
-              "not selected)")
+        print("# GQA backward: not run (--gqa-bwd none, --quick, --varlen, --decode, --options, no bwd pass, or "
+              "flash_cute not selected)")
     if memory_section_on(args):
         for c in memory_cases(args):
             print(f"# memory: forward + backward peak at {c.dtype} d{c.hdim} seqlen {fmt_seqlen(c.seqlen)} "
                   f"batch {c.batch} heads {fmt_heads(c)} (q: {c.tensor_bytes / 2**20:.0f} MiB)")
     else:
-        print("# memory: not run (--no-memory, --varlen, --decode, or no pass with a backward)")
+        print("# memory: not run (--no-memory, --varlen, --decode, --options, or no pass with a backward)")
     if varlen:
         seqlens = varlen[0].seqlens
         print(f"# varlen: {len(seqlens)} sequences of {min(seqlens)}..{max(seqlens)} tokens "
@@ -2059,7 +2431,7 @@ def print_dry_run(cases: list[Case], varlen: list[VarlenCase], decode: list[Deco
         for c in varlen:
             print(f"#   {describe_case(c)}: {c.flops / 1e9:.0f} GFLOP, q {c.tensor_bytes / 2**20:.0f} MiB")
     else:
-        print("# varlen: not run (--no-varlen, or --decode alone)")
+        print("# varlen: not run (--no-varlen, or --decode or --options alone)")
     if decode:
         layouts = ", ".join(f"{n} {'/'.join(l for l in DECODE_LAYOUTS if l in ls)}"
                             for n, ls in DECODE_IMPL_LAYOUTS.items() if n in args.only)
@@ -2070,7 +2442,16 @@ def print_dry_run(cases: list[Case], varlen: list[VarlenCase], decode: list[Deco
             print(f"#   batch {c.batch} cache {fmt_seqlen(c.seqlen)}: K/V read {c.kv_bytes / 2**20:.0f} MiB per call, "
                   f"oracle rows {','.join(map(str, decode_oracle_rows(c.batch)))}")
     else:
-        print("# decode: not run (--no-decode, or --varlen alone)")
+        print("# decode: not run (--no-decode, or --varlen or --options alone)")
+    if options:
+        print(f"# options: flash_attn_func, {', '.join(dict.fromkeys(c.pass_name for c in options))}; flash_cute and "
+              f"the anchors with options (torch-flash: aten._flash_attention_forward/_backward); {len(options)} rows:")
+        for c in options:
+            if c.pass_name == options[0].pass_name:
+                print(f"#   {c.dtype} d{c.hdim} seqlen {fmt_seqlen(c.seqlen)} batch {c.batch} heads {fmt_heads(c)} "
+                      f"{c.variant}: {describe_options(c)}; {c.pairs / c.seqlen ** 2:.3f} of the pairs")
+    else:
+        print("# options: not run (--options runs it)")
 
 
 class Log:
@@ -2105,11 +2486,12 @@ def main(argv=None) -> int:
     cases = grid_from_args(args)
     varlen_cases_todo = varlen_cases(args) if varlen_section_on(args) else []
     decode_cases_todo = decode_cases() if decode_section_on(args) else []
-    validate(cases + varlen_cases_todo + decode_cases_todo)
+    options_cases_todo = options_cases(args) if args.options else []
+    validate(cases + varlen_cases_todo + decode_cases_todo + options_cases_todo)
     if not 1 <= args.gqa_shape[4] <= 256:
         raise SystemExit(f"--gqa-shape: head dim {args.gqa_shape[4]}: every implementation here takes 1 .. 256")
     if args.dry_run:
-        print_dry_run(cases, varlen_cases_todo, decode_cases_todo, args)
+        print_dry_run(cases, varlen_cases_todo, decode_cases_todo, options_cases_todo, args)
         return 0
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: only --help and --dry-run work here")
@@ -2140,8 +2522,8 @@ def main(argv=None) -> int:
     bench = Bench(impls, timer, args.seed, log)
     table = row_table(impl_names)
     rows: list[Row] = []
-    # varlen, decode: VarlenRow, DecodeRow objects; decode_copy: the copy-bandwidth probe
-    extras: dict = {"gqa_bwd": [], "memory": [], "varlen": [], "decode": [], "decode_copy": {}}
+    # varlen, decode, options: VarlenRow, DecodeRow, OptionsRow objects; decode_copy: the copy-bandwidth probe
+    extras: dict = {"gqa_bwd": [], "memory": [], "varlen": [], "decode": [], "decode_copy": {}, "options": []}
     status = 0
     try:
         if cases:
@@ -2161,6 +2543,8 @@ def main(argv=None) -> int:
             run_varlen_section(bench, impls, varlen_cases_todo, log, extras["varlen"])
         if decode_cases_todo:
             run_decode_section(bench, impls, decode_cases_todo, args, log, extras["decode"], extras["decode_copy"])
+        if options_cases_todo:
+            run_options_section(bench, impls, options_cases_todo, args, log, extras["options"])
     except FatalCudaError as e:
         log(f"# FATAL: the CUDA context died ({e}); stopping after {len(rows)} shapes")
         status = 2
@@ -2175,10 +2559,12 @@ def main(argv=None) -> int:
             for line in summary_lines(rows, impl_names, args.tol):
                 log(line)
         for line in (extras_summary_lines(extras["gqa_bwd"], extras["memory"]) + varlen_summary_lines(extras["varlen"])
-                     + decode_summary_lines(extras["decode"], args.tol)):
+                     + decode_summary_lines(extras["decode"], args.tol)
+                     + options_summary_lines(extras["options"], args.tol)):
             log(line)
         log.close()
-    if status == 0 and flash_cute_failed(rows + extras["varlen"] + extras["decode"], args.tol, extras["gqa_bwd"]):
+    if status == 0 and flash_cute_failed(rows + extras["varlen"] + extras["decode"] + extras["options"], args.tol,
+                                         extras["gqa_bwd"]):
         status = 1
     return status
 
@@ -2186,7 +2572,7 @@ def main(argv=None) -> int:
 def flash_cute_failed(rows: list[Row], tol: float, gqa: list[dict] = ()) -> bool:
     """A flash_cute result above tol (varlen rows: breaking the 2x rule), or a flash_cute
     failure other than a kernel left out of the build, in the grid, the varlen, the decode (any
-    layout: flash_cute[paged16] ...) or the GQA section."""
+    layout: flash_cute[paged16] ...), the options or the GQA section."""
     for r in rows:
         if r.flagged(tol):
             return True
@@ -2202,10 +2588,11 @@ def flash_cute_failed(rows: list[Row], tol: float, gqa: list[dict] = ()) -> bool
 
 
 def write_outputs(args, env: dict, rows: list[Row], impl_names: list[str], log: Log, extras: dict) -> None:
-    varlen, decode = extras["varlen"], extras["decode"]  # VarlenRow, DecodeRow objects
+    varlen, decode, options = extras["varlen"], extras["decode"], extras["options"]  # *Row objects
     write_json(args.out / "results.json", env, rows, args,
-               {**extras, "varlen": [r.to_dict() for r in varlen], "decode": [r.to_dict() for r in decode]})
-    write_csv(args.out / "results.csv", rows + varlen + decode)
+               {**extras, "varlen": [r.to_dict() for r in varlen], "decode": [r.to_dict() for r in decode],
+                "options": [r.to_dict() for r in options]})
+    write_csv(args.out / "results.csv", rows + varlen + decode + options)
     written = ["results.json", "results.csv", "log.txt"]
     if rows and not args.no_plot:
         try:

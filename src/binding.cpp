@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -19,11 +20,53 @@ using Strides3 = std::array<int64_t, 3>;  // (batch, seqlen, head) strides; the 
 
 namespace {
 
+// softmax_scale, softcap, the local window (flash_attn's: -1 an unbounded side), ALiBi slopes
+// (float32 (batch, heads) with batch stride alibi_batch_stride, 0 for (heads,)) into the scales
+// and ScoreOptions of FwdParams or DecodeParams. causal: the window's right side is 0 when the
+// kernels with options run (`causal_as_window`), else the kernels' own causal flag does it.
+template <class Params>
+void set_score_options(Params& p, double softmax_scale, bool causal, bool causal_as_window, double softcap,
+                       int window_left, int window_right, uintptr_t alibi_slopes, int64_t alibi_batch_stride) {
+  const double softmax_units = softcap > 0 ? softcap : softmax_scale;  // what multiplies the kernel's scores
+  p.scale = static_cast<float>(softmax_scale);
+  p.scale_log2 = static_cast<float>(softmax_units * M_LOG2E);
+  p.lse_scale = static_cast<float>(softmax_units);
+  p.causal = causal;
+  p.opt.softcap_pre = softcap > 0 ? static_cast<float>(softmax_scale / softcap) : 0.f;
+  p.opt.alibi_slopes = reinterpret_cast<const float*>(alibi_slopes);
+  p.opt.alibi_batch_stride = alibi_batch_stride;
+  p.opt.alibi_scale = static_cast<float>(1.0 / softmax_units);
+  p.opt.window_left = window_left < 0 ? flash_cute::kUnboundedWindow : window_left;
+  p.opt.window_right = window_right < 0 ? flash_cute::kUnboundedWindow : window_right;
+  if (causal && causal_as_window) p.opt.window_right = 0;
+}
+
+// Dropout with probability dropout_p (0: none): rng_state is int64 (seed, offset) on the device.
+void set_dropout(FwdParams& p, double dropout_p, uintptr_t rng_state) {
+  p.dropout = dropout_p > 0;
+  if (!p.dropout) return;
+  const double keep = 1.0 - dropout_p;
+  p.keep_threshold = static_cast<uint32_t>(std::min(keep * 4294967296.0, 4294967295.0));
+  p.rp_dropout = static_cast<float>(1.0 / keep);
+  p.rng_state = reinterpret_cast<const int64_t*>(rng_state);
+}
+
+// The options of fwd() and bwd(), as Python passes them: (softcap, window_left, window_right,
+// alibi_slopes pointer, alibi batch stride, dropout_p, rng_state pointer).
+using Options = std::tuple<double, int, int, uintptr_t, int64_t, double, uintptr_t>;
+
+void set_options(FwdParams& p, double softmax_scale, bool causal, const Options& o) {
+  const auto& [softcap, left, right, alibi, alibi_stride, dropout_p, rng_state] = o;
+  const bool any = softcap > 0 || left >= 0 || right >= 0 || alibi != 0 || dropout_p > 0;
+  set_score_options(p, softmax_scale, causal, any, softcap, left, right, alibi, alibi_stride);
+  set_dropout(p, dropout_p, rng_state);
+}
+
 // The forward's part of the parameters, shared by fwd() and bwd().
 void set_fwd_params(FwdParams& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse,
                     int batch, int seqlen_q, int seqlen_k, int heads, int heads_k, int head_dim,
                     Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride,
-                    std::array<int64_t, 2> lse_stride, double softmax_scale, bool causal,
+                    std::array<int64_t, 2> lse_stride, double softmax_scale, bool causal, const Options& options,
                     uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k) {
   p.q = reinterpret_cast<const void*>(q);
   p.k = reinterpret_cast<const void*>(k);
@@ -42,9 +85,7 @@ void set_fwd_params(FwdParams& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr
   p.heads = heads;
   p.heads_k = heads_k;
   p.head_dim = head_dim;
-  p.scale = static_cast<float>(softmax_scale);
-  p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
-  p.causal = causal;
+  set_options(p, softmax_scale, causal, options);
   p.cu_seqlens_q = reinterpret_cast<const int*>(cu_seqlens_q);
   p.cu_seqlens_k = reinterpret_cast<const int*>(cu_seqlens_k);
 }
@@ -54,11 +95,19 @@ void set_fwd_params(FwdParams& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr
 void fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, int batch, int seqlen_q,
          int seqlen_k, int heads, int heads_k, int head_dim, Strides3 q_stride, Strides3 k_stride,
          Strides3 v_stride, Strides3 o_stride, std::array<int64_t, 2> lse_stride, double softmax_scale,
-         bool causal, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, uintptr_t block_table,
+         bool causal, const Options& options, uintptr_t s_dmask, std::array<int64_t, 5> s_dmask_layout,
+         uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, uintptr_t block_table,
          int64_t block_table_batch_stride, int page_size, int dtype, int device, uintptr_t stream) {
   FwdParams p;
   set_fwd_params(p, q, k, v, o, lse, batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, q_stride,
-                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k);
+                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal, options, cu_seqlens_q, cu_seqlens_k);
+  // return_attn_probs with dropout: (batch, head, row) strides, rows, cols of S_dmask.
+  p.s_dmask = reinterpret_cast<void*>(s_dmask);
+  p.s_dmask_batch_stride = s_dmask_layout[0];
+  p.s_dmask_head_stride = s_dmask_layout[1];
+  p.s_dmask_row_stride = s_dmask_layout[2];
+  p.s_dmask_rows = static_cast<int>(s_dmask_layout[3]);
+  p.s_dmask_cols = static_cast<int>(s_dmask_layout[4]);
   p.block_table = reinterpret_cast<const int*>(block_table);
   p.block_table_batch_stride = block_table_batch_stride;
   p.page_size = page_size;
@@ -72,11 +121,11 @@ void bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uin
          int seqlen_q, int seqlen_k, int heads, int heads_k, int head_dim, bool expand_gqa,
          Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride, Strides3 dout_stride,
          Strides3 dq_stride, Strides3 dk_stride, Strides3 dv_stride, std::array<int64_t, 2> lse_stride,
-         double softmax_scale, bool causal, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k,
+         double softmax_scale, bool causal, const Options& options, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k,
          int dtype, int device, uintptr_t stream) {
   BwdParams p;
   set_fwd_params(p, q, k, v, o, lse, batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, q_stride,
-                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k);
+                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal, options, cu_seqlens_q, cu_seqlens_k);
   p.ws_rows = ws_rows;
   p.dout = reinterpret_cast<const void*>(dout);
   p.dq = reinterpret_cast<void*>(dq);
@@ -102,7 +151,8 @@ void decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t k_new, uintptr_t v_
             int seqlen_new, Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 k_new_stride,
             Strides3 v_new_stride, Strides3 o_stride, std::array<int64_t, 2> lse_stride, uintptr_t cache_seqlens, uintptr_t cache_batch_idx,
             uintptr_t leftpad, uintptr_t block_table, int64_t block_table_batch_stride, int page_size,
-            double softmax_scale, bool causal, int num_splits, int dtype, int device, uintptr_t stream) {
+            double softmax_scale, bool causal, double softcap, int window_left, int window_right, uintptr_t alibi_slopes,
+            int64_t alibi_batch_stride, int num_splits, int dtype, int device, uintptr_t stream) {
   flash_cute::DecodeParams p;
   p.q = reinterpret_cast<const void*>(q);
   p.k = reinterpret_cast<const void*>(k);
@@ -134,9 +184,9 @@ void decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t k_new, uintptr_t v_
   p.block_table = reinterpret_cast<const int*>(block_table);
   p.block_table_batch_stride = block_table_batch_stride;
   p.page_size = page_size;
-  p.scale = static_cast<float>(softmax_scale);
-  p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
-  p.causal = causal;
+  // One decoding kernel takes every option: causal is its window's right side.
+  set_score_options(p, softmax_scale, causal, /*causal_as_window=*/true, softcap, window_left, window_right,
+                    alibi_slopes, alibi_batch_stride);
   p.num_splits = num_splits;
   flash_cute::decode(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
 }
@@ -159,6 +209,8 @@ PYBIND11_MODULE(_C, m) {
   }, "(warps, stages, block_n) of the decoding kernel for this head dim");
   m.def("built_decode_kernels", &flash_cute::built_decode_kernels,
         "(dtype, head-dim bucket) of each decoding kernel in this build");
+  m.def("built_option_kernels", &flash_cute::built_option_kernels,
+        "(dtype, head-dim bucket) of each forward/backward kernel pair with options in this build");
   m.def("built_bwd_kernels", &flash_cute::built_bwd_kernels,
         "(dtype, head-dim bucket) of each backward kernel in this build");
   m.def("bwd_tile", [](int head_dim) {
@@ -176,6 +228,7 @@ PYBIND11_MODULE(_C, m) {
   build["cuda_archs"] = FLASH_CUTE_CUDA_ARCHS_STR;
   build["head_dims"] = FLASH_CUTE_HEAD_DIMS_STR;
   build["dtypes"] = FLASH_CUTE_DTYPES_STR;
+  build["option_kernels"] = FLASH_CUTE_OPTION_KERNELS_STR;
   build["cutlass"] = FLASH_CUTE_CUTLASS_STR;
   build["cuda_runtime"] = CUDART_VERSION;
   m.attr("build_config") = build;

@@ -43,6 +43,31 @@ struct DecodeKernel {
 constexpr DecodeKernel kDecodeKernels[] = {FLASH_CUTE_DECODE_KERNELS(FLASH_CUTE_DECODE_ENTRY)};
 #undef FLASH_CUTE_DECODE_ENTRY
 
+// The forward and backward kernels with options, per (dtype, head-dim bucket).
+struct OptionKernel {
+  DType dtype;
+  int head_dim;
+  FwdFn fwd;
+  BwdFn bwd;
+};
+
+#define FLASH_CUTE_OPTION_ENTRY(dt, hd) {DType::dt, hd, &run_fwd_options<DType::dt, hd>, &run_bwd_options<DType::dt, hd>},
+constexpr OptionKernel kOptionKernels[] = {FLASH_CUTE_OPTION_KERNELS(FLASH_CUTE_OPTION_ENTRY) {DType::kFloat16, 0, nullptr, nullptr}};
+#undef FLASH_CUTE_OPTION_ENTRY
+
+const OptionKernel* find_option_kernel(DType dtype, int bucket) {
+  for (const OptionKernel& k : kOptionKernels)
+    if (k.dtype == dtype && k.head_dim == bucket && k.fwd != nullptr) return &k;
+  return nullptr;
+}
+
+std::string missing_option_kernel_message(const char* direction, DType dtype, int head_dim, int bucket) {
+  return std::string("flash_cute: this build has no ") + direction + " kernel with options (softcap, window_size, " +
+         "alibi_slopes, dropout) for " + dtype_name(dtype) + ", head dim " + std::to_string(head_dim) + " (bucket " +
+         std::to_string(bucket) + "). It was built with FLASH_CUTE_OPTION_KERNELS=" FLASH_CUTE_OPTION_KERNELS_STR
+         ", FLASH_CUTE_HEAD_DIMS=" FLASH_CUTE_HEAD_DIMS_STR " and FLASH_CUTE_DTYPES=" FLASH_CUTE_DTYPES_STR;
+}
+
 std::string missing_kernel_message(const char* direction, DType dtype, int head_dim, int bucket, bool causal) {
   return std::string("flash_cute: this build has no ") + direction + " kernel for " + dtype_name(dtype) +
          ", head dim " + std::to_string(head_dim) + " (bucket " + std::to_string(bucket) + ")" +
@@ -83,6 +108,13 @@ void check_compute_capability(int device) {
 
 void fwd(const FwdParams& p, DType dtype, int device, cudaStream_t stream) {
   const int bucket = head_dim_bucket(p.head_dim);
+  if (uses_options(p)) {
+    const OptionKernel* kernel = find_option_kernel(dtype, bucket);
+    if (kernel == nullptr) throw std::runtime_error(missing_option_kernel_message("forward", dtype, p.head_dim, bucket));
+    DeviceGuard guard(device);
+    check_compute_capability(device);
+    return kernel->fwd(p, stream);
+  }
   const FwdKernel* kernel = nullptr;
   for (const FwdKernel& k : kFwdKernels)
     if (k.dtype == dtype && k.head_dim == bucket && k.causal == p.causal) kernel = &k;
@@ -94,6 +126,13 @@ void fwd(const FwdParams& p, DType dtype, int device, cudaStream_t stream) {
 
 void bwd(const BwdParams& p, DType dtype, int device, cudaStream_t stream) {
   const int bucket = head_dim_bucket(p.head_dim);
+  if (uses_options(p)) {
+    const OptionKernel* kernel = find_option_kernel(dtype, bucket);
+    if (kernel == nullptr) throw std::runtime_error(missing_option_kernel_message("backward", dtype, p.head_dim, bucket));
+    DeviceGuard guard(device);
+    check_compute_capability(device);
+    return kernel->bwd(p, stream);
+  }
   const BwdKernel* kernel = nullptr;
   for (const BwdKernel& k : kBwdKernels)
     if (k.dtype == dtype && k.head_dim == bucket) kernel = &k;
@@ -131,6 +170,13 @@ std::vector<std::tuple<std::string, int>> built_decode_kernels() {
 std::vector<std::tuple<std::string, int>> built_bwd_kernels() {
   std::vector<std::tuple<std::string, int>> out;
   for (const BwdKernel& k : kBwdKernels) out.emplace_back(dtype_name(k.dtype), k.head_dim);
+  return out;
+}
+
+std::vector<std::tuple<std::string, int>> built_option_kernels() {
+  std::vector<std::tuple<std::string, int>> out;
+  for (const OptionKernel& k : kOptionKernels)
+    if (k.fwd != nullptr) out.emplace_back(dtype_name(k.dtype), k.head_dim);
   return out;
 }
 

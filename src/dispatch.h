@@ -30,6 +30,9 @@ std::vector<std::tuple<std::string, int, bool>> built_fwd_kernels();
 // (dtype name, head-dim bucket) of every decoding kernel in this build.
 std::vector<std::tuple<std::string, int>> built_decode_kernels();
 
+// (dtype name, head-dim bucket) of every forward/backward kernel pair with options in this build.
+std::vector<std::tuple<std::string, int>> built_option_kernels();
+
 // (dtype name, head-dim bucket) of every backward kernel in this build.
 std::vector<std::tuple<std::string, int>> built_bwd_kernels();
 

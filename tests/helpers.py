@@ -383,21 +383,22 @@ def varlen_call_bytes(q, k, v, batch, max_seqlen_q):
 # softcap, local windows and ALiBi
 
 
-def options_oracle(q, k, v, scale, causal, softcap, window, alibi):
-    """Direct float64 attention with flash_attn's option semantics; differentiable. Returns
-    (out, lse) with lse +inf and out 0 on rows that see no key."""
+def options_oracle(q, k, v, scale, causal, softcap, window, alibi, keep=None, dropout_p=0.0):
+    """Direct attention with flash_attn's option semantics, in q's dtype (float64 for an oracle);
+    differentiable. Returns (out, lse) with lse +inf and out 0 on rows that see no key. keep:
+    dropout's keep mask (batch, nheads, seqlen_q, seqlen_k), kept probabilities / (1 - dropout_p)."""
     batch, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     kk, vv = (t.repeat_interleave(h // hk, dim=2) for t in (k, v))
     s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(sq).unsqueeze(1)
-    j = torch.arange(sk).unsqueeze(0)
+    i = torch.arange(sq, device=q.device).unsqueeze(1)
+    j = torch.arange(sk, device=q.device).unsqueeze(0)
     diag = sk - sq
     if alibi is not None:
         s = s - alibi.reshape(-1, h).to(s.dtype)[:, :, None, None] * (i + diag - j).abs()
-    visible = torch.ones(sq, sk, dtype=torch.bool)
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
     left, right = window
     if causal:
         visible &= j <= i + diag
@@ -410,6 +411,9 @@ def options_oracle(q, k, v, scale, causal, softcap, window, alibi):
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     l = p.sum(dim=-1, keepdim=True)
-    out = torch.einsum("bhqk,bkhd->bqhd", p / l.clamp_min(1e-300), vv)
+    probs = p / l.clamp_min(1e-300)
+    if keep is not None:
+        probs = probs * keep.to(probs.dtype) / (1.0 - dropout_p)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vv)
     lse = torch.where(l.squeeze(-1) > 0, (m + l.clamp_min(1e-300).log()).squeeze(-1), torch.full_like(m.squeeze(-1), math.inf))
     return out, lse

@@ -155,7 +155,7 @@ def test_backward_dout_layouts(dtype, causal, layout):
     _check(q, k, v, dout, causal=causal)
 
     scale = 64**-0.5
-    out, lse = torch.ops.flash_cute.fwd(q, k, v, scale, causal)
+    out, lse, _ = torch.ops.flash_cute.fwd(q, k, v, scale, causal)
     poison_allocator(bwd_call_bytes(q, k, v))
     grads = torch.ops.flash_cute.bwd(dout, q, k, v, out, lse, scale, causal, False)
     assert_grads_2x_rule(grads, q, k, v, dout, scale, causal)
@@ -290,7 +290,7 @@ def test_opcheck_bwd_cuda(causal, deterministic):
     (shapes, strides, dtypes), autograd registration and AOT dispatch."""
     require_bwd_kernel(torch.bfloat16, 64, causal)
     q, k, v = make_qkv(2, 97, 113, 4, 2, 64, torch.bfloat16, "cuda")
-    out, lse = torch.ops.flash_cute.fwd(q, k, v, 0.125, causal)
+    out, lse, _ = torch.ops.flash_cute.fwd(q, k, v, 0.125, causal)
     dout = make_dout(q.shape, q.dtype)
     torch.library.opcheck(torch.ops.flash_cute.bwd.default, (dout, q, k, v, out, lse, 0.125, causal, deterministic))
 
@@ -300,7 +300,7 @@ def test_opcheck_bwd_cuda_strided_inputs():
     for q, k, v that are transposed views (else torch.compile plans with wrong strides)."""
     require_bwd_kernel(torch.bfloat16, 64, True)
     q, k, v = _inputs_in_layout("transposed", torch.bfloat16, 64)
-    out, lse = torch.ops.flash_cute.fwd(q, k, v, 0.125, True)
+    out, lse, _ = torch.ops.flash_cute.fwd(q, k, v, 0.125, True)
     dout = make_dout(q.shape, q.dtype)
     torch.library.opcheck(torch.ops.flash_cute.bwd.default, (dout, q, k, v, out, lse, 0.125, True, False))
 

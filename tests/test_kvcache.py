@@ -473,18 +473,11 @@ def _option_values(option: dict, case: Case) -> dict:
 @pytest.mark.parametrize("option", OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize("dev", DEVS)
 def test_options(dev, option, rotary):
-    """softcap, local windows and ALiBi: the CPU path against the reference with the same option
-    (rotary queries are positional when local, as causal); the CUDA kernels do not take them yet
-    and refuse with a NotImplementedError naming the option, before touching the cache."""
+    """softcap, local windows and ALiBi against the reference with the same option (rotary
+    queries are positional when local, as causal): the CPU path, and on the GPU the split-KV
+    kernel (seqlen_q 3, group 4: 12 packed rows)."""
     case = build(dev, batch=3, seqlen_q=3, group=4, cache_len=40, seqlen_new=2, rotary_dim=16 if rotary else 0)
-    option = _option_values(option, case)
-    if not dev.cuda:
-        run_case(dev, case, **option)
-        return
-    before = case.inputs["k_cache"].clone()
-    with pytest.raises(NotImplementedError, match=next(iter(option))):
-        flash_cute.flash_attn_with_kvcache(**case.inputs, **option)
-    _assert_same_bits(case.inputs["k_cache"], before, "k_cache after a refused call")
+    run_case(dev, case, **_option_values(option, case))
 
 
 def test_rotary_table_too_short_for_causal_queries():

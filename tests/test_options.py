@@ -1,10 +1,11 @@
 """softcap, local windows and ALiBi through the public functions (flash_attn_func, the varlen and
 the packed functions): forward and gradients against helpers.options_oracle, a direct float64
-computation with flash_attn's semantics. So far the CPU path and float32 inputs (the reference)
-take these options; the float16/bfloat16 CUDA kernels refuse them by name
-(test_validation.py::test_kernel_dtypes_refuse_options_not_in_the_kernels_yet)."""
+computation with flash_attn's semantics, on the reference path (CPU tensors and float32 inputs);
+tests/test_options_kernels.py checks the float16/bfloat16 CUDA kernels."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -103,3 +104,71 @@ def test_window_wider_than_the_keys_is_no_window():
     assert torch.equal(flash_cute.flash_attn_func(q, k, v, window_size=(13, 100)), plain)
     assert torch.equal(flash_cute.flash_attn_func(q, k, v, window_size=(20, 0)),
                        flash_cute.flash_attn_func(q, k, v, causal=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# Dropout on the reference path (tests/test_options_kernels.py has the CUDA kernels')
+
+
+def _dropout_call(leaves, seed, **kwargs):
+    torch.manual_seed(seed)
+    return flash_cute.flash_attn_func(*leaves, dropout_p=0.3, softmax_scale=0.6, return_attn_probs=True, **kwargs)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(causal=True, window_size=(20, 3), softcap=2.0, alibi_slopes="heads")],
+                         ids=["plain", "causal+window+softcap+alibi"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_against_the_returned_mask(device, options):
+    """The output and the gradients equal the oracle's with the keep mask the call returns
+    (S_dmask >= 0, as the official tests read it); the same seed repeats the call bit for bit, another
+    seed draws another mask."""
+    q, k, v = (t.to(device) for t in make_qkv(2, 37, 45, 4, 2, 16, torch.float32))
+    if options.get("alibi_slopes") == "heads":
+        options = dict(options, alibi_slopes=torch.rand(4, device=device))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse, s_dmask = _dropout_call(leaves, 7, **options)
+    assert s_dmask.shape == (2, 4, 128, 128) and s_dmask.dtype == q.dtype
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    keep = (s_dmask[:, :, :37, :45] >= 0).cpu()
+    assert 0 < keep.float().mean() < 1
+    ref = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    slopes = options.get("alibi_slopes")
+    want_out, want_lse = options_oracle(*ref, 0.6, options.get("causal", False), options.get("softcap", 0.0),
+                                        options.get("window_size", (-1, -1)), None if slopes is None else slopes.cpu(),
+                                        keep=keep, dropout_p=0.3)
+    want_grads = torch.autograd.grad(want_out, ref, dout.double().cpu())
+    _check(out.detach().cpu(), [g.cpu() for g in grads], want_out.detach(), want_grads)
+    torch.testing.assert_close(lse.cpu(), want_lse.float(), **TOL)
+
+    again = [t.clone().requires_grad_() for t in (q, k, v)]
+    out2, _, s_dmask2 = _dropout_call(again, 7, **options)
+    assert torch.equal(out2, out) and torch.equal(s_dmask2, s_dmask)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out2, again, dout), grads))
+    other = _dropout_call([t.clone() for t in (q, k, v)], 8, **options)[0]
+    assert not torch.equal(other, out)
+
+
+def test_dropout_keep_rate_and_probabilities():
+    """The kept fraction of the visible entries is 1 - p within 5 standard deviations, and
+    S_dmask's magnitudes decode the official way (running maxima over blocks of
+    _get_block_size_n keys, from the last block) to the softmax probabilities."""
+    from flash_cute.flash_attn_interface import _get_block_size_n
+
+    q, k, v = make_qkv(2, 100, 300, 4, 4, 32, torch.float32)
+    for p in (0.1, 0.5):
+        torch.manual_seed(0)
+        _, lse, s_dmask = flash_cute.flash_attn_func(q, k, v, dropout_p=p, causal=True, return_attn_probs=True)
+        visible = torch.ones(100, 300, dtype=torch.bool).tril(200)
+        kept = (s_dmask[:, :, :100, :300] > 0)[..., visible].float()
+        n = kept.numel()
+        assert abs(kept.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), (p, kept.mean().item())
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * 32 ** -0.5
+    scores = scores.masked_fill(~visible, -math.inf)
+    block_n = _get_block_size_n(q.device, 32, True, True)
+    assert isinstance(block_n, int) and block_n > 0
+    blocks = scores.split(block_n, dim=-1)
+    running = torch.stack([b.amax(-1) for b in blocks], -1).flip(-1).cummax(-1).values.flip(-1)
+    probs = torch.cat([s_dmask[:, :, :100, :300].abs().split(block_n, -1)[i].double() *
+                       (running[..., i : i + 1] - lse.double()[..., None]).exp() for i in range(len(blocks))], -1)
+    torch.testing.assert_close(probs, scores.softmax(-1), rtol=1e-4, atol=1e-6)

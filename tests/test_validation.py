@@ -45,7 +45,9 @@ CASES = [
     ("head-dim-257", lambda: _args(**dict(zip("qkv", _qkv(head_dim=257)))), ValueError, r"head dim"),
     ("nheads-not-multiple", lambda: _args(**dict(zip("qkv", _qkv(nheads=3, nheads_k=2)))), ValueError, r"number of heads"),
     ("nheads-k-0", lambda: _args(**dict(zip("qkv", _qkv(nheads=3, nheads_k=0)))), ValueError, r"number of heads"),
-    ("dropout_p", lambda: _args(dropout_p=0.1), NotImplementedError, r"dropout_p"),
+    ("dropout_p-1", lambda: _args(dropout_p=1.0), ValueError, r"dropout_p"),
+    ("dropout_p-negative", lambda: _args(dropout_p=-0.1), ValueError, r"dropout_p"),
+    ("dropout_p-string", lambda: _args(dropout_p="0.1"), ValueError, r"dropout_p"),
     ("softcap-negative", lambda: _args(softcap=-1.0), ValueError, r"softcap"),
     ("softcap-string", lambda: _args(softcap="1"), ValueError, r"softcap"),
     ("softcap-bool", lambda: _args(softcap=True), ValueError, r"softcap"),
@@ -175,20 +177,4 @@ def test_varlen_rejects_cu_seqlens_on_another_device():
     args.update(q=args["q"].cuda().half(), k=args["k"].cuda().half(), v=args["v"].cuda().half())
     with pytest.raises(RuntimeError, match=r"\bcu_seqlens_q is on cpu"):
         flash_cute.flash_attn_varlen_func(**args)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize(
-    "option", [dict(softcap=1.0), dict(alibi_slopes="tensor"), dict(window_size=(16, 0)), dict(window_size=(0, 16))],
-    ids=["softcap", "alibi_slopes", "window-16-0", "window-0-16"],
-)
-def test_kernel_dtypes_refuse_options_not_in_the_kernels_yet(option):
-    """float16/bfloat16 CUDA inputs run the kernels, which take only the default softcap, window
-    and ALiBi so far: a NotImplementedError names the option (float32 and CPU inputs take it)."""
-    q, k, v = (t.cuda() for t in _qkv())
-    if option.get("alibi_slopes") == "tensor":
-        option = dict(alibi_slopes=torch.ones(4, device="cuda"))
-    name = next(iter(option))
-    with pytest.raises(NotImplementedError, match=name):
-        flash_cute.flash_attn_func(q, k, v, **option)
 

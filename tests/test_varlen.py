@@ -511,16 +511,18 @@ def test_opcheck_varlen_cpu(causal):
     q, k, v, cu_q, cu_k = make_varlen_qkv([3, 0, 7], [5, 2, 0], 4, 2, 16, torch.float32)
     varlen = (cu_q, cu_k, 7, 5)
     torch.library.opcheck(torch.ops.flash_cute.fwd.default, (q, k, v, 0.25, causal, False, *varlen))
-    out, lse = torch.ops.flash_cute.fwd(q, k, v, 0.25, causal, False, *varlen)
+    out, lse, _ = torch.ops.flash_cute.fwd(q, k, v, 0.25, causal, False, *varlen)
     dout = torch.randn_like(out)
     torch.library.opcheck(torch.ops.flash_cute.bwd.default, (dout, q, k, v, out, lse, 0.25, causal, False, *varlen))
     grads = tuple(torch.empty_like(t) for t in (q, k, v))
     torch.library.opcheck(torch.ops.flash_cute.bwd_into.default,
-                          (dout, q, k, v, out, lse, 0.25, causal, False, *varlen, 0.0, -1, -1, None, *grads))
-    # softcap, a window and (batch, nheads) ALiBi slopes through all three
-    options = (2.0, 2, 1, torch.rand(3, 4))
+                          (dout, q, k, v, out, lse, 0.25, causal, False, *varlen, 0.0, -1, -1, None, 0.0, None, *grads))
+    # softcap, a window, (batch, nheads) ALiBi slopes and dropout through all three
+    options = (2.0, 2, 1, torch.rand(3, 4), 0.25, torch.randint(0, 2**62, (2,)))
     torch.library.opcheck(torch.ops.flash_cute.fwd.default, (q, k, v, 0.25, False, False, *varlen, None, *options))
-    out, lse = torch.ops.flash_cute.fwd(q, k, v, 0.25, False, False, *varlen, None, *options)
+    torch.library.opcheck(torch.ops.flash_cute.fwd.default,
+                          (q, k, v, 0.25, False, False, *varlen, None, *options, True))  # with S_dmask
+    out, lse, _ = torch.ops.flash_cute.fwd(q, k, v, 0.25, False, False, *varlen, None, *options)
     torch.library.opcheck(torch.ops.flash_cute.bwd.default, (dout, q, k, v, out, lse, 0.25, False, False, *varlen, *options))
     torch.library.opcheck(torch.ops.flash_cute.bwd_into.default,
                           (dout, q, k, v, out, lse, 0.25, False, False, *varlen, *options, *grads))

@@ -15,6 +15,7 @@
 
 #include "flash_cute/bwd_traits.h"
 #include "flash_cute/mask.h"
+#include "flash_cute/options.h"
 #include "flash_cute/params.h"
 #include "flash_cute/seqlen.h"
 #include "flash_cute/utils.h"
@@ -70,9 +71,78 @@ CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, Sme
   copy_predicated</*kZeroFill=*/false>(store_copy, tR, tG, tC, max_rows, d);
 }
 
+// P and dS with flash_attn's options (kOptions kernels), from S = Q K^T in acc_s and dO V^T in
+// acc_dp, for the tile at (row0, col0) of query head `head`, given lse * log2(e) and
+// D = rowsum(dO * O) of the thread's rows. Leaves in acc_dp
+//   dS = P * (dropout(dO V^T) - D) * dz/ds,  z = the score after softcap (dz/ds = 1 - tanh^2),
+// and in acc_s the P that multiplies dO into dV: dropout(P) (dropped 0, kept ones / keep prob).
+template <int kBlockM, int kBlockN, class Acc, class Coords, class CoordsRC, int kRows>
+CUTE_DEVICE void options_p_ds(const BwdParams& p, Acc& acc_s, Acc& acc_dp, Coords const& coords,
+                              CoordsRC const& coords_rc, int row0, int col0, int seqlen_k, int diagonal,
+                              const float (&lse_log2)[kRows], const float (&dsum)[kRows], float slope,
+                              const DropoutRng& rng_seq, int head) {
+  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+  Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
+  static_assert(decltype(size(acc_s))::value <= 64, "one keep bit per score in a 64-bit mask");
+  uint64_t keep = 0;
+  if (p.dropout) {
+    DropoutRng rng = rng_seq;
+    rng.bh += head;
+    CUTE_UNROLL
+    for (int m = 0; m < size<1>(acc_s); ++m) {
+      CUTE_UNROLL
+      for (int n = 0; n < size<2>(acc_s); ++n) {
+        const int f = m * size<2>(acc_s) + n;
+        const uint32_t bits = rng.keep_bits(row0 + get<0>(coords(0, m, n)), col0 + get<1>(coords(0, m, n)));
+        keep |= uint64_t(bits) << (4 * f);
+        CUTE_UNROLL
+        for (int v = 0; v < 4; ++v) acc_dp(v, m, n) = (bits >> v) & 1 ? acc_dp(v, m, n) * p.rp_dropout : 0.f;
+      }
+    }
+  }
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(dp); ++c) dp(r, c) -= dsum[r];
+  }
+  if (p.opt.softcap_pre != 0.f) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      const float t = tanh_approx(acc_s(i) * p.opt.softcap_pre);
+      acc_s(i) = t;
+      acc_dp(i) *= 1.f - t * t;
+    }
+  }
+  apply_bias_and_mask(
+      s, coords_rc, [&](int r) { return row0 + get<0>(coords_rc(r, 0)); }, [&](int) { return slope; }, col0,
+      seqlen_k, diagonal, p.opt, slope != 0.f,
+      KeyRange(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN).needs_mask(col0, kBlockN, seqlen_k, p.opt));
+  CUTE_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(s); ++c) {
+      const float prob = exp2f(s(r, c) * p.scale_log2 - lse_log2[r]);
+      dp(r, c) *= prob;
+      s(r, c) = prob;
+    }
+  }
+  if (p.dropout) {
+    CUTE_UNROLL
+    for (int m = 0; m < size<1>(acc_s); ++m) {
+      CUTE_UNROLL
+      for (int n = 0; n < size<2>(acc_s); ++n) {
+        const int f = m * size<2>(acc_s) + n;
+        CUTE_UNROLL
+        for (int v = 0; v < 4; ++v) acc_s(v, m, n) = (keep >> (4 * f + v)) & 1 ? acc_s(v, m, n) * p.rp_dropout : 0.f;
+      }
+    }
+  }
+}
+
 // Key block n_block (kBlockN keys) of KV head `slot` (with expand_gqa: query head `slot`) of
-// sequence `seq`, whose rows start at ws_row0 in the workspace.
-template <class Traits>
+// sequence `seq`, whose rows start at ws_row0 in the workspace. kOptions: flash_attn's options
+// (softcap, window, ALiBi, dropout; p.opt), causal among them.
+template <class Traits, bool kOptions>
 CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
                            int64_t ws_row0, int n_block, int slot, int batch) {
   using Element = typename Traits::Element;
@@ -97,8 +167,14 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   const int diagonal = seqlen_k - seqlen_q;  // key j visible from query i iff j <= i + diagonal
 
   // Query blocks that see a key of this block: with causal, those whose last row reaches col0.
-  const int m_blocks = ceil_div(seqlen_q, kBlockM);
-  const int m_begin = p.causal ? max(0, col0 - diagonal) / kBlockM : 0;
+  // With options, those whose rows i have a key j of the block in [i + diagonal - left, i + diagonal + right].
+  int m_blocks = ceil_div(seqlen_q, kBlockM);
+  int m_begin = p.causal ? max(0, col0 - diagonal) / kBlockM : 0;
+  if constexpr (kOptions) {
+    m_begin = int(max(int64_t(0), int64_t(col0) - diagonal - p.opt.window_right) / kBlockM);
+    const int64_t last_row = int64_t(col0) + kBlockN - 1 - diagonal + p.opt.window_left;  // may be < 0
+    m_blocks = last_row < 0 ? 0 : int(min(int64_t(m_blocks), last_row / kBlockM + 1));
+  }
   const int steps_per_head = max(0, m_blocks - m_begin);
   const int steps = heads_per_cta * steps_per_head;
 
@@ -200,6 +276,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     }
   };
   int head = head_begin, m_block = m_begin;  // the current step
+  DropoutRng rng;  // of (batch, head 0): options_p_ds adds the head
+  if (kOptions && p.dropout) rng = DropoutRng(p.rng_state, p.keep_threshold, batch, p.heads, 0);
   int next_head = head, next_m = m_block;    // the step after it
   load_step(head, m_block, 0);
   cp_async_fence();
@@ -284,12 +362,14 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     gemm_smem_smem(acc_s, tSrQ, tSrK, copy_sdp_a.get_thread_slice(tid).partition_S(sQ), tSsK, mma_sdp,
                    copy_sdp_a, copy_sdp_b);
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-    if (col0 + kBlockN > seqlen_k || (p.causal && col0 + kBlockN - 1 > row0 + diagonal))
-      mask_scores(scores, tScS_rc, row0, col0, seqlen_q, seqlen_k, p.causal);
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
+    if constexpr (!kOptions) {
+      if (col0 + kBlockN > seqlen_k || (p.causal && col0 + kBlockN - 1 > row0 + diagonal))
+        mask_scores(scores, tScS_rc, row0, col0, seqlen_q, seqlen_k, p.causal);
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(scores); ++c) scores(r, c) = exp2f(scores(r, c) * p.scale_log2 - lse_log2[r]);
+      for (int r = 0; r < kRows; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(scores); ++c) scores(r, c) = exp2f(scores(r, c) * p.scale_log2 - lse_log2[r]);
+      }
     }
 
     // dP = dO V^T
@@ -297,15 +377,22 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     clear(acc_dp);
     gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
                    copy_sdp_a, copy_sdp_b);
+    Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
 
     // P and dS = P * (dP - D) to shared memory, in the input dtype.
-    Tensor rP = make_converted<Element>(acc_s);
-    copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
-    Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
+    if constexpr (kOptions) {
+      options_p_ds<kBlockM, kBlockN>(p, acc_s, acc_dp, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, lse_log2, dsum,
+                   alibi_slope(p.opt, batch, head), rng, head);
+      Tensor rP = make_converted<Element>(acc_s);
+      copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
+    } else {
+      Tensor rP = make_converted<Element>(acc_s);
+      copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = scores(r, c) * (dp(r, c) - dsum[r]);
+      for (int r = 0; r < kRows; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = scores(r, c) * (dp(r, c) - dsum[r]);
+      }
     }
     Tensor rdS = make_converted<Element>(acc_dp);
     copy(copy_pds, make_tensor(rdS.data(), copy_pds.retile(rdS.layout())), tdSsdS);
@@ -326,7 +413,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
       semaphore = p.dq_semaphore + ws_row / kBlockM;
       // This query block's contributors are key blocks 0 .. n_last (those whose first key some
       // row of it sees); they add from n_last down, so key block n_block goes after n_last - n_block.
-      const int n_last = p.causal ? min(n_blocks - 1, (row0 + kBlockM - 1 + diagonal) / kBlockN) : n_blocks - 1;
+      int n_last = p.causal ? min(n_blocks - 1, (row0 + kBlockM - 1 + diagonal) / kBlockN) : n_blocks - 1;
+      if constexpr (kOptions) n_last = KeyRange(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN).end - 1;
       if (tid == 0) {
         while (atomicAdd(semaphore, 0) != n_last - n_block) {
         }
@@ -370,7 +458,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
 // slower). A CTA with several blocks takes a run of consecutive ones, top first, so every block
 // waits only for blocks of CTAs launched before it or for its own earlier ones: no CTA can wait
 // for one that is not yet resident. Otherwise a CTA takes blocks blockIdx.x + i * gridDim.x.
-template <class Traits, bool kVarlen>
+template <class Traits, bool kVarlen, bool kOptions>
 __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
   extern __shared__ __align__(128) char smem_bytes[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
@@ -390,7 +478,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
   }
   for (int j = 0; j < count; ++j) {
     if (j > 0) __syncthreads();  // every thread is done with the previous block's tiles
-    bwd_block<Traits>(p, smem, seq, ws_row0, first + j * step, blockIdx.y, batch);
+    bwd_block<Traits, kOptions>(p, smem, seq, ws_row0, first + j * step, blockIdx.y, batch);
     if constexpr (!kVarlen) break;
   }
 }

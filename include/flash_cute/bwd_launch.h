@@ -9,18 +9,19 @@
 
 namespace flash_cute {
 
-template <DType kDType, int kHeadDim>
-void run_bwd(const BwdParams& params, cudaStream_t stream) {
+// kOptions: the kernel with flash_attn's options (p.opt, dropout), causal as a window.
+template <DType kDType, int kHeadDim, bool kOptions>
+void run_bwd_variant(const BwdParams& params, cudaStream_t stream) {
   using Traits = BwdTraits<kDType, kHeadDim>;
   constexpr int kSmem = Traits::kSmemBytes;
   const std::string name = std::string("backward kernel (") + dtype_name(kDType) + ", head dim " +
-                           std::to_string(kHeadDim) + ")";
+                           std::to_string(kHeadDim) + (kOptions ? ", options)" : ")");
   const int smem_optin = max_smem_per_block(name);
   if (kSmem > smem_optin) {
     throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(kSmem) +
                              " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin));
   }
-  auto kernel = params.cu_seqlens_q != nullptr ? &bwd_kernel<Traits, true> : &bwd_kernel<Traits, false>;
+  auto kernel = params.cu_seqlens_q != nullptr ? &bwd_kernel<Traits, true, kOptions> : &bwd_kernel<Traits, false, kOptions>;
   allow_dynamic_smem(kernel, kSmem, name);
   // The workspace is padded to this kernel's tiles (the caller sized it, ws_rows, with bwd_tile()).
   BwdParams p = params;
@@ -32,6 +33,16 @@ void run_bwd(const BwdParams& params, cudaStream_t stream) {
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
   check_cuda(cudaGetLastError(), name + " launch");
   run_bwd_convert_dq(p, kDType, stream);
+}
+
+template <DType kDType, int kHeadDim>
+void run_bwd(const BwdParams& p, cudaStream_t stream) {
+  run_bwd_variant<kDType, kHeadDim, /*kOptions=*/false>(p, stream);
+}
+
+template <DType kDType, int kHeadDim>
+void run_bwd_options(const BwdParams& p, cudaStream_t stream) {
+  run_bwd_variant<kDType, kHeadDim, /*kOptions=*/true>(p, stream);
 }
 
 }  // namespace flash_cute

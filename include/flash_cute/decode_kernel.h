@@ -18,6 +18,7 @@
 
 #include "flash_cute/fwd_traits.h"
 #include "flash_cute/launch.h"
+#include "flash_cute/options.h"
 #include "flash_cute/params.h"
 #include "flash_cute/softmax.h"
 #include "flash_cute/utils.h"
@@ -114,18 +115,20 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   const int leftpad = p.leftpad != nullptr ? p.leftpad[batch] : 0;
   const int len_k = cached + p.seqlen_new - leftpad;  // visible keys; key j sits at position leftpad + j
   const int diagonal = len_k - p.seqlen_q;
-  // Keys this tile can see: all, or with causal up to the diagonal of its last query row.
-  int keys = len_k;
-  if (p.causal) keys = min(keys, (row0 + rows - 1) / group + diagonal + 1);
-  keys = max(keys, 0);
-  const int blocks = ceil_div(keys, kBlockN);
+  // Keys this tile can see: [block0 * kBlockN, keys), cut by the window of its first and last
+  // query row (causal: the window's right side is 0).
+  const int64_t row_first = row0 / group + diagonal, row_last = (row0 + rows - 1) / group + diagonal;
+  const int keys = int(max(int64_t(0), min(int64_t(len_k), row_last + p.opt.window_right + 1)));
+  const int block0 = int(max(int64_t(0), row_first - p.opt.window_left) / kBlockN);
+  const int blocks = max(0, ceil_div(keys, kBlockN) - block0);
   // The split's share: whole rounds of kWarps blocks [round_begin, round_end).
   const int rounds = ceil_div(blocks, kWarps);
   const int round_begin = int(int64_t(split) * rounds / p.num_splits);
   const int round_end = int(int64_t(split + 1) * rounds / p.num_splits);
-  // This warp's blocks are (round * kWarps + warp) for round in [round_begin, warp_end).
+  // This warp's blocks are block0 + (round * kWarps + warp) for round in [round_begin, warp_end).
   const int warp_end = min(round_end, blocks > warp ? ceil_div(blocks - warp, kWarps) : 0);
   const int steps = max(0, warp_end - round_begin);
+  auto step_key = [&](int t) { return (block0 + (round_begin + t) * kWarps + warp) * kBlockN; };  // first key of step t
 
   // ------------------------------------------------------------------------------------------
   // Global memory
@@ -146,7 +149,7 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
     const int t = chunk * 32 + lane;
     k_off = v_off = 0;
     if (!paged || t >= steps) return;
-    const int key = ((round_begin + t) * kWarps + warp) * kBlockN;
+    const int key = step_key(t);
     const int64_t page = p.block_table[batch * p.block_table_batch_stride + key / p.page_size];
     const int64_t row = key % p.page_size;
     k_off = page * p.k_batch_stride + row * p.k_row_stride;
@@ -180,7 +183,7 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   // call. Rows past the visible keys and columns past the head dim are zero-filled, so they add
   // nothing (and no NaN) to P V.
   auto load_block = [&](int t, int stage) {
-    const int key0 = ((round_begin + t) * kWarps + warp) * kBlockN;
+    const int key0 = step_key(t);
     int64_t k_off = int64_t(key0) * p.k_row_stride, v_off = int64_t(key0) * p.v_row_stride;
     if (paged) {
       if (t % 32 == 0 && t > 0) {  // the next chunk's lookups become current; look up the one after
@@ -283,8 +286,11 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   Tensor tScS_rc = make_tensor(tScS.data(), rowcol_layout(tScS.layout()));
   constexpr int kThreadRows = decltype(size<0>(acc_o_rc))::value;  // 2: rows lane / 4 and lane / 4 + 8
   OnlineSoftmax<kThreadRows> softmax;
-  // The diagonal of the tile's first query row: blocks past it (or past len_k) need a mask.
-  const int first_row_limit = row0 / group + diagonal;
+  // ALiBi slopes of the thread's rows (their query heads), in score units.
+  float slopes[kThreadRows];
+  CUTE_UNROLL
+  for (int r = 0; r < kThreadRows; ++r)
+    slopes[r] = alibi_slope(p.opt, batch, head_k * group + (row0 + get<0>(tScS_rc(r, 0))) % group);
 
   // ------------------------------------------------------------------------------------------
   // Main loop: this warp's key blocks, each a K and a V tile of 16 keys
@@ -302,17 +308,14 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
     gemm_reg_smem(acc_s, tSrQ, tSrK, make_tensor(tSsK0.data() + (k_tile(stage) - ring), tSsK0.layout()), mma,
                   smem_copy_k);
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-    const int key0 = ((round_begin + step) * kWarps + warp) * kBlockN;
-    if (key0 + kBlockN > keys || (p.causal && key0 + kBlockN - 1 > first_row_limit)) {
-      CUTE_UNROLL
-      for (int r = 0; r < size<0>(scores); ++r) {
-        const int packed = row0 + get<0>(tScS_rc(r, 0));
-        const int limit = p.causal ? min(len_k - 1, packed / group + diagonal) : len_k - 1;
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(scores); ++c)
-          if (key0 + get<1>(tScS_rc(r, c)) > limit) scores(r, c) = -INFINITY;
-      }
-    }
+    const int key0 = step_key(step);
+    if (p.opt.softcap_pre != 0.f) apply_softcap(scores, p.opt.softcap_pre);
+    // A block needs the mask where it runs past the keys or crosses a window edge of some row.
+    const bool mask = key0 + kBlockN > keys || key0 + kBlockN - 1 > row_first + p.opt.window_right ||
+                      key0 < row_last - p.opt.window_left;
+    apply_bias_and_mask(
+        scores, tScS_rc, [&](int r) { return (row0 + get<0>(tScS_rc(r, 0))) / group; },
+        [&](int r) { return slopes[r]; }, key0, len_k, diagonal, p.opt, p.opt.alibi_slopes != nullptr, mask);
     softmax.update(scores, acc_o_rc, p.scale_log2);
     Tensor rP = make_converted<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a_layout(rP.layout()));
@@ -392,7 +395,7 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
     merged_row_stats<kWarps>(smem, r, p.scale_log2, max, sum);
     const int packed = row0 + r, i = packed / group, head = head_k * group + packed % group;
     const bool empty = sum == 0.f;
-    const float lse = max * p.scale + __logf(sum);
+    const float lse = max * p.lse_scale + __logf(sum);
     if (partial) {
       const int64_t row = (int64_t(batch) * p.heads + head) * p.seqlen_q + i;
       p.lse_accum[split * accum_rows + row] = empty ? -INFINITY : lse;

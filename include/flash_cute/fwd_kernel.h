@@ -11,6 +11,7 @@
 
 #include "flash_cute/fwd_traits.h"
 #include "flash_cute/mask.h"
+#include "flash_cute/options.h"
 #include "flash_cute/params.h"
 #include "flash_cute/seqlen.h"
 #include "flash_cute/softmax.h"
@@ -20,7 +21,8 @@ namespace flash_cute {
 using namespace cute;
 
 // One query block (kBlockM rows of query block m_block) of one head of sequence `seq`.
-template <class Traits, bool kVarlen>
+// kOptions: flash_attn's options (softcap, window, ALiBi, dropout; p.opt), causal among them.
+template <class Traits, bool kVarlen, bool kOptions>
 CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
                            int m_block, int head, int batch) {
   using Element = typename Traits::Element;
@@ -38,11 +40,15 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   const int row0 = m_block * kBlockM;
   const int rows_q = min(kBlockM, seqlen_q - row0);  // valid query rows of this block
 
-  int n_blocks = ceil_div(seqlen_k, kBlockN);
+  const int diagonal = seqlen_k - seqlen_q;
+  // The key blocks [n_begin, n_blocks) that a row of this block sees.
+  int n_begin = 0, n_blocks = ceil_div(seqlen_k, kBlockN);
   if constexpr (kCausal) {
     // The block's last row sees keys < row0 + kBlockM + seqlen_k - seqlen_q.
     n_blocks = min(n_blocks, ceil_div(max(0, row0 + kBlockM + seqlen_k - seqlen_q), kBlockN));
   }
+  const KeyRange range(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN);
+  if constexpr (kOptions) n_begin = range.begin, n_blocks = range.end;
 
   // ------------------------------------------------------------------------------------------
   // Global tiles (64-bit offsets) and their shared-memory homes
@@ -82,9 +88,9 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   Tensor tOgO = store_thr.partition_D(gO);                            // (CPY, CPY_M, CPY_K)
   Tensor tOcO = store_thr.partition_D(make_identity_tensor(TileQ{}));  // (row, col) of each
 
-  if (n_blocks <= 0) {
-    // No query row of this block sees any key (causal with seqlen_q > seqlen_k, or no keys at
-    // all): output 0 and lse +inf, as the official package.
+  if (n_blocks <= n_begin) {
+    // No query row of this block sees any key (causal with seqlen_q > seqlen_k, a window past
+    // the keys, or no keys at all): output 0 and lse +inf, as the official package.
     Tensor zeros = make_tensor<Element>(shape(tOgO));
     clear(zeros);
     copy_predicated</*kZeroFill=*/false>(store_copy, zeros, tOgO, tOcO, rows_q, p.head_dim);
@@ -158,12 +164,19 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   load_k(n_blocks - 1);
   cp_async_fence();
 
-  const int diagonal = seqlen_k - seqlen_q;
+  const float slope = kOptions ? alibi_slope(p.opt, batch, head) : 0.f;
+  DropoutRng rng;
+  Element* s_dmask = nullptr;
+  if (kOptions && p.dropout) {
+    rng = DropoutRng(p.rng_state, p.keep_threshold, batch, p.heads, head);
+    if (p.s_dmask != nullptr)
+      s_dmask = static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride + head * p.s_dmask_head_stride;
+  }
   // ------------------------------------------------------------------------------------------
   // Main loop over key blocks, last to first. One call site for the body keeps it inlined (the
   // accumulators must stay in registers); masking is a uniform branch.
   // ------------------------------------------------------------------------------------------
-  for (int n = n_blocks - 1; n >= 0; --n) {
+  for (int n = n_blocks - 1; n >= n_begin; --n) {
     Tensor acc_s = partition_fragment_C(mma, TileS{});  // (MMA, MMA_M, MMA_N) fp32
     clear(acc_s);
     cp_async_wait<0>();  // K[n] has landed ...
@@ -175,17 +188,25 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     // The block needs a mask if it runs past seqlen_k or, causal, past the diagonal of row0.
     const int col_end = (n + 1) * kBlockN;
-    if (col_end > seqlen_k || (kCausal && col_end - 1 > row0 + diagonal))
+    if constexpr (kOptions) {
+      if (p.opt.softcap_pre != 0.f) apply_softcap(scores, p.opt.softcap_pre);
+      apply_bias_and_mask(
+          scores, tScS_rc, [&](int r) { return row0 + get<0>(tScS_rc(r, 0)); }, [&](int) { return slope; },
+          n * kBlockN, seqlen_k, diagonal, p.opt, slope != 0.f, range.needs_mask(n * kBlockN, kBlockN, seqlen_k, p.opt));
+    } else if (col_end > seqlen_k || (kCausal && col_end - 1 > row0 + diagonal)) {
       mask_scores(scores, tScS_rc, row0, n * kBlockN, seqlen_q, seqlen_k, kCausal);
+    }
 
     cp_async_wait<0>();  // V[n] has landed ...
     __syncthreads();     // ... and nobody still reads K[n]
-    if (n > 0) {
+    if (n > n_begin) {
       load_k(n - 1);
       cp_async_fence();
     }
 
     softmax.update(scores, acc_o_rc, p.scale_log2);
+    if (kOptions && p.dropout)
+      apply_dropout(acc_s, tScS, row0, n * kBlockN, rng, s_dmask, p.s_dmask_row_stride, p.s_dmask_rows, p.s_dmask_cols);
     Tensor rP = make_converted<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a_layout(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
     gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, mma, smem_copy_v);
@@ -195,7 +216,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   // Epilogue: normalise, write lse, stage O through shared memory, store
   // ------------------------------------------------------------------------------------------
   float lse[kRows];
-  softmax.finalize(acc_o_rc, p.scale, lse);
+  softmax.finalize(acc_o_rc, p.lse_scale, lse, kOptions && p.dropout ? p.rp_dropout : 1.f);
 
   Tensor tOcO_mma = thr_mma.partition_C(make_identity_tensor(TileQ{}));
   Tensor tOcO_rc = make_tensor(tOcO_mma.data(), rowcol_layout(tOcO_mma.layout()));
@@ -222,7 +243,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
 // blockIdx.x + gridDim.x, ... of its sequence, so a hint that is too small costs time, never
 // correctness. Causal: the last query blocks see the most keys; launching them first shortens
 // the tail.
-template <class Traits, bool kVarlen>
+template <class Traits, bool kVarlen, bool kOptions>
 __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
   extern __shared__ __align__(128) char smem_bytes[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
@@ -231,7 +252,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
   const int m_blocks = kVarlen ? ceil_div(seq.len_q, kBlockM) : int(gridDim.x);
   for (int i = blockIdx.x; i < m_blocks; i += gridDim.x) {
     if (i != int(blockIdx.x)) __syncthreads();  // every thread is done with the previous block's tiles
-    fwd_block<Traits, kVarlen>(p, smem, seq, Traits::kCausal ? m_blocks - 1 - i : i, blockIdx.y, blockIdx.z);
+    fwd_block<Traits, kVarlen, kOptions>(p, smem, seq, Traits::kCausal ? m_blocks - 1 - i : i, blockIdx.y, blockIdx.z);
     if constexpr (!kVarlen) break;
   }
 }

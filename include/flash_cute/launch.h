@@ -93,11 +93,20 @@ constexpr int decode_smem_bytes(int head_dim) {
 template <DType kDType, int kHeadDim, bool kCausal>
 void run_fwd(const FwdParams& params, cudaStream_t stream);
 
+// The forward kernel with flash_attn's options (softcap, window (causal included), ALiBi,
+// dropout: FwdParams::opt and the dropout fields), one instantiation per (dtype, head-dim bucket).
+template <DType kDType, int kHeadDim>
+void run_fwd_options(const FwdParams& params, cudaStream_t stream);
+
 // Backward pass, one instantiation per (dtype, head-dim bucket); causal is a run-time flag (it
 // changes which blocks a CTA visits and a uniform masking branch, not the code). Runs the
 // rowsum(dout * o) pass, the main kernel and the dQ conversion on `stream`.
 template <DType kDType, int kHeadDim>
 void run_bwd(const BwdParams& params, cudaStream_t stream);
+
+// The backward pass with flash_attn's options (as run_fwd_options).
+template <DType kDType, int kHeadDim>
+void run_bwd_options(const BwdParams& params, cudaStream_t stream);
 
 // The two small passes around the main backward kernel (src/bwd_prep.cu, both dtypes): the
 // rowsum pass fills dsum and lse_log2 and zeroes dq_accum; the last pass converts dq_accum to dq.

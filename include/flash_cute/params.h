@@ -5,6 +5,24 @@
 
 namespace flash_cute {
 
+// Window sides this wide are unbounded (the host maps flash_attn's -1 to it).
+inline constexpr int kUnboundedWindow = 1 << 30;
+
+// flash_attn's options on the scores s = q . k (raw dot products), in the order applied:
+//   softcap: s -> tanh(s * softcap_pre) (softcap_pre = scale / softcap; the softmax then
+//            multiplies by softcap: scale_log2 = softcap * log2(e));
+//   ALiBi:   + alibi_scale * slope * -|i + seqlen_k - seqlen_q - j| (alibi_scale = 1 / lse_scale:
+//            the bias in natural-log units, whatever the score units);
+//   window:  key j visible from query i iff i + diagonal - left <= j <= i + diagonal + right.
+struct ScoreOptions {
+  float softcap_pre = 0.f;                // 0: off
+  float alibi_scale = 0.f;
+  const float* alibi_slopes = nullptr;    // float32 (batch, heads) via alibi_batch_stride (0: (heads,))
+  int64_t alibi_batch_stride = 0;
+  int window_left = kUnboundedWindow;
+  int window_right = kUnboundedWindow;
+};
+
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 inline const char* dtype_name(DType t) { return t == DType::kFloat16 ? "fp16" : "bf16"; }
@@ -28,9 +46,25 @@ struct FwdParams {
   int heads = 0, heads_k = 0;  // heads % heads_k == 0 (MQA / GQA)
   int head_dim = 0;            // runtime head dim, <= the kernel's compile-time head dim, multiple of 8
 
-  float scale = 0.f;       // softmax scale
-  float scale_log2 = 0.f;  // scale * log2(e): the kernel works with exp2
+  float scale = 0.f;       // softmax scale (the backward's dQ, dK multiplier)
+  float scale_log2 = 0.f;  // score -> exp2 argument: scale * log2(e), or with softcap softcap * log2(e)
+  float lse_scale = 0.f;   // score -> natural log units (lse = max * lse_scale + log(sum)): scale or softcap
   bool causal = false;     // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
+  // flash_attn's options (ScoreOptions in options.h; the kernels with kOptions only). Causal is
+  // then window_right = 0.
+  ScoreOptions opt;
+  // Dropout on the probabilities (kOptions kernels): keep an entry iff its Philox word <
+  // keep_threshold; the kept ones are scaled by 1 / keep probability (rp_dropout).
+  // rng_state: int64 (seed, offset) on the device, drawn from torch's generator by the caller.
+  bool dropout = false;
+  uint32_t keep_threshold = 0;
+  float rp_dropout = 1.f;
+  const int64_t* rng_state = nullptr;
+  // return_attn_probs with dropout: the unnormalised probabilities, negated where dropped,
+  // (batch, heads, s_dmask_rows, s_dmask_cols) in the input dtype; nullptr: not wanted.
+  void* s_dmask = nullptr;
+  int64_t s_dmask_batch_stride = 0, s_dmask_head_stride = 0, s_dmask_row_stride = 0;
+  int s_dmask_rows = 0, s_dmask_cols = 0;
 
   // Variable-length batches (nullptr: every sequence has seqlen_q / seqlen_k rows). int32
   // (batch + 1) cumulative lengths: sequence b owns rows [cu[b], cu[b + 1]) of q, o (and lse's
@@ -45,6 +79,12 @@ struct FwdParams {
   int64_t block_table_batch_stride = 0;
   int page_size = 0;
 };
+
+// Whether a call needs the kernels with options (run_fwd_options, run_bwd_options).
+inline bool uses_options(const FwdParams& p) {
+  return p.dropout || p.opt.softcap_pre != 0.f || p.opt.alibi_slopes != nullptr ||
+         p.opt.window_left < kUnboundedWindow || p.opt.window_right < kUnboundedWindow;
+}
 
 // Backward pass: the forward's inputs, output o and lse, plus the output gradient dout, and the
 // gradients dq (batch, seqlen_q, heads, d), dk and dv (batch, seqlen_k, dkv_heads, d).
@@ -115,8 +155,9 @@ struct DecodeParams {
   int64_t block_table_batch_stride = 0;
   int page_size = 0;  // a multiple of 16 (of decode_tile().block_n)
 
-  float scale = 0.f, scale_log2 = 0.f;
+  float scale = 0.f, scale_log2 = 0.f, lse_scale = 0.f;  // as in FwdParams
   bool causal = false;  // bottom-right aligned: query i sees keys j <= i + len_k - seqlen_q
+  ScoreOptions opt;     // softcap, window (causal included: window_right = 0), ALiBi
 
   // num_splits > 1: split s of every (batch, KV head) covers an equal share of its key blocks and
   // writes its normalised partial output and lse (float32, -inf when it saw no key) to

@@ -59,14 +59,15 @@ struct OnlineSoftmax {
     }
   }
 
-  // Normalises acc_o by the row sums and returns nothing; lse[r] gets log(sum exp(scale * s)).
+  // Normalises acc_o by the row sums (and multiplies it by o_scale); lse[r] gets
+  // log(sum exp(scale * s)).
   template <class O>
-  CUTE_DEVICE void finalize(O& acc_o, float scale, float (&lse)[kRows]) {
+  CUTE_DEVICE void finalize(O& acc_o, float scale, float (&lse)[kRows], float o_scale = 1.f) {
     CUTE_UNROLL
     for (int r = 0; r < kRows; ++r) {
       const float sum = quad_sum(row_sum[r]);
       const bool empty = sum == 0.f || sum != sum;
-      const float inv = empty ? 1.f : 1.f / sum;
+      const float inv = empty ? 1.f : o_scale / sum;
       lse[r] = empty ? INFINITY : row_max[r] * scale + __logf(sum);
       CUTE_UNROLL
       for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= inv;

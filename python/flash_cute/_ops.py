@@ -72,34 +72,69 @@ class _Varlen(NamedTuple):
 
 
 class _Options(NamedTuple):
-    """softcap, the local window (left, right) (-1: unbounded) and ALiBi slopes ((nheads,) or
-    (batch, nheads) float32), with flash_attn's semantics (see reference._logits). So far only the
-    reference path (CPU tensors, float32) takes them; the CUDA kernels take the defaults."""
+    """softcap, the local window (left, right) (-1: unbounded), ALiBi slopes ((nheads,) or
+    (batch, nheads) float32), with flash_attn's semantics (see reference._logits), and dropout:
+    dropout_p with rng_state, int64 (seed, offset) drawn from torch's generator by the caller (the
+    forward and the backward pass draw the same mask from it)."""
 
     softcap: float = 0.0
     window: tuple[int, int] = (-1, -1)
     alibi_slopes: torch.Tensor | None = None
+    dropout_p: float = 0.0
+    rng_state: torch.Tensor | None = None
 
     def is_default(self) -> bool:
-        return self.softcap == 0.0 and self.window == (-1, -1) and self.alibi_slopes is None
+        return (self.softcap == 0.0 and self.window == (-1, -1) and self.alibi_slopes is None
+                and self.dropout_p == 0.0)
+
+    def names(self) -> list[str]:
+        return [n for n, on in (("softcap", self.softcap != 0.0), ("window_size", self.window != (-1, -1)),
+                                ("alibi_slopes", self.alibi_slopes is not None), ("dropout_p", self.dropout_p != 0.0))
+                if on]
+
+    def kernel_args(self) -> tuple:
+        """The options as _C.fwd / _C.bwd take them."""
+        alibi = self.alibi_slopes
+        return (self.softcap, *self.window, _ptr(alibi), 0 if alibi is None or alibi.dim() == 1 else alibi.stride(0),
+                self.dropout_p, _ptr(self.rng_state))
+
+    def dropout_mask(self, shape, device) -> torch.Tensor | None:
+        """The reference path's keep mask: a generator seeded from rng_state (a host read)."""
+        if self.dropout_p == 0.0:
+            return None
+        seed, offset = (int(x) for x in self.rng_state.tolist())
+        generator = torch.Generator(device=device).manual_seed((seed ^ (offset << 1)) & ((1 << 63) - 1))
+        return torch.rand(shape, generator=generator, device=device) >= self.dropout_p
 
     def reference_kwargs(self, sequence: int | None = None) -> dict:
-        """The reference functions' keyword arguments; ``sequence``: those of one sequence of a
-        variable-length batch (its row of (batch, nheads) slopes)."""
+        """The reference functions' keyword arguments (but the dropout mask); ``sequence``: those
+        of one sequence of a variable-length batch (its row of (batch, nheads) slopes)."""
         alibi = self.alibi_slopes
         if alibi is not None and alibi.dim() == 2 and sequence is not None:
             alibi = alibi[sequence]
-        return dict(softcap=self.softcap, window_size=self.window, alibi_slopes=alibi)
+        return dict(softcap=self.softcap, window_size=self.window, alibi_slopes=alibi, dropout_p=self.dropout_p)
 
 
-def _check_kernel_options(options: _Options) -> None:
-    if not options.is_default():
-        names = [n for n, on in (("softcap", options.softcap != 0.0), ("window_size", options.window != (-1, -1)),
-                                 ("alibi_slopes", options.alibi_slopes is not None)) if on]
+@functools.cache
+def _option_kernels() -> frozenset:
+    return frozenset(_C().built_option_kernels())
+
+
+def _check_kernel_options(options: _Options, dtype: torch.dtype, head_dim: int) -> None:
+    """The kernels with options exist in this build for (dtype, head dim), else a clear error."""
+    if options.is_default():
+        return
+    key = ("fp16" if dtype == torch.float16 else "bf16", _C().head_dim_bucket(head_dim))
+    if key not in _option_kernels():
         raise FlashAttnNotImplementedError(
-            f"flash_cute: {', '.join(names)} is not in the CUDA kernels yet; float16/bfloat16 CUDA inputs "
-            "take only the defaults (CPU tensors and float32 run the reference, which takes it)"
+            f"flash_cute: {', '.join(options.names())} needs the kernels with options, which this build "
+            f"does not have for {key[0]}, head dim {head_dim} (build_config: {dict(_C().build_config)}); "
+            "rebuild with FLASH_CUTE_OPTION_KERNELS=ON"
         )
+
+
+def round_up_128(n: int) -> int:
+    return -(-n // 128) * 128
 
 
 def _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None):
@@ -156,7 +191,17 @@ def _fwd_block_n(head_dim: int, causal: bool) -> int:
     return _C().fwd_tile(head_dim, causal)[1]
 
 
-def _cuda_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen | None = None):
+def _s_dmask(q, k, varlen: _Varlen | None, options: _Options, return_softmax: bool) -> torch.Tensor:
+    """return_attn_probs' matrix (batch, nheads, seqlen_q and seqlen_k rounded up to 128) in q's
+    dtype, zeros, for the forward to fill; an empty tensor without dropout or when not asked for."""
+    if not (return_softmax and options.dropout_p > 0):
+        return q.new_empty((0,))
+    batch, seqlen_q, seqlen_k = _dims(q, k, varlen)
+    return q.new_zeros((batch, q.shape[-2], round_up_128(seqlen_q), round_up_128(seqlen_k)))
+
+
+def _cuda_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen | None, options: _Options,
+              s_dmask: torch.Tensor):
     batch, seqlen_q, seqlen_k = _dims(q, k, varlen)
     nheads, d = q.shape[-2], q.shape[-1]
     nheads_k = k.shape[-2]
@@ -167,17 +212,20 @@ def _cuda_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen | Non
         return out, lse
     if k.numel() == 0 or batch == 0:  # no key at all: every row is empty
         return out.zero_(), lse.fill_(math.inf)
+    _check_kernel_options(options, q.dtype, d)
     block_table, page_size = (None, 0) if varlen is None else (varlen.block_table, k.shape[1])
     if block_table is not None and page_size % _fwd_block_n(d, causal) != 0:
         # The kernel reads whole key blocks from one page; other page sizes are gathered first.
         k, v = gather_pages(k, block_table, varlen.cu_seqlens_k), gather_pages(v, block_table, varlen.cu_seqlens_k)
         block_table = None
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
+    s_dmask_layout = (*s_dmask.stride()[:3], *s_dmask.shape[2:]) if s_dmask.numel() else (0, 0, 0, 0, 0)
     _C().fwd(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         batch, seqlen_q, seqlen_k, nheads, nheads_k, d,
         _strides(q, varlen), _strides(k, varlen), _strides(v, varlen), _strides(out, varlen),
-        _lse_strides(lse, varlen), softmax_scale, causal, *_cu_seqlens_ptrs(varlen),
+        _lse_strides(lse, varlen), softmax_scale, causal, options.kernel_args(),
+        _ptr(s_dmask) if s_dmask.numel() else 0, s_dmask_layout, *_cu_seqlens_ptrs(varlen),
         _ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size,
         _dtype_code(q.dtype), q.device.index,
         _stream(q.device.index),
@@ -185,17 +233,43 @@ def _cuda_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen | Non
     return out, lse
 
 
-def _reference_varlen_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen, options: _Options):
+def _reference_s_dmask(dst, q, k, softmax_scale, causal, options: _Options, keep, sequence=None):
+    """Fills return_attn_probs' matrix on the reference path (dst: (batch, nheads, rows, cols), or
+    one sequence's (1, nheads, rows, cols)): the kernels' blockwise probabilities
+    (reference.blockwise_probs), negated where dropped, cut to what dst holds."""
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return
+    kwargs = options.reference_kwargs(sequence)
+    probs = reference.blockwise_probs(q, k, softmax_scale, causal, _fwd_block_n(q.shape[-1], False),
+                                      kwargs["softcap"], kwargs["window_size"], kwargs["alibi_slopes"])
+    rows, cols = min(q.shape[1], dst.shape[2]), min(k.shape[1], dst.shape[3])
+    dst[:, :, :rows, :cols] = torch.where(keep, probs, -probs)[:, :, :rows, :cols].to(dst.dtype)
+
+
+def _reference_fwd(q, k, v, softmax_scale: float, causal: bool, options: _Options, s_dmask):
+    batch, seqlen_q, nheads = q.shape[:3]
+    keep = options.dropout_mask((batch, nheads, seqlen_q, k.shape[1]), q.device)
+    out, lse = reference.attention_forward(q, k, v, softmax_scale, causal, dropout_mask=keep, **options.reference_kwargs())
+    if keep is not None and s_dmask.numel():
+        _reference_s_dmask(s_dmask, q, k, softmax_scale, causal, options, keep)
+    return out, lse
+
+
+def _reference_varlen_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen, options: _Options, s_dmask):
     """The reference path of a variable-length batch: one sequence at a time."""
     if varlen.block_table is not None:
         k = gather_pages(k, varlen.block_table, varlen.cu_seqlens_k)
         v = gather_pages(v, varlen.block_table, varlen.cu_seqlens_k)
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.full((q.shape[1], q.shape[0]), math.inf, dtype=torch.float32, device=q.device)
+    masks = _varlen_dropout_masks(varlen, q.shape[1], options, q.device)
     for b, ((q0, q1), (k0, k1)) in enumerate(_sequences(varlen)):
-        o, l = reference.attention_forward(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale, causal,
+        qb, kb = q[None, q0:q1], k[None, k0:k1]
+        o, l = reference.attention_forward(qb, kb, v[None, k0:k1], softmax_scale, causal, dropout_mask=masks[b],
                                            **options.reference_kwargs(b))
         out[q0:q1], lse[:, q0:q1] = o[0], l[0]
+        if masks[b] is not None and s_dmask.numel():
+            _reference_s_dmask(s_dmask[b : b + 1], qb, kb, softmax_scale, causal, options, masks[b], b)
     return out, lse
 
 
@@ -205,15 +279,26 @@ def _sequences(varlen: _Varlen):
     return [((cu_q[b], cu_q[b + 1]), (cu_k[b], cu_k[b + 1])) for b in range(varlen.batch)]
 
 
-def _attention_fwd(q, k, v, softmax_scale, causal, varlen, options: _Options):
+def _attention_fwd(q, k, v, softmax_scale, causal, varlen, options: _Options, return_softmax: bool):
+    s_dmask = _s_dmask(q, k, varlen, options, return_softmax)
     if q.is_cuda and q.dtype in _KERNEL_DTYPES:
-        _check_kernel_options(options)
-        return _cuda_fwd(q, k, v, softmax_scale, causal, varlen)
+        return (*_cuda_fwd(q, k, v, softmax_scale, causal, varlen, options, s_dmask), s_dmask)
     if q.is_cuda:
         _warn_slow_path(q.dtype)
     if varlen is not None:
-        return _reference_varlen_fwd(q, k, v, softmax_scale, causal, varlen, options)
-    return reference.attention_forward(q, k, v, softmax_scale, causal, **options.reference_kwargs())
+        return (*_reference_varlen_fwd(q, k, v, softmax_scale, causal, varlen, options, s_dmask), s_dmask)
+    return (*_reference_fwd(q, k, v, softmax_scale, causal, options, s_dmask), s_dmask)
+
+
+def _varlen_dropout_masks(varlen: _Varlen, nheads: int, options: _Options, device) -> list:
+    """Each sequence's keep mask (1, nheads, len_q, len_k), from one draw in sequence order."""
+    spans = _sequences(varlen)
+    if options.dropout_p == 0.0:
+        return [None] * len(spans)
+    sizes = [(q1 - q0) * (k1 - k0) * nheads for (q0, q1), (k0, k1) in spans]
+    flat = options.dropout_mask((sum(sizes),), device)
+    pieces = flat.split(sizes)
+    return [m.view(1, nheads, q1 - q0, k1 - k0) for m, ((q0, q1), (k0, k1)) in zip(pieces, spans)]
 
 
 @torch.library.custom_op("flash_cute::fwd", mutates_args=())
@@ -233,14 +318,19 @@ def fwd(
     window_left: int = -1,
     window_right: int = -1,
     alibi_slopes: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out, softmax_lse): out like q; lse float32 (batch, nheads, seqlen_q), or for a
-    variable-length batch (cu_seqlens_q given; q (total_q, nheads, d)) (nheads, total_q).
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
+    return_softmax: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, softmax_lse, S_dmask): out like q; lse float32 (batch, nheads, seqlen_q), or
+    for a variable-length batch (cu_seqlens_q given; q (total_q, nheads, d)) (nheads, total_q);
+    S_dmask: with return_softmax and dropout, the probabilities (negated where dropped) as
+    flash_attn returns them, (batch, nheads, seqlen_q and seqlen_k rounded up to 128), else empty.
     ``deterministic`` is not used by the forward pass; it is carried to the backward pass.
-    softcap, window_left/right, alibi_slopes: see _Options."""
+    softcap, window_left/right, alibi_slopes, dropout_p, rng_state: see _Options."""
     varlen = _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
-    options = _Options(softcap, (window_left, window_right), alibi_slopes)
-    return _attention_fwd(q, k, v, softmax_scale, causal, varlen, options)
+    options = _Options(softcap, (window_left, window_right), alibi_slopes, dropout_p, rng_state)
+    return _attention_fwd(q, k, v, softmax_scale, causal, varlen, options, return_softmax)
 
 
 def _warn_slow_path(dtype: torch.dtype) -> None:
@@ -257,11 +347,14 @@ def _warn_slow_path(dtype: torch.dtype) -> None:
 @fwd.register_fake
 def _(q, k, v, softmax_scale, causal, deterministic=False, cu_seqlens_q=None, cu_seqlens_k=None,
       max_seqlen_q=0, max_seqlen_k=0, block_table=None, softcap=0.0, window_left=-1, window_right=-1,
-      alibi_slopes=None):
-    if cu_seqlens_q is not None:
-        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+      alibi_slopes=None, dropout_p=0.0, rng_state=None, return_softmax=False):
+    varlen = None if cu_seqlens_q is None else _Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    s_dmask = _s_dmask(q, k, varlen, _Options(dropout_p=dropout_p), return_softmax)
+    if varlen is not None:
+        return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32), s_dmask
     batch, seqlen_q, nheads, d = q.shape
-    return q.new_empty((batch, seqlen_q, nheads, d)), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+    return (q.new_empty((batch, seqlen_q, nheads, d)), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32),
+            s_dmask)
 
 
 # How the backward kernel reduces dK and dV over the query heads that share a KV head (GQA/MQA):
@@ -272,7 +365,7 @@ GQA_BWD_REDUCTION = "in_kernel"
 
 
 def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deterministic: bool,
-              varlen: _Varlen | None, dq, dk, dv):
+              varlen: _Varlen | None, options: _Options, dq, dk, dv):
     """Writes the gradients into dq, dk, dv (shaped like q, k, v; any strides the kernels take)."""
     batch, seqlen_q, seqlen_k = _dims(q, k, varlen)
     nheads, d = q.shape[-2], q.shape[-1]
@@ -280,6 +373,7 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     if dq.numel() == 0 or dk.numel() == 0 or batch == 0:  # nothing to attend: every gradient is zero
         dq.zero_(), dk.zero_(), dv.zero_()
         return
+    _check_kernel_options(options, q.dtype, d)
     expand = nheads != nheads_k and GQA_BWD_REDUCTION == "expand"
     if expand:
         dk_buf = torch.empty((*k.shape[:-2], nheads, d), dtype=q.dtype, device=q.device)
@@ -310,7 +404,7 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         batch, seqlen_q, seqlen_k, nheads, nheads_k, d, expand,
         _strides(q, varlen), _strides(k, varlen), _strides(v, varlen), _strides(out, varlen),
         _strides(dout, varlen), _strides(dq_k, varlen), _strides(dk_k, varlen), _strides(dv_k, varlen),
-        _lse_strides(lse, varlen), softmax_scale, causal, *_cu_seqlens_ptrs(varlen),
+        _lse_strides(lse, varlen), softmax_scale, causal, options.kernel_args(), *_cu_seqlens_ptrs(varlen),
         _dtype_code(q.dtype), q.device.index,
         _stream(q.device.index),
     )
@@ -326,17 +420,20 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
 
 def _reference_bwd(dout, q, k, v, out, lse, softmax_scale, causal, varlen, options: _Options):
     if varlen is None:
-        return reference.attention_backward(dout, q, k, v, out, lse, softmax_scale, causal, **options.reference_kwargs())
+        keep = options.dropout_mask((q.shape[0], q.shape[2], q.shape[1], k.shape[1]), q.device)
+        return reference.attention_backward(dout, q, k, v, out, lse, softmax_scale, causal, dropout_mask=keep,
+                                            **options.reference_kwargs())
     if varlen.block_table is not None:
         raise FlashAttnNotImplementedError(
             "flash_cute: the backward pass of paged K/V (block_table) runs on the gathered rows; "
             "call flash_attn_varlen_func, which gathers the pages when gradients are needed"
         )
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    masks = _varlen_dropout_masks(varlen, q.shape[1], options, q.device)
     for b, ((q0, q1), (k0, k1)) in enumerate(_sequences(varlen)):
         grads = reference.attention_backward(
             dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
-            lse[None, :, q0:q1], softmax_scale, causal, **options.reference_kwargs(b),
+            lse[None, :, q0:q1], softmax_scale, causal, dropout_mask=masks[b], **options.reference_kwargs(b),
         )
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = (g[0] for g in grads)
     return dq, dk, dv
@@ -345,8 +442,7 @@ def _reference_bwd(dout, q, k, v, out, lse, softmax_scale, causal, varlen, optio
 def _attention_bwd_into(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, varlen, options: _Options,
                         dq, dk, dv):
     if q.is_cuda and q.dtype in _KERNEL_DTYPES:
-        _check_kernel_options(options)
-        return _cuda_bwd(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, varlen, dq, dk, dv)
+        return _cuda_bwd(dout, q, k, v, out, lse, softmax_scale, causal, deterministic, varlen, options, dq, dk, dv)
     if q.is_cuda:
         _warn_slow_path(q.dtype)
     for dst, src in zip((dq, dk, dv), _reference_bwd(dout, q, k, v, out, lse, softmax_scale, causal, varlen, options)):
@@ -378,11 +474,13 @@ def bwd(
     window_left: int = -1,
     window_right: int = -1,
     alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of flash_cute::fwd, shaped and typed like q, k, v (contiguous)."""
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     varlen = _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    options = _Options(softcap, (window_left, window_right), alibi_slopes)
+    options = _Options(softcap, (window_left, window_right), alibi_slopes, dropout_p, rng_state)
     _attention_bwd_into(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, varlen, options, dq, dk, dv)
     return dq, dk, dv
 
@@ -390,7 +488,7 @@ def bwd(
 @bwd.register_fake
 def _(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, cu_seqlens_q=None,
       cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, softcap=0.0, window_left=-1, window_right=-1,
-      alibi_slopes=None):
+      alibi_slopes=None, dropout_p=0.0, rng_state=None):
     # Contiguous, like both implementations' results (empty_like would copy q's strides).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -414,6 +512,8 @@ def bwd_into(
     window_left: int,
     window_right: int,
     alibi_slopes: Optional[torch.Tensor],
+    dropout_p: float,
+    rng_state: Optional[torch.Tensor],
     dq: torch.Tensor,
     dk: torch.Tensor,
     dv: torch.Tensor,
@@ -421,23 +521,23 @@ def bwd_into(
     """flash_cute::bwd writing into given tensors (the packed functions pass views of one
     gradient buffer, so the packed gradient needs no copy)."""
     varlen = _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    options = _Options(softcap, (window_left, window_right), alibi_slopes)
+    options = _Options(softcap, (window_left, window_right), alibi_slopes, dropout_p, rng_state)
     _attention_bwd_into(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, varlen, options, dq, dk, dv)
 
 
 @bwd_into.register_fake
 def _(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, cu_seqlens_q, cu_seqlens_k,
-      max_seqlen_q, max_seqlen_k, softcap, window_left, window_right, alibi_slopes, dq, dk, dv):
+      max_seqlen_q, max_seqlen_k, softcap, window_left, window_right, alibi_slopes, dropout_p, rng_state, dq, dk, dv):
     return None
 
 
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, softmax_scale, causal, *rest = inputs
-    rest += [False, None, None, 0, 0, None, 0.0, -1, -1, None][len(rest):]
+    rest += [False, None, None, 0, 0, None, 0.0, -1, -1, None, 0.0, None, False][len(rest):]
     (deterministic, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, softcap, window_left,
-     window_right, alibi_slopes) = rest
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+     window_right, alibi_slopes, dropout_p, rng_state, _) = rest
+    out, lse, _ = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state)
     # The lse's gradient is never used: do not have autograd fill a zero tensor for it.
     ctx.set_materialize_grads(False)
     ctx.softmax_scale = softmax_scale
@@ -446,11 +546,13 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
     ctx.paged = block_table is not None
     ctx.options = (softcap, window_left, window_right)
+    ctx.dropout_p = dropout_p
 
 
-def _fwd_backward(ctx, grad_out, grad_lse):
-    # The log-sum-exp is an auxiliary output (as in the official package): its gradient is ignored.
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+def _fwd_backward(ctx, grad_out, grad_lse, grad_s_dmask):
+    # The log-sum-exp and S_dmask are auxiliary outputs (as in the official package): their
+    # gradients are ignored.
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state = ctx.saved_tensors
     if ctx.paged:
         raise FlashAttnNotImplementedError(
             "flash_cute::fwd with a block_table has no backward; flash_attn_varlen_func gathers "
@@ -459,8 +561,8 @@ def _fwd_backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.deterministic,
-                     cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen, *ctx.options, alibi_slopes)
-    return (dq, dk, dv) + (None,) * 12
+                     cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen, *ctx.options, alibi_slopes, ctx.dropout_p, rng_state)
+    return (dq, dk, dv) + (None,) * 15
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
@@ -495,6 +597,10 @@ def decode_eager(
     cache_leftpad: Optional[torch.Tensor],
     block_table: Optional[torch.Tensor],
     num_splits: int,
+    softcap: float = 0.0,
+    window_left: int = -1,
+    window_right: int = -1,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (batch, seqlen_q, nheads, d) against a cache, with the split-KV kernel:
     returns out like q and lse (batch, nheads, seqlen_q) float32. Batch row b sees the keys at
@@ -503,7 +609,8 @@ def decode_eager(
     block_table[b] (page size a multiple of 16). k_new, v_new (batch, seqlen_new, nheads_k, d):
     the rows to append, written into the caches (which must be kernel_ready) at positions
     cached .. and attended to; None: they are in the caches already. num_splits 0: the
-    heuristic; 1: no split. The int32 vectors and block_table must be contiguous.
+    heuristic; 1: no split. The int32 vectors and block_table must be contiguous. softcap, the
+    window (causal sets its right side to 0) and ALiBi slopes as in flash_cute::fwd.
 
     Host time matters here (a decoding step of a small batch is ~100 us of GPU time): each
     tensor is asked for its strides once."""
@@ -541,7 +648,9 @@ def decode_eager(
         out.stride()[:3], lse.stride()[:2],
         _ptr(cache_seqlens), _ptr(cache_batch_idx), _ptr(cache_leftpad),
         _ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size,
-        softmax_scale, causal, num_splits, _dtype_code(q.dtype), device.index, _stream(device.index),
+        softmax_scale, causal, softcap, window_left, window_right, _ptr(alibi_slopes),
+        0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.stride(0),
+        num_splits, _dtype_code(q.dtype), device.index, _stream(device.index),
     )
     return out, lse
 
@@ -553,6 +662,6 @@ decode = torch.library.custom_op("flash_cute::decode", decode_eager, mutates_arg
 
 @decode.register_fake
 def _(q, k_cache, v_cache, k_new, v_new, softmax_scale, causal, seqlen_k, seqlen_new, cache_seqlens, cache_batch_idx,
-      cache_leftpad, block_table, num_splits):
+      cache_leftpad, block_table, num_splits, softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None):
     batch, seqlen_q, nheads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)

@@ -140,9 +140,18 @@ def _normalize_window(window_size, causal: bool, seqlen_k: int) -> tuple[bool, t
     return False, (left, right)
 
 
-def _check_unsupported(dropout_p: float) -> None:
-    if dropout_p != 0.0:
-        raise FlashAttnNotImplementedError(f"flash_cute: dropout_p={dropout_p} is not implemented yet; use dropout_p=0.0")
+def _check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise FlashAttnValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _rng_state(dropout_p: float, device) -> torch.Tensor | None:
+    """Dropout's (seed, offset), int64 on the device, drawn from torch's generator of the device:
+    torch.manual_seed reproduces a call, and a CUDA graph draws fresh ones on every replay."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device)
 
 
 def _check_options(q, softcap, alibi_slopes, batch: int, nheads: int) -> float:
@@ -162,6 +171,13 @@ def _check_options(q, softcap, alibi_slopes, batch: int, nheads: int) -> float:
         if alibi_slopes.device != q.device:
             raise RuntimeError(f"flash_cute: alibi_slopes is on {alibi_slopes.device}, expected q's device {q.device}")
     return float(softcap)
+
+
+def _get_block_size_n(device, head_dim, is_dropout, is_causal):
+    """The key-block width S_dmask (return_attn_probs) is laid out in: the forward kernel's block
+    of keys for this head dim (the same on every GPU and on the CPU path), so code that decodes
+    the matrix the official way (running maxima per block of this many keys) works unchanged."""
+    return _ops._fwd_block_n(int(head_dim), False)
 
 
 def _pad_head_dim(t: torch.Tensor) -> torch.Tensor:
@@ -192,7 +208,9 @@ def flash_attn_func(
         k: (batch_size, seqlen_k, nheads_k, headdim). nheads must be a multiple of nheads_k
             (multi-query and grouped-query attention; K and V are never expanded in memory).
         v: (batch_size, seqlen_k, nheads_k, headdim).
-        dropout_p: float. Dropout probability (only 0.0 is supported so far).
+        dropout_p: float. Dropout probability on the attention probabilities, in [0, 1) (Philox
+            random numbers from a seed drawn from torch's generator: torch.manual_seed
+            reproduces a call, the backward pass draws the same mask). 0.0 outside training.
         softmax_scale: float. Defaults to 1 / sqrt(headdim).
         causal: bool. Causal mask aligned to the bottom-right corner of the attention matrix:
             query i sees key j iff j <= i + seqlen_k - seqlen_q. Rows that see no key return 0.
@@ -201,17 +219,20 @@ def flash_attn_func(
             (-1, 0) equals causal.
         softcap: float. 0.0 means off; else scores become softcap * tanh(scores / softcap).
         alibi_slopes: (nheads,) or (batch_size, nheads), float32. Adds the bias
-            -slope * |i + seqlen_k - seqlen_q - j| to the score of query i and key j.
-            Local windows, softcap and ALiBi run on the CPU path and for float32 inputs so far;
-            the float16/bfloat16 CUDA kernels raise NotImplementedError naming the option.
+            -slope * |i + seqlen_k - seqlen_q - j| to the score of query i and key j (after softcap).
         deterministic: bool. Affects the backward pass only.
-        return_attn_probs: bool. Also return the log-sum-exp and the attention-probability
-            matrix (an empty tensor when dropout_p == 0, as in the official package).
+        return_attn_probs: bool. Also return the log-sum-exp and, with dropout_p > 0, the
+            attention-probability matrix S_dmask (an empty tensor when dropout_p == 0, as in the
+            official package). For testing only.
     Return:
         out: (batch_size, seqlen_q, nheads, headdim).
         softmax_lse [optional, if return_attn_probs=True]: (batch_size, nheads, seqlen_q), float32,
             the log-sum-exp of each row of q k^T * softmax_scale (+inf for rows that see no key).
-        S_dmask [optional, if return_attn_probs=True]: empty tensor (dropout is not supported).
+        S_dmask [optional, if return_attn_probs=True]: (batch_size, nheads, seqlen_q_rounded,
+            seqlen_k_rounded), rounded up to 128: the probabilities exp(score - m) with m the row
+            maximum so far when the kernel reached each block of _get_block_size_n keys (the
+            kernel walks them from the last one), negative where dropout dropped them; empty
+            without dropout.
     """
     return _attention(
         "", (q, k, v), None, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -251,7 +272,7 @@ def _attention(kind, tensors, varlen, dropout_p, softmax_scale, causal, window_s
         _check_varlen(q, *varlen)
     else:
         _check_qkv(q, k, v)
-    _check_unsupported(dropout_p)
+    dropout_p = _check_dropout(dropout_p)
     softcap = _check_options(q, softcap, alibi_slopes, q.shape[0] if varlen is None else varlen[0].shape[0] - 1,
                              q.shape[-2])
     causal, window = _normalize_window(window_size, bool(causal), _max_keys(k, varlen))
@@ -267,14 +288,14 @@ def _attention(kind, tensors, varlen, dropout_p, softmax_scale, causal, window_s
         k, v = _ops.gather_pages(k, block_table, cu_seqlens_k), _ops.gather_pages(v, block_table, cu_seqlens_k)
         kind, tensors, varlen = "", (q, k, v), (*varlen[:4], None)
     args = (float(softmax_scale), causal, bool(deterministic), *(varlen or (None, None, 0, 0, None)), softcap,
-            *window, alibi_slopes)
+            *window, alibi_slopes, dropout_p, _rng_state(dropout_p, q.device), bool(return_attn_probs))
     if kind:
-        out, lse = _PackedAttention.apply(kind, args, *tensors)
+        out, lse, s_dmask = _PackedAttention.apply(kind, args, *tensors)
     else:
-        out, lse = _ops.fwd(*tensors, *args)
+        out, lse, s_dmask = _ops.fwd(*tensors, *args)
     out = out[..., :head_dim]
     if return_attn_probs:
-        return out, lse, torch.empty(0, dtype=q.dtype, device=q.device)
+        return out, lse, s_dmask
     return out
 
 
@@ -296,29 +317,33 @@ class _PackedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kind, args, *tensors):
         q, k, v = _unpack(kind, tensors)
-        out, lse = _ops.fwd(q, k, v, *args)
-        ctx.save_for_backward(*tensors, out, lse, *args[3:5], args[11])
+        out, lse, s_dmask = _ops.fwd(q, k, v, *args)
+        ctx.save_for_backward(*tensors, out, lse, *args[3:5], args[11], args[13])
         ctx.kind, ctx.args = kind, args
         ctx.set_materialize_grads(False)
-        return out, lse
+        ctx.mark_non_differentiable(s_dmask)
+        return out, lse, s_dmask
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        *tensors, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
-        softmax_scale, causal, deterministic, _, _, max_seqlen_q, max_seqlen_k, _, softcap, left, right, _ = ctx.args
+    def backward(ctx, grad_out, grad_lse, grad_s_dmask):
+        *tensors, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state = ctx.saved_tensors
+        (softmax_scale, causal, deterministic, _, _, max_seqlen_q, max_seqlen_k, _, softcap, left, right, _,
+         dropout_p, _, _) = ctx.args
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         grads = tuple(torch.empty_like(t) for t in tensors)
         _ops.bwd_into(
             grad_out, *_unpack(ctx.kind, tensors), out, lse, softmax_scale, causal, deterministic,
             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap, left, right, alibi_slopes,
-            *_unpack(ctx.kind, grads),
+            dropout_p, rng_state, *_unpack(ctx.kind, grads),
         )
         return (None, None, *grads)
 
 
 _ATTENTION_ARGS_DOC = """
-        dropout_p: float. Dropout probability (only 0.0 is supported so far).
+        dropout_p: float. Dropout probability on the attention probabilities, in [0, 1) (Philox
+            random numbers from a seed drawn from torch's generator: torch.manual_seed
+            reproduces a call, the backward pass draws the same mask). 0.0 outside training.
         softmax_scale: float. Defaults to 1 / sqrt(headdim).
         causal: bool. Causal mask aligned to the bottom-right corner of each sequence's attention
             matrix: query i sees key j iff j <= i + seqlen_k - seqlen_q. Rows that see no key
@@ -328,12 +353,11 @@ _ATTENTION_ARGS_DOC = """
             (-1: unbounded). (-1, 0) equals causal.
         softcap: float. 0.0 means off; else scores become softcap * tanh(scores / softcap).
         alibi_slopes: (nheads,) or (batch_size, nheads), float32. Adds the bias
-            -slope * |i + seqlen_k - seqlen_q - j| to the score of query i and key j.
-            Local windows, softcap and ALiBi run on the CPU path and for float32 inputs so far;
-            the float16/bfloat16 CUDA kernels raise NotImplementedError naming the option.
+            -slope * |i + seqlen_k - seqlen_q - j| to the score of query i and key j (after softcap).
         deterministic: bool. Affects the backward pass only: bitwise-reproducible dq.
-        return_attn_probs: bool. Also return the log-sum-exp and the attention-probability
-            matrix (an empty tensor when dropout_p == 0, as in the official package)."""
+        return_attn_probs: bool. Also return the log-sum-exp and, with dropout_p > 0, the
+            attention-probability matrix S_dmask (an empty tensor when dropout_p == 0, as in the
+            official package). For testing only."""
 
 
 def flash_attn_qkvpacked_func(
@@ -355,7 +379,7 @@ def flash_attn_qkvpacked_func(
     Return:
         out: (batch_size, seqlen, nheads, headdim).
         softmax_lse [optional, if return_attn_probs=True]: (batch_size, nheads, seqlen), float32.
-        S_dmask [optional, if return_attn_probs=True]: empty tensor.
+        S_dmask [optional, if return_attn_probs=True]: as in flash_attn_func.
     """
     return _attention(
         "qkv", (qkv,), None, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -384,7 +408,7 @@ def flash_attn_kvpacked_func(
     Return:
         out: (batch_size, seqlen_q, nheads, headdim).
         softmax_lse [optional, if return_attn_probs=True]: (batch_size, nheads, seqlen_q), float32.
-        S_dmask [optional, if return_attn_probs=True]: empty tensor.
+        S_dmask [optional, if return_attn_probs=True]: as in flash_attn_func.
     """
     return _attention(
         "kv", (q, kv), None, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -434,7 +458,7 @@ def flash_attn_varlen_func(
     Return:
         out: (total_q, nheads, headdim).
         softmax_lse [optional, if return_attn_probs=True]: (nheads, total_q), float32.
-        S_dmask [optional, if return_attn_probs=True]: empty tensor.
+        S_dmask [optional, if return_attn_probs=True]: as in flash_attn_func.
     """
     varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
     return _attention(
@@ -465,7 +489,7 @@ def flash_attn_varlen_qkvpacked_func(
     Return:
         out: (total, nheads, headdim).
         softmax_lse [optional, if return_attn_probs=True]: (nheads, total), float32.
-        S_dmask [optional, if return_attn_probs=True]: empty tensor.
+        S_dmask [optional, if return_attn_probs=True]: as in flash_attn_func.
     """
     varlen = (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, None)
     return _attention(
@@ -500,7 +524,7 @@ def flash_attn_varlen_kvpacked_func(
     Return:
         out: (total_q, nheads, headdim).
         softmax_lse [optional, if return_attn_probs=True]: (nheads, total_q), float32.
-        S_dmask [optional, if return_attn_probs=True]: empty tensor.
+        S_dmask [optional, if return_attn_probs=True]: as in flash_attn_func.
     """
     varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None)
     return _attention(
@@ -683,8 +707,7 @@ def flash_attn_with_kvcache(
         softmax_scale: float. Defaults to 1 / sqrt(headdim).
         causal: bool.
         window_size, softcap, alibi_slopes: as in flash_attn_func (with a window, rotary
-            queries are positional, as with causal). CPU path and float32 so far; the
-            float16/bfloat16 CUDA kernels raise NotImplementedError naming the option.
+            queries are positional, as with causal).
         rotary_interleaved: bool.
         num_splits: int. 0: a heuristic from the batch, heads, cache capacity and GPU (never the
             current lengths, so CUDA graphs stay valid as the cache grows); 1: no split; N > 1: N
@@ -699,8 +722,10 @@ def flash_attn_with_kvcache(
     batch, seqlen_q, nheads, d = q.shape
     softcap = _check_options(q, softcap, alibi_slopes, batch, nheads)
     causal, window = _normalize_window(window_size, bool(causal), cache_len)
-    if q.is_cuda and q.dtype in _ops._KERNEL_DTYPES:  # before the append: a refused call changes nothing
-        _ops._check_kernel_options(_ops._Options(softcap, window, alibi_slopes))
+    decode = _decode_kernel_applies(q, k_cache, block_table, cache_leftpad, causal)
+    if q.is_cuda and q.dtype in _ops._KERNEL_DTYPES and not decode:
+        # before the append: a refused call changes nothing (the decoding kernel takes every option)
+        _ops._check_kernel_options(_ops._Options(softcap, window, alibi_slopes), q.dtype, d)
     # Rotary: query row i sits at position s + i when causal or local, else every row at s.
     positional_q = causal or window != (-1, -1)
     device = q.device
@@ -715,7 +740,6 @@ def flash_attn_with_kvcache(
         )
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(d)
-    decode = _decode_kernel_applies(q, k_cache, block_table, cache_leftpad, causal)
     # The split-KV kernel appends k and v itself where it can write the caches in place.
     fused_append = (decode and k is not None and d % 8 == 0 and _ops.kernel_ready(k_cache)
                     and _ops.kernel_ready(v_cache))
@@ -756,7 +780,7 @@ def flash_attn_with_kvcache(
             k if fused_append else None, v if fused_append else None, float(softmax_scale), causal,
             cache_len if cache_seqlens is None else (cache_seqlens if isinstance(cache_seqlens, int) else 0),
             seqlen_new, cache_seqlens.contiguous() if isinstance(cache_seqlens, torch.Tensor) else None,
-            *dense, num_splits,
+            *dense, num_splits, softcap, *window, alibi_slopes,
         )
         if out.shape[-1] != d:
             out = out[..., :d]
@@ -774,7 +798,7 @@ def flash_attn_with_kvcache(
     cu_seqlens_k = torch.zeros(batch + 1, dtype=torch.int32, device=device)
     cu_seqlens_k[1:] = visible.cumsum(0)
     cu_seqlens_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
-    out, lse = _ops.fwd(
+    out, lse, _ = _ops.fwd(
         _pad_head_dim(q).reshape(batch * seqlen_q, nheads, -1), _pad_head_dim(keys), _pad_head_dim(values),
         float(softmax_scale), causal, False, cu_seqlens_q, cu_seqlens_k, seqlen_q, cache_len, table, softcap, *window,
         alibi_slopes,

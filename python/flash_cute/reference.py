@@ -59,6 +59,7 @@ __all__ = [
     "attention_forward_fa1",
     "attention_backward",
     "naive_attention",
+    "blockwise_probs",
     "kvcache_attention",
     "split_kv_forward",
 ]
@@ -124,6 +125,15 @@ def _group_alibi(alibi_slopes, batch, nheads, nheads_k, dtype):
     return slopes.reshape(slopes.shape[0], nheads_k, nheads // nheads_k, 1, 1)
 
 
+def _group_keep(dropout_mask, nheads_k):
+    """Dropout's keep mask (batch, nheads, seqlen_q, seqlen_k) as (batch, nheads_k, groups, seqlen_q,
+    seqlen_k) floats, or None."""
+    if dropout_mask is None:
+        return None
+    batch, nheads, seqlen_q, seqlen_k = dropout_mask.shape
+    return dropout_mask.reshape(batch, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k)
+
+
 def _logits(s, m0, n0, causal, diagonal, mask, softcap=0.0, window=(-1, -1), alibi=None):
     """The logits of a tile of scaled scores ``s`` (first row query ``m0``, first column key
     ``n0``): softcapped (``softcap * tanh(s / softcap)``), plus the ALiBi bias
@@ -149,18 +159,20 @@ def _logits(s, m0, n0, causal, diagonal, mask, softcap=0.0, window=(-1, -1), ali
     return _mask_tile(s, m0, n0, causal, diagonal, mask), t
 
 
-def _online_softmax_step(row_max, row_sum, acc, s, v_blk):
+def _online_softmax_step(row_max, row_sum, acc, s, v_blk, keep=None, dropout_p=0.0):
     """One key block of the online softmax for the rows of ``s`` (their logits against the
     block): the running maximum, the running sum of ``exp(s - max)`` and the unnormalised output,
-    rescaled by ``exp(max_old - max_new)`` where the block raises the maximum. Returns the new
-    ``(row_max, row_sum, acc)``."""
+    rescaled by ``exp(max_old - max_new)`` where the block raises the maximum. ``keep``: dropout's
+    keep mask of the tile; the output sums the kept probabilities / (1 - dropout_p), the row sum
+    all of them. Returns the new ``(row_max, row_sum, acc)``."""
     new_max = torch.maximum(row_max, s.amax(dim=-1))
     # Rows that have seen no key yet keep max -inf; exponentiate against 0 instead so they
     # produce zeros, not NaN.
     safe_max = torch.where(new_max == -math.inf, torch.zeros_like(new_max), new_max)
     correction = torch.exp(row_max - safe_max)
     p = torch.exp(s - safe_max.unsqueeze(-1))
-    return new_max, row_sum * correction + p.sum(dim=-1), acc * correction.unsqueeze(-1) + torch.matmul(p, v_blk)
+    p_out = p if keep is None else p * keep / (1.0 - dropout_p)
+    return new_max, row_sum * correction + p.sum(dim=-1), acc * correction.unsqueeze(-1) + torch.matmul(p_out, v_blk)
 
 
 def _finalize_rows(row_max, row_sum, acc, dtype):
@@ -184,6 +196,8 @@ def attention_forward(
     softcap: float = 0.0,
     window_size: tuple[int, int] = (-1, -1),
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-2 forward, tiled. Returns ``(out, lse)``.
 
@@ -191,7 +205,8 @@ def attention_forward(
     log of the softmax denominator of each row (including the scale), +inf for rows with no key.
     Accumulates in float32 (float64 for float64 inputs). ``mask``: see the module docstring.
     ``softcap``, ``window_size`` and ``alibi_slopes`` ((nheads,) or (batch, nheads)) as in
-    flash_attn (see :func:`_logits`); the CUDA kernels do not take them yet.
+    flash_attn (see :func:`_logits`). Dropout: ``dropout_mask`` (batch, nheads, seqlen_q, seqlen_k)
+    bool, True where a probability is kept (kept ones are scaled by 1 / (1 - dropout_p)).
     """
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -207,6 +222,7 @@ def attention_forward(
     vg = _group_heads(v, nheads_k)
     maskg = _group_mask(mask, batch, nheads, nheads_k, seqlen_q, seqlen_k)
     alibi = _group_alibi(alibi_slopes, batch, nheads, nheads_k, acc_dtype)
+    keepg = _group_keep(dropout_mask, nheads_k)
 
     out = torch.empty(qg.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(qg.shape[:-1], dtype=torch.float32, device=q.device)
@@ -224,11 +240,48 @@ def attention_forward(
             n1 = min(n0 + block_n, seqlen_k)
             s = torch.matmul(q_blk, kg[..., n0:n1, :].to(acc_dtype).transpose(-1, -2)) * softmax_scale
             s, _ = _logits(s, m0, n0, causal, diagonal, maskg, softcap, window_size, alibi)
-            row_max, row_sum, acc = _online_softmax_step(row_max, row_sum, acc, s, vg[..., n0:n1, :].to(acc_dtype))
+            keep = None if keepg is None else keepg[..., m0:m1, n0:n1]
+            row_max, row_sum, acc = _online_softmax_step(row_max, row_sum, acc, s, vg[..., n0:n1, :].to(acc_dtype),
+                                                         keep, dropout_p)
 
         out[..., m0:m1, :], lse[..., m0:m1] = _finalize_rows(row_max, row_sum, acc, q.dtype)
 
     return _ungroup_heads(out), lse.reshape(batch, nheads, seqlen_q)
+
+
+def blockwise_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    block_n: int,
+    softcap: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The probabilities as a forward kernel holds them when it applies dropout, the values of
+    flash_attn's ``return_attn_probs`` matrix: ``exp(logit - m)`` with ``m`` the running row maximum
+    the kernel has after key block n of ``block_n`` keys, walking the blocks from the last to the
+    first (so ``m`` is the maximum over blocks n, n + 1, ...). (batch, nheads, seqlen_q, seqlen_k),
+    float32 (float64 for float64 inputs); 0 where masked."""
+    batch, seqlen_q, nheads, d = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    acc_dtype = _compute_dtype(q.dtype)
+    qg, kg = _group_heads(q, nheads_k).to(acc_dtype), _group_heads(k, nheads_k).to(acc_dtype)
+    alibi = _group_alibi(alibi_slopes, batch, nheads, nheads_k, acc_dtype)
+    s = torch.matmul(qg, kg.transpose(-1, -2)) * softmax_scale
+    s, _ = _logits(s, 0, 0, causal, seqlen_k - seqlen_q, None, softcap, window_size, alibi)
+    blocks = s.split(block_n, dim=-1)
+    block_max = torch.stack([b.amax(dim=-1) for b in blocks], dim=-1)
+    running = torch.cummax(block_max.flip(-1), dim=-1).values.flip(-1)  # max over blocks n, n + 1, ...
+    running = torch.where(running == -math.inf, torch.zeros_like(running), running)
+    probs = torch.cat([torch.exp(b - running[..., n : n + 1]) for n, b in enumerate(blocks)], dim=-1)
+    return _ungroup_heads_scores(probs)
+
+
+def _ungroup_heads_scores(t: torch.Tensor) -> torch.Tensor:
+    """(batch, nheads_k, groups, seqlen_q, seqlen_k) -> (batch, nheads, seqlen_q, seqlen_k)."""
+    return t.reshape(t.shape[0], t.shape[1] * t.shape[2], *t.shape[3:])
 
 
 def attention_forward_fa1(
@@ -312,6 +365,8 @@ def attention_backward(
     softcap: float = 0.0,
     window_size: tuple[int, int] = (-1, -1),
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention-2 backward, tiled. Returns ``(dq, dk, dv)``, typed and shaped like q, k, v.
 
@@ -319,7 +374,8 @@ def attention_backward(
     returned for the same arguments (lse float32, as saved by the kernels; a float64 lse, such as
     :func:`naive_attention`'s, is used at full precision). Computes in float32 (float64 for
     float64 inputs). The gradient of the lse output itself is not part of this function (the
-    lse is an auxiliary output, as in flash_attn).
+    lse is an auxiliary output, as in flash_attn). Dropout as in :func:`attention_forward`: with
+    ``M = keep / (1 - p)``, ``O = (P * M) V``, so ``dV = (P * M)^T dO`` and ``dS = P * (dP * M - D)``.
     """
     batch, seqlen_q, nheads, d = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -334,6 +390,7 @@ def attention_backward(
     vg = _group_heads(v, nheads_k)
     maskg = _group_mask(mask, batch, nheads, nheads_k, seqlen_q, seqlen_k)
     alibi = _group_alibi(alibi_slopes, batch, nheads, nheads_k, acc_dtype)
+    keepg = _group_keep(dropout_mask, nheads_k)
     lseg = lse.reshape(qg.shape[:-1]).to(acc_dtype)  # (batch, nheads_k, groups, seqlen_q)
 
     # Preprocessing (its own small kernel on the GPU): D = rowsum(dO * O), one value per query
@@ -367,8 +424,12 @@ def attention_backward(
             s, t = _logits(s, m0, n0, causal, diagonal, maskg, softcap, window_size, alibi)
             p = torch.exp(s - lseg[..., m0:m1].unsqueeze(-1))  # (batch, nheads_k, groups, m, n)
 
-            dv_acc += torch.einsum("bhgmn,bhgmd->bhnd", p, do_blk)  # dV += P^T dO
             dp = torch.matmul(do_blk, v_blk.transpose(-1, -2))  # dP = dO V^T
+            p_out = p
+            if keepg is not None:  # dropout: O = (P * M) V with M = keep / (1 - p)
+                scale_keep = keepg[..., m0:m1, n0:n1] / (1.0 - dropout_p)
+                p_out, dp = p * scale_keep, dp * scale_keep
+            dv_acc += torch.einsum("bhgmn,bhgmd->bhnd", p_out, do_blk)  # dV += P^T dO
             ds = p * (dp - delta[..., m0:m1].unsqueeze(-1))  # dS = P * (dP - D)
             if t is not None:  # through the softcap: d(softcap * tanh(x / softcap)) = 1 - tanh^2
                 ds = ds * (1 - t * t)

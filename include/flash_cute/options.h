@@ -1,0 +1,157 @@
+// flash_attn's options on a tile of scores: softcap, ALiBi, the local window (ScoreOptions in
+// params.h), and dropout's random numbers. Shared by the forward, backward and decoding kernels;
+// each applies them to its own (rows, cols) view of an S accumulator, with `coords` the same view of
+// the identity tensor. Every step is a separate loop behind a uniform branch, so an option that
+// is off costs one test per tile.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cute/tensor.hpp>
+
+#include "flash_cute/params.h"
+
+namespace flash_cute {
+using namespace cute;
+
+CUTE_DEVICE float tanh_approx(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// s -> tanh(s * pre) on every score.
+template <class Scores>
+CUTE_DEVICE void apply_softcap(Scores& scores, float pre) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(scores); ++i) scores(i) = tanh_approx(scores(i) * pre);
+}
+
+// The ALiBi slope of (batch, head), already in score units (0 without ALiBi).
+CUTE_DEVICE float alibi_slope(const ScoreOptions& o, int batch, int head) {
+  return o.alibi_slopes == nullptr ? 0.f : o.alibi_slopes[batch * o.alibi_batch_stride + head] * o.alibi_scale;
+}
+
+// ALiBi (slope_of(r) != 0) and, when `mask`, -inf for keys outside [0, seqlen_k) and the window.
+// row_of(r): the query row of tile row r (its index in the sequence); col0 + the coordinate's
+// column: the key. diagonal = seqlen_k - seqlen_q.
+template <class Scores, class Coords, class RowOf, class SlopeOf>
+CUTE_DEVICE void apply_bias_and_mask(Scores& scores, Coords const& coords, RowOf row_of, SlopeOf slope_of, int col0,
+                                     int seqlen_k, int diagonal, const ScoreOptions& o, bool alibi, bool mask) {
+  if (alibi) {
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(scores); ++r) {
+      const int row = row_of(r) + diagonal;
+      const float slope = slope_of(r);
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c)
+        scores(r, c) -= slope * float(abs(row - (col0 + get<1>(coords(r, c)))));
+    }
+  }
+  if (mask) {
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(scores); ++r) {
+      const int row = row_of(r) + diagonal;
+      const int lo = max(0, row - o.window_left);
+      const int hi = min(seqlen_k - 1, row + o.window_right);
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(scores); ++c) {
+        const int col = col0 + get<1>(coords(r, c));
+        if (col < lo || col > hi) scores(r, c) = -INFINITY;
+      }
+    }
+  }
+}
+
+// The key blocks [begin, end) of block_n keys that query rows [row0, row0 + rows) can see, and
+// whether block n needs the mask (it crosses seqlen_k or a window edge).
+struct KeyRange {
+  int begin, end;
+  int row_first, row_last;  // (first, last row) + diagonal
+  CUTE_DEVICE KeyRange(int row0, int rows, int seqlen_k, int diagonal, const ScoreOptions& o, int block_n) {
+    row_first = row0 + diagonal;
+    row_last = row0 + rows - 1 + diagonal;
+    const int64_t hi = min(int64_t(seqlen_k), int64_t(row_last) + o.window_right + 1);  // keys < hi
+    const int64_t lo = max(int64_t(0), int64_t(row_first) - o.window_left);
+    end = hi <= 0 ? 0 : int((hi + block_n - 1) / block_n);
+    begin = int(lo / block_n);
+  }
+  CUTE_DEVICE bool needs_mask(int col0, int block_n, int seqlen_k, const ScoreOptions& o) const {
+    const int col_last = col0 + block_n - 1;
+    return col_last >= seqlen_k || int64_t(col_last) > int64_t(row_first) + o.window_right ||
+           int64_t(col0) < int64_t(row_last) - o.window_left;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Dropout: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11)
+// ------------------------------------------------------------------------------------------------
+
+CUTE_DEVICE uint4 philox4x32(uint4 ctr, uint2 key) {
+  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
+  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+  CUTE_UNROLL
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi0 = __umulhi(kMul0, ctr.x), lo0 = kMul0 * ctr.x;
+    const uint32_t hi1 = __umulhi(kMul1, ctr.z), lo1 = kMul1 * ctr.z;
+    ctr = make_uint4(hi1 ^ ctr.y ^ key.x, lo1, hi0 ^ ctr.w ^ key.y, lo0);
+    key.x += kWeyl0;
+    key.y += kWeyl1;
+  }
+  return ctr;
+}
+
+// Dropout's random numbers for one (sequence, head): seed and offset from the rng_state the
+// caller drew from torch's generator, read once per CTA.
+struct DropoutRng {
+  uint2 key;
+  uint32_t offset, bh, threshold;
+  DropoutRng() = default;
+  CUTE_DEVICE DropoutRng(const int64_t* rng_state, uint32_t threshold_, int seq, int heads, int head)
+      : threshold(threshold_) {
+    const uint64_t seed = uint64_t(rng_state[0]);
+    key = make_uint2(uint32_t(seed), uint32_t(seed >> 32));
+    offset = uint32_t(rng_state[1]);
+    bh = uint32_t(seq) * uint32_t(heads) + uint32_t(head);
+  }
+  // The keep bits of one m16n8 accumulator fragment: the 4 scores a thread holds, rows
+  // {row, row + 8} x columns {col, col + 1}, (row, col) the (query, key) of the first, with row % 16
+  // < 8 and col even. Bit v is accumulator value v: (row + 8 * (v / 2), col + v % 2). A function of
+  // the coordinates only, so the forward and backward kernels (whose warps hold other fragments)
+  // draw the same numbers for the same score.
+  CUTE_DEVICE uint32_t keep_bits(int row, int col) const {
+    const uint32_t lane = (row % 8) * 4 + (col % 8) / 2;  // the fragment's place in its m16n8 tile
+    const uint4 w = philox4x32(make_uint4(uint32_t(row / 16), uint32_t(col / 8) * 32u + lane, bh, offset), key);
+    return uint32_t(w.x < threshold) | uint32_t(w.y < threshold) << 1 | uint32_t(w.z < threshold) << 2 |
+           uint32_t(w.w < threshold) << 3;
+  }
+};
+
+// Applies dropout to P (acc: an (MMA = 4, MMA_M, MMA_N) accumulator of m16n8 fragments, coords its
+// identity partition; (row0, col0) the tile's origin in the sequence): dropped entries become 0.
+// With s_dmask (the return_attn_probs matrix of this (sequence, head), row stride `ld`, rows x cols
+// of it exist) it first stores P there, negated where dropped.
+template <class Element, class Acc, class Coords>
+CUTE_DEVICE void apply_dropout(Acc& acc, Coords const& coords, int row0, int col0, const DropoutRng& rng,
+                               Element* s_dmask, int64_t ld, int rows, int cols) {
+  static_assert(decltype(size<0>(acc))::value == 4, "m16n8 accumulator fragments");
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(acc); ++m) {
+    CUTE_UNROLL
+    for (int n = 0; n < size<2>(acc); ++n) {
+      const int row = row0 + get<0>(coords(0, m, n)), col = col0 + get<1>(coords(0, m, n));
+      const uint32_t keep = rng.keep_bits(row, col);
+      CUTE_UNROLL
+      for (int v = 0; v < 4; ++v) {
+        const float p = acc(v, m, n);
+        const bool kept = (keep >> v) & 1;
+        if (s_dmask != nullptr) {
+          const int r = row + 8 * (v / 2), c = col + v % 2;
+          if (r < rows && c < cols) s_dmask[r * ld + c] = Element(kept ? p : -p);
+        }
+        acc(v, m, n) = kept ? p : 0.f;
+      }
+    }
+  }
+}
+
+}  // namespace flash_cute
