@@ -46,7 +46,7 @@ void set_dropout(FwdParams& p, double dropout_p, uintptr_t rng_state) {
   p.dropout = dropout_p > 0;
   if (!p.dropout) return;
   const double keep = 1.0 - dropout_p;
-  p.keep_threshold = static_cast<uint32_t>(std::min(keep * 4294967296.0, 4294967295.0));
+  p.keep_byte = static_cast<uint32_t>(std::floor(keep * 255.0));
   p.rp_dropout = static_cast<float>(1.0 / keep);
   p.rng_state = reinterpret_cast<const int64_t*>(rng_state);
 }

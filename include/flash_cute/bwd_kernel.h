@@ -73,37 +73,29 @@ CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, Sme
 
 // P and dS with flash_attn's options (kOptions kernels), from S = Q K^T in acc_s and dO V^T in
 // acc_dp, for the tile at (row0, col0) of query head `head`, given lse * log2(e) and
-// D = rowsum(dO * O) of the thread's rows. Leaves in acc_dp
+// D = rowsum(dO * O) of the tile's rows (in shared memory). Leaves in acc_dp
 //   dS = P * (dropout(dO V^T) - D) * dz/ds,  z = the score after softcap (dz/ds = 1 - tanh^2),
 // and in acc_s the P that multiplies dO into dV: dropout(P) (dropped 0, kept ones / keep prob).
-template <int kBlockM, int kBlockN, class Acc, class Coords, class CoordsRC, int kRows>
+template <int kBlockM, int kBlockN, class Acc, class Coords, class CoordsRC>
 CUTE_DEVICE void options_p_ds(const BwdParams& p, Acc& acc_s, Acc& acc_dp, Coords const& coords,
                               CoordsRC const& coords_rc, int row0, int col0, int seqlen_k, int diagonal,
-                              const float (&lse_log2)[kRows], const float (&dsum)[kRows], float slope,
-                              const DropoutRng& rng_seq, int head) {
+                              const float* lse_log2, const float* dsum, float slope, int batch, int head) {
+  constexpr int kRows = decltype(size<0>(coords_rc))::value;
   Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
   Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
   static_assert(decltype(size(acc_s))::value <= 64, "one keep bit per score in a 64-bit mask");
   uint64_t keep = 0;
   if (p.dropout) {
-    DropoutRng rng = rng_seq;
-    rng.bh += head;
-    CUTE_UNROLL
-    for (int m = 0; m < size<1>(acc_s); ++m) {
+    Dropout(p, batch, head).for_each_fragment(acc_s, coords, row0, col0, [&](int m, int n, uint32_t bits) {
+      keep |= uint64_t(bits) << (4 * (m * size<2>(acc_s) + n));
       CUTE_UNROLL
-      for (int n = 0; n < size<2>(acc_s); ++n) {
-        const int f = m * size<2>(acc_s) + n;
-        const uint32_t bits = rng.keep_bits(row0 + get<0>(coords(0, m, n)), col0 + get<1>(coords(0, m, n)));
-        keep |= uint64_t(bits) << (4 * f);
-        CUTE_UNROLL
-        for (int v = 0; v < 4; ++v) acc_dp(v, m, n) = (bits >> v) & 1 ? acc_dp(v, m, n) * p.rp_dropout : 0.f;
-      }
-    }
+      for (int v = 0; v < 4; ++v) acc_dp(v, m, n) = (bits >> v) & 1 ? acc_dp(v, m, n) * p.rp_dropout : 0.f;
+    });
   }
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     CUTE_UNROLL
-    for (int c = 0; c < size<1>(dp); ++c) dp(r, c) -= dsum[r];
+    for (int c = 0; c < size<1>(dp); ++c) dp(r, c) -= dsum[get<0>(coords_rc(r, 0))];
   }
   if (p.opt.softcap_pre != 0.f) {
     CUTE_UNROLL
@@ -116,12 +108,12 @@ CUTE_DEVICE void options_p_ds(const BwdParams& p, Acc& acc_s, Acc& acc_dp, Coord
   apply_bias_and_mask(
       s, coords_rc, [&](int r) { return row0 + get<0>(coords_rc(r, 0)); }, [&](int) { return slope; }, col0,
       seqlen_k, diagonal, p.opt, slope != 0.f,
-      KeyRange(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN).needs_mask(col0, kBlockN, seqlen_k, p.opt));
+      tile_needs_mask(row0, kBlockM, col0, kBlockN, seqlen_k, diagonal, p.opt));
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     CUTE_UNROLL
     for (int c = 0; c < size<1>(s); ++c) {
-      const float prob = exp2f(s(r, c) * p.scale_log2 - lse_log2[r]);
+      const float prob = exp2f(s(r, c) * p.scale_log2 - lse_log2[get<0>(coords_rc(r, 0))]);
       dp(r, c) *= prob;
       s(r, c) = prob;
     }
@@ -276,8 +268,6 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     }
   };
   int head = head_begin, m_block = m_begin;  // the current step
-  DropoutRng rng;  // of (batch, head 0): options_p_ds adds the head
-  if (kOptions && p.dropout) rng = DropoutRng(p.rng_state, p.keep_threshold, batch, p.heads, 0);
   int next_head = head, next_m = m_block;    // the step after it
   load_step(head, m_block, 0);
   cp_async_fence();
@@ -285,7 +275,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   // ------------------------------------------------------------------------------------------
   // MMA partitions
   // ------------------------------------------------------------------------------------------
-  typename Traits::TiledMmaSdP mma_sdp;
+  std::conditional_t<kOptions, typename Traits::TiledMmaSdPOptions, typename Traits::TiledMmaSdP> mma_sdp;
   typename Traits::TiledMmadQ mma_dq;
   auto thr_sdp = mma_sdp.get_thread_slice(tid);
   auto thr_dkv = mma_dkv.get_thread_slice(tid);
@@ -349,11 +339,13 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     Tensor sdO = sdO_at(stage);
     // lse (as log2) and D of this thread's rows.
     float lse_log2[kRows], dsum[kRows];
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const int row = get<0>(tScS_rc(r, 0));
-      lse_log2[r] = smem.lse_log2[stage][row];
-      dsum[r] = smem.dsum[stage][row];
+    if constexpr (!kOptions) {  // (options_p_ds reads them where it needs them: fewer live registers)
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        const int row = get<0>(tScS_rc(r, 0));
+        lse_log2[r] = smem.lse_log2[stage][row];
+        dsum[r] = smem.dsum[stage][row];
+      }
     }
 
     // S = Q K^T, masked, and P = exp(scale * S - lse), in registers.
@@ -381,8 +373,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
 
     // P and dS = P * (dP - D) to shared memory, in the input dtype.
     if constexpr (kOptions) {
-      options_p_ds<kBlockM, kBlockN>(p, acc_s, acc_dp, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, lse_log2, dsum,
-                   alibi_slope(p.opt, batch, head), rng, head);
+      options_p_ds<kBlockM, kBlockN>(p, acc_s, acc_dp, tScS, tScS_rc, row0, col0, seqlen_k, diagonal,
+                                     smem.lse_log2[stage], smem.dsum[stage], alibi_slope(p.opt, batch, head), batch, head);
       Tensor rP = make_converted<Element>(acc_s);
       copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
     } else {

@@ -47,8 +47,10 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
     // The block's last row sees keys < row0 + kBlockM + seqlen_k - seqlen_q.
     n_blocks = min(n_blocks, ceil_div(max(0, row0 + kBlockM + seqlen_k - seqlen_q), kBlockN));
   }
-  const KeyRange range(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN);
-  if constexpr (kOptions) n_begin = range.begin, n_blocks = range.end;
+  if constexpr (kOptions) {
+    const KeyRange range(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN);
+    n_begin = range.begin, n_blocks = range.end;
+  }
 
   // ------------------------------------------------------------------------------------------
   // Global tiles (64-bit offsets) and their shared-memory homes
@@ -165,13 +167,6 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   cp_async_fence();
 
   const float slope = kOptions ? alibi_slope(p.opt, batch, head) : 0.f;
-  DropoutRng rng;
-  Element* s_dmask = nullptr;
-  if (kOptions && p.dropout) {
-    rng = DropoutRng(p.rng_state, p.keep_threshold, batch, p.heads, head);
-    if (p.s_dmask != nullptr)
-      s_dmask = static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride + head * p.s_dmask_head_stride;
-  }
   // ------------------------------------------------------------------------------------------
   // Main loop over key blocks, last to first. One call site for the body keeps it inlined (the
   // accumulators must stay in registers); masking is a uniform branch.
@@ -192,7 +187,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
       if (p.opt.softcap_pre != 0.f) apply_softcap(scores, p.opt.softcap_pre);
       apply_bias_and_mask(
           scores, tScS_rc, [&](int r) { return row0 + get<0>(tScS_rc(r, 0)); }, [&](int) { return slope; },
-          n * kBlockN, seqlen_k, diagonal, p.opt, slope != 0.f, range.needs_mask(n * kBlockN, kBlockN, seqlen_k, p.opt));
+          n * kBlockN, seqlen_k, diagonal, p.opt, slope != 0.f, tile_needs_mask(row0, kBlockM, n * kBlockN, kBlockN, seqlen_k, diagonal, p.opt));
     } else if (col_end > seqlen_k || (kCausal && col_end - 1 > row0 + diagonal)) {
       mask_scores(scores, tScS_rc, row0, n * kBlockN, seqlen_q, seqlen_k, kCausal);
     }
@@ -205,8 +200,13 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
     }
 
     softmax.update(scores, acc_o_rc, p.scale_log2);
-    if (kOptions && p.dropout)
-      apply_dropout(acc_s, tScS, row0, n * kBlockN, rng, s_dmask, p.s_dmask_row_stride, p.s_dmask_rows, p.s_dmask_cols);
+    if (kOptions && p.dropout) {
+      Element* s_dmask = p.s_dmask == nullptr ? nullptr
+                                              : static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride +
+                                                    head * p.s_dmask_head_stride;
+      apply_dropout(acc_s, tScS, row0, n * kBlockN, Dropout(p, batch, head), s_dmask, p.s_dmask_row_stride,
+                    p.s_dmask_rows, p.s_dmask_cols);
+    }
     Tensor rP = make_converted<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a_layout(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
     gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, mma, smem_copy_v);

@@ -31,20 +31,23 @@ CUTE_DEVICE float alibi_slope(const ScoreOptions& o, int batch, int head) {
   return o.alibi_slopes == nullptr ? 0.f : o.alibi_slopes[batch * o.alibi_batch_stride + head] * o.alibi_scale;
 }
 
-// ALiBi (slope_of(r) != 0) and, when `mask`, -inf for keys outside [0, seqlen_k) and the window.
-// row_of(r): the query row of tile row r (its index in the sequence); col0 + the coordinate's
-// column: the key. diagonal = seqlen_k - seqlen_q.
+// ALiBi (when `alibi`) and, when `mask`, -inf for keys outside [0, seqlen_k) and the window.
+// row_of(r): the query row of tile row r (its index in the sequence), slope_of(r) its ALiBi slope
+// in score units; col0 + the coordinate's column: the key. diagonal = seqlen_k - seqlen_q.
 template <class Scores, class Coords, class RowOf, class SlopeOf>
 CUTE_DEVICE void apply_bias_and_mask(Scores& scores, Coords const& coords, RowOf row_of, SlopeOf slope_of, int col0,
                                      int seqlen_k, int diagonal, const ScoreOptions& o, bool alibi, bool mask) {
   if (alibi) {
+    // -slope * |row + diagonal - col| in float arithmetic: a thread's columns are its first one
+    // plus compile-time offsets, so per score one FADD and one FFMA (no int-to-float conversion).
     CUTE_UNROLL
     for (int r = 0; r < size<0>(scores); ++r) {
-      const int row = row_of(r) + diagonal;
+      const int col_first = get<1>(coords(r, 0));
+      const float distance0 = float(row_of(r) + diagonal - col0 - col_first);
       const float slope = slope_of(r);
       CUTE_UNROLL
       for (int c = 0; c < size<1>(scores); ++c)
-        scores(r, c) -= slope * float(abs(row - (col0 + get<1>(coords(r, c)))));
+        scores(r, c) -= slope * fabsf(distance0 - float(get<1>(coords(r, c)) - col_first));
     }
   }
   if (mask) {
@@ -62,25 +65,25 @@ CUTE_DEVICE void apply_bias_and_mask(Scores& scores, Coords const& coords, RowOf
   }
 }
 
-// The key blocks [begin, end) of block_n keys that query rows [row0, row0 + rows) can see, and
-// whether block n needs the mask (it crosses seqlen_k or a window edge).
+// The key blocks [begin, end) of block_n keys that query rows [row0, row0 + rows) can see.
 struct KeyRange {
   int begin, end;
-  int row_first, row_last;  // (first, last row) + diagonal
   CUTE_DEVICE KeyRange(int row0, int rows, int seqlen_k, int diagonal, const ScoreOptions& o, int block_n) {
-    row_first = row0 + diagonal;
-    row_last = row0 + rows - 1 + diagonal;
-    const int64_t hi = min(int64_t(seqlen_k), int64_t(row_last) + o.window_right + 1);  // keys < hi
-    const int64_t lo = max(int64_t(0), int64_t(row_first) - o.window_left);
+    const int64_t hi = min(int64_t(seqlen_k), int64_t(row0 + rows - 1 + diagonal) + o.window_right + 1);  // keys < hi
+    const int64_t lo = max(int64_t(0), int64_t(row0 + diagonal) - o.window_left);
     end = hi <= 0 ? 0 : int((hi + block_n - 1) / block_n);
     begin = int(lo / block_n);
   }
-  CUTE_DEVICE bool needs_mask(int col0, int block_n, int seqlen_k, const ScoreOptions& o) const {
-    const int col_last = col0 + block_n - 1;
-    return col_last >= seqlen_k || int64_t(col_last) > int64_t(row_first) + o.window_right ||
-           int64_t(col0) < int64_t(row_last) - o.window_left;
-  }
 };
+
+// Whether the tile of query rows [row0, row0 + rows) and keys [col0, col0 + cols) needs the mask:
+// it runs past seqlen_k or crosses a window edge.
+CUTE_DEVICE bool tile_needs_mask(int row0, int rows, int col0, int cols, int seqlen_k, int diagonal,
+                                 const ScoreOptions& o) {
+  const int col_last = col0 + cols - 1;
+  return col_last >= seqlen_k || int64_t(col_last) > int64_t(row0 + diagonal) + o.window_right ||
+         int64_t(col0) < int64_t(row0 + rows - 1 + diagonal) - o.window_left;
+}
 
 // ------------------------------------------------------------------------------------------------
 // Dropout: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11)
@@ -100,29 +103,55 @@ CUTE_DEVICE uint4 philox4x32(uint4 ctr, uint2 key) {
   return ctr;
 }
 
-// Dropout's random numbers for one (sequence, head): seed and offset from the rng_state the
-// caller drew from torch's generator, read once per CTA.
-struct DropoutRng {
+// Dropout's random numbers for one (sequence, head): the key and counter words from the
+// (seed, offset) the caller drew from torch's generator (read from the device per tile, so no
+// register holds them through the main loop).
+//
+// One Philox call gives 16 random bytes for 16 scores of a thread: rows {row, row + 8} x columns
+// {col, col + 1} of each of the 4 m16n8 fragments in 32 consecutive keys, (row, col) the first
+// one's (query, key): row % 16 < 8, col % 8 even. It is keyed by (row / 16, col / 32, the
+// fragment's place in its m16n8 tile), so the numbers are a function of the coordinates only and
+// the forward and backward kernels draw the same ones, whichever fragments their warps hold.
+// Fragment (col % 32) / 8 takes word (col % 32) / 8, value v byte v: (row + 8 * (v / 2), col + v % 2).
+// A score is kept iff its byte <= keep_byte (flash_attn's 8-bit threshold, floor(keep * 255)).
+struct Dropout {
   uint2 key;
-  uint32_t offset, bh, threshold;
-  DropoutRng() = default;
-  CUTE_DEVICE DropoutRng(const int64_t* rng_state, uint32_t threshold_, int seq, int heads, int head)
-      : threshold(threshold_) {
-    const uint64_t seed = uint64_t(rng_state[0]);
+  uint32_t offset, bh, keep_bytes;
+  CUTE_DEVICE Dropout(const FwdParams& p, int seq, int head) {
+    const uint64_t seed = uint64_t(p.rng_state[0]);
     key = make_uint2(uint32_t(seed), uint32_t(seed >> 32));
-    offset = uint32_t(rng_state[1]);
-    bh = uint32_t(seq) * uint32_t(heads) + uint32_t(head);
+    offset = uint32_t(p.rng_state[1]);
+    bh = uint32_t(seq) * uint32_t(p.heads) + uint32_t(head);
+    keep_bytes = p.keep_byte * 0x01010101u;
   }
-  // The keep bits of one m16n8 accumulator fragment: the 4 scores a thread holds, rows
-  // {row, row + 8} x columns {col, col + 1}, (row, col) the (query, key) of the first, with row % 16
-  // < 8 and col even. Bit v is accumulator value v: (row + 8 * (v / 2), col + v % 2). A function of
-  // the coordinates only, so the forward and backward kernels (whose warps hold other fragments)
-  // draw the same numbers for the same score.
-  CUTE_DEVICE uint32_t keep_bits(int row, int col) const {
-    const uint32_t lane = (row % 8) * 4 + (col % 8) / 2;  // the fragment's place in its m16n8 tile
-    const uint4 w = philox4x32(make_uint4(uint32_t(row / 16), uint32_t(col / 8) * 32u + lane, bh, offset), key);
-    return uint32_t(w.x < threshold) | uint32_t(w.y < threshold) << 1 | uint32_t(w.z < threshold) << 2 |
-           uint32_t(w.w < threshold) << 3;
+  CUTE_DEVICE uint4 draw(int row, int col) const {
+    const uint32_t lane = (row % 8) * 4 + (col % 8) / 2;
+    return philox4x32(make_uint4(uint32_t(row / 16), uint32_t(col / 32) * 32u + lane, bh, offset), key);
+  }
+  // Calls f(m, n, keep) for every fragment (m, n) of an (MMA = 4, MMA_M, MMA_N) accumulator of
+  // m16n8 fragments, keep: bit v for value v. coords: the accumulator's identity partition, the
+  // tile at (row0, col0) of the sequence. A Philox call serves every fragment of its 32 keys: it is
+  // drawn again only when the fragment's 32-key group changes.
+  template <class Acc, class Coords, class F>
+  CUTE_DEVICE void for_each_fragment(Acc const& acc, Coords const& coords, int row0, int col0, F&& f) const {
+    static_assert(decltype(size<0>(acc))::value == 4, "m16n8 accumulator fragments");
+    CUTE_UNROLL
+    for (int m = 0; m < size<1>(acc); ++m) {
+      uint4 words;
+      int group = -1;
+      CUTE_UNROLL
+      for (int n = 0; n < size<2>(acc); ++n) {
+        const int row = row0 + get<0>(coords(0, m, n)), col = col0 + get<1>(coords(0, m, n));
+        if (col / 32 != group) {
+          words = draw(row, col);
+          group = col / 32;
+        }
+        const int sub = (col % 32) / 8;
+        const uint32_t w = sub == 0 ? words.x : sub == 1 ? words.y : sub == 2 ? words.z : words.w;
+        const uint32_t bytes = __vcmpleu4(w, keep_bytes);  // 0xff where kept
+        f(m, n, (bytes & 1u) | (bytes >> 7 & 2u) | (bytes >> 14 & 4u) | (bytes >> 21 & 8u));
+      }
+    }
   }
 };
 
@@ -131,27 +160,21 @@ struct DropoutRng {
 // With s_dmask (the return_attn_probs matrix of this (sequence, head), row stride `ld`, rows x cols
 // of it exist) it first stores P there, negated where dropped.
 template <class Element, class Acc, class Coords>
-CUTE_DEVICE void apply_dropout(Acc& acc, Coords const& coords, int row0, int col0, const DropoutRng& rng,
+CUTE_DEVICE void apply_dropout(Acc& acc, Coords const& coords, int row0, int col0, const Dropout& dropout,
                                Element* s_dmask, int64_t ld, int rows, int cols) {
-  static_assert(decltype(size<0>(acc))::value == 4, "m16n8 accumulator fragments");
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(acc); ++m) {
+  dropout.for_each_fragment(acc, coords, row0, col0, [&](int m, int n, uint32_t keep) {
+    const int row = row0 + get<0>(coords(0, m, n)), col = col0 + get<1>(coords(0, m, n));
     CUTE_UNROLL
-    for (int n = 0; n < size<2>(acc); ++n) {
-      const int row = row0 + get<0>(coords(0, m, n)), col = col0 + get<1>(coords(0, m, n));
-      const uint32_t keep = rng.keep_bits(row, col);
-      CUTE_UNROLL
-      for (int v = 0; v < 4; ++v) {
-        const float p = acc(v, m, n);
-        const bool kept = (keep >> v) & 1;
-        if (s_dmask != nullptr) {
-          const int r = row + 8 * (v / 2), c = col + v % 2;
-          if (r < rows && c < cols) s_dmask[r * ld + c] = Element(kept ? p : -p);
-        }
-        acc(v, m, n) = kept ? p : 0.f;
+    for (int v = 0; v < 4; ++v) {
+      const float p = acc(v, m, n);
+      const bool kept = (keep >> v) & 1;
+      if (s_dmask != nullptr) {
+        const int r = row + 8 * (v / 2), c = col + v % 2;
+        if (r < rows && c < cols) s_dmask[r * ld + c] = Element(kept ? p : -p);
       }
+      acc(v, m, n) = kept ? p : 0.f;
     }
-  }
+  });
 }
 
 }  // namespace flash_cute

@@ -53,11 +53,12 @@ struct FwdParams {
   // flash_attn's options (ScoreOptions in options.h; the kernels with kOptions only). Causal is
   // then window_right = 0.
   ScoreOptions opt;
-  // Dropout on the probabilities (kOptions kernels): keep an entry iff its Philox word <
-  // keep_threshold; the kept ones are scaled by 1 / keep probability (rp_dropout).
-  // rng_state: int64 (seed, offset) on the device, drawn from torch's generator by the caller.
+  // Dropout on the probabilities (kOptions kernels): keep an entry iff its random byte <=
+  // keep_byte (floor(keep probability * 255), as flash_attn); the kept ones are scaled by
+  // 1 / keep probability (rp_dropout). rng_state: int64 (seed, offset) on the device, drawn from
+  // torch's generator by the caller. See Dropout in options.h.
   bool dropout = false;
-  uint32_t keep_threshold = 0;
+  uint32_t keep_byte = 0;
   float rp_dropout = 1.f;
   const int64_t* rng_state = nullptr;
   // return_attn_probs with dropout: the unnormalised probabilities, negated where dropped,
