@@ -79,14 +79,14 @@ CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, Sme
 template <int kBlockM, int kBlockN, class Acc, class Coords, class CoordsRC>
 CUTE_DEVICE void options_p_ds(const BwdParams& p, Acc& acc_s, Acc& acc_dp, Coords const& coords,
                               CoordsRC const& coords_rc, int row0, int col0, int seqlen_k, int diagonal,
-                              const float* lse_log2, const float* dsum, float slope, int batch, int head) {
+                              const float* lse_log2, const float* dsum, float slope, const Dropout& dropout) {
   constexpr int kRows = decltype(size<0>(coords_rc))::value;
   Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
   Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
   static_assert(decltype(size(acc_s))::value <= 64, "one keep bit per score in a 64-bit mask");
   uint64_t keep = 0;
   if (p.dropout) {
-    Dropout(p, batch, head).for_each_fragment(acc_s, coords, row0, col0, [&](int m, int n, uint32_t bits) {
+    dropout.for_each_fragment(acc_s, coords, row0, col0, [&](int m, int n, uint32_t bits) {
       keep |= uint64_t(bits) << (4 * (m * size<2>(acc_s) + n));
       CUTE_UNROLL
       for (int v = 0; v < 4; ++v) acc_dp(v, m, n) = (bits >> v) & 1 ? acc_dp(v, m, n) * p.rp_dropout : 0.f;
@@ -268,6 +268,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     }
   };
   int head = head_begin, m_block = m_begin;  // the current step
+  Dropout dropout;  // with_head() gives each step's query head its numbers
+  if (kOptions && p.dropout) dropout = Dropout(p, batch, head);
   int next_head = head, next_m = m_block;    // the step after it
   load_step(head, m_block, 0);
   cp_async_fence();
@@ -374,7 +376,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     // P and dS = P * (dP - D) to shared memory, in the input dtype.
     if constexpr (kOptions) {
       options_p_ds<kBlockM, kBlockN>(p, acc_s, acc_dp, tScS, tScS_rc, row0, col0, seqlen_k, diagonal,
-                                     smem.lse_log2[stage], smem.dsum[stage], alibi_slope(p.opt, batch, head), batch, head);
+                                     smem.lse_log2[stage], smem.dsum[stage], alibi_slope(p.opt, batch, head),
+                                     dropout.with_head(batch, p.heads, head));
       Tensor rP = make_converted<Element>(acc_s);
       copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
     } else {

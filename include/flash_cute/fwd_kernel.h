@@ -167,6 +167,8 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   cp_async_fence();
 
   const float slope = kOptions ? alibi_slope(p.opt, batch, head) : 0.f;
+  Dropout dropout;
+  if (kOptions && p.dropout) dropout = Dropout(p, batch, head);
   // ------------------------------------------------------------------------------------------
   // Main loop over key blocks, last to first. One call site for the body keeps it inlined (the
   // accumulators must stay in registers); masking is a uniform branch.
@@ -204,7 +206,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
       Element* s_dmask = p.s_dmask == nullptr ? nullptr
                                               : static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride +
                                                     head * p.s_dmask_head_stride;
-      apply_dropout(acc_s, tScS, row0, n * kBlockN, Dropout(p, batch, head), s_dmask, p.s_dmask_row_stride,
+      apply_dropout(acc_s, tScS, row0, n * kBlockN, dropout, s_dmask, p.s_dmask_row_stride,
                     p.s_dmask_rows, p.s_dmask_cols);
     }
     Tensor rP = make_converted<Element>(acc_s);

@@ -104,8 +104,8 @@ CUTE_DEVICE uint4 philox4x32(uint4 ctr, uint2 key) {
 }
 
 // Dropout's random numbers for one (sequence, head): the key and counter words from the
-// (seed, offset) the caller drew from torch's generator (read from the device per tile, so no
-// register holds them through the main loop).
+// (seed, offset) the caller drew from torch's generator, read from the device once per CTA (a
+// read per tile stalled the warp on its latency every tile).
 //
 // One Philox call gives 16 random bytes for 16 scores of a thread: rows {row, row + 8} x columns
 // {col, col + 1} of each of the 4 m16n8 fragments in 32 consecutive keys, (row, col) the first
@@ -116,13 +116,19 @@ CUTE_DEVICE uint4 philox4x32(uint4 ctr, uint2 key) {
 // A score is kept iff its byte <= keep_byte (flash_attn's 8-bit threshold, floor(keep * 255)).
 struct Dropout {
   uint2 key;
-  uint32_t offset, bh, keep_bytes;
+  uint32_t offset, bh, keep_byte;
+  Dropout() = default;
   CUTE_DEVICE Dropout(const FwdParams& p, int seq, int head) {
     const uint64_t seed = uint64_t(p.rng_state[0]);
     key = make_uint2(uint32_t(seed), uint32_t(seed >> 32));
     offset = uint32_t(p.rng_state[1]);
     bh = uint32_t(seq) * uint32_t(p.heads) + uint32_t(head);
-    keep_bytes = p.keep_byte * 0x01010101u;
+    keep_byte = p.keep_byte;
+  }
+  CUTE_DEVICE Dropout with_head(int seq, int heads, int head) const {
+    Dropout d = *this;
+    d.bh = uint32_t(seq) * uint32_t(heads) + uint32_t(head);
+    return d;
   }
   CUTE_DEVICE uint4 draw(int row, int col) const {
     const uint32_t lane = (row % 8) * 4 + (col % 8) / 2;
@@ -148,8 +154,10 @@ struct Dropout {
         }
         const int sub = (col % 32) / 8;
         const uint32_t w = sub == 0 ? words.x : sub == 1 ? words.y : sub == 2 ? words.z : words.w;
-        const uint32_t bytes = __vcmpleu4(w, keep_bytes);  // 0xff where kept
-        f(m, n, (bytes & 1u) | (bytes >> 7 & 2u) | (bytes >> 14 & 4u) | (bytes >> 21 & 8u));
+        uint32_t keep = 0;
+        CUTE_UNROLL
+        for (int v = 0; v < 4; ++v) keep |= uint32_t(((w >> (8 * v)) & 0xffu) <= keep_byte) << v;
+        f(m, n, keep);
       }
     }
   }
