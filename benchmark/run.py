@@ -351,6 +351,28 @@ def attended_pairs(seqlen_q: int, seqlen_k: int, causal: bool, window: tuple = (
     return count
 
 
+@functools.lru_cache(maxsize=None)
+def visited_tiles(seqlen: int, causal: bool, window: tuple, block_m: int, block_n: int) -> int:
+    """The (query block, key block) tiles of block_m x block_n that hold an attended pair (seqlen_q =
+    seqlen_k): those flash_cute's kernels visit; the rest they skip."""
+    left, right = window[0], 0 if causal else window[1]
+    count = 0
+    for m0 in range(0, seqlen, block_m):
+        first, last = m0, min(seqlen, m0 + block_m) - 1
+        hi = seqlen if right < 0 else min(seqlen, last + right + 1)  # keys < hi
+        lo = 0 if left < 0 else max(0, first - left)
+        count += max(0, -(-hi // block_n) - lo // block_n)
+    return count
+
+
+def flash_cute_tile(pass_name: str, hdim: int) -> tuple[int, int]:
+    """(block_m, block_n) of flash_cute's kernel for a pass (the forward's for fwd)."""
+    from flash_cute import _ops
+
+    tile = _ops._C().bwd_tile(hdim) if pass_name == "bwd" else _ops._C().fwd_tile(hdim, False)
+    return tile[0], tile[1]
+
+
 @dataclass(frozen=True)
 class OptionsCase(Case):
     """A row of the options section: flash_attn_func on (batch, seqlen, nheads, d) inputs with one
@@ -371,6 +393,11 @@ class OptionsCase(Case):
     def flops(self) -> float:
         """4*d per attended pair per head and batch row, times the pass's factor."""
         return 4.0 * self.batch * self.nheads * self.hdim * self.pairs * PASSES[self.pass_name].flop_factor
+
+    @property
+    def tiles(self) -> int:
+        """The tiles flash_cute's kernel of this pass visits, per (batch, head)."""
+        return visited_tiles(self.seqlen, self.causal, self.window, *flash_cute_tile(self.pass_name, self.hdim))
 
     @property
     def cost_bar(self) -> float:
@@ -1876,17 +1903,28 @@ class OptionsRow(Row):
             return None
         return a / b * (base.case.pairs / self.case.pairs if per_pair else 1.0)
 
+    def vs_plain_tiles(self) -> Optional[float]:
+        """flash_cute's time per visited tile over plain's (masked variants): the cost of the mask and
+        the skipping, without the tiles' granularity."""
+        base = self.plain or self
+        a, b = self.ms(), base.ms()
+        if a is None or not b or self.case.pairs == base.case.pairs:
+            return None
+        return a / b * base.case.tiles / self.case.tiles
+
     def cost(self) -> Optional[float]:
         """What the cost bar bounds: /area for a masked variant, else /plain."""
         return self.vs_plain(per_pair=self.case.pairs != (self.plain or self).case.pairs)
 
     def bars(self) -> dict:
-        """cost (not for plain) and one per anchor that ran: True (met), False, None (not measured);
-        all False where flash_cute has no time."""
+        """cost (not for plain, nor for causal: the plain causal kernel, the options' reference) and
+        one per anchor that ran: True (met), False, None (not measured); all False where flash_cute
+        has no time."""
         if "flash_cute" not in self.results:
             return {}
         cost = self.cost()
-        bars = {} if self.plain is None else {"cost": None if cost is None else cost <= self.case.cost_bar}
+        bars = {} if self.plain is None or self.case.variant == "causal" else {
+            "cost": None if cost is None else cost <= self.case.cost_bar}
         for anchor, _ in RATIO_ANCHORS:
             if anchor in self.results:
                 r = self.ratio("flash_cute", anchor)
@@ -1896,6 +1934,7 @@ class OptionsRow(Row):
     def to_dict(self) -> dict:
         return {**super().to_dict(), "section": self.section, "attended_pairs": self.case.pairs,
                 "vs_plain": self.vs_plain(), "vs_plain_per_pair": self.vs_plain(per_pair=True),
+                "vs_plain_per_tile": self.vs_plain_tiles(), "visited_tiles": self.case.tiles,
                 "cost_bar": None if self.plain is None else self.case.cost_bar,
                 "vs_anchor": {a: self.ratio("flash_cute", a) for a, _ in RATIO_ANCHORS if a in self.results},
                 "bars": self.bars()}
@@ -1908,7 +1947,7 @@ def fmt_pass_fail(bars: dict) -> str:
 def options_table(names: list[str], passes: list[str]) -> Table:
     cols = [("variant", 8, "<")]
     for p in passes:
-        cols += [(f"{p} ms", 7, ">"), ("/plain", 6, ">"), ("/area", 6, ">")]
+        cols += [(f"{p} ms", 7, ">"), ("/plain", 6, ">"), ("/area", 6, ">"), ("/tiles", 6, ">")]
         cols += [(label, 6, ">") for _, label in ratio_columns(names)]
         cols += [(f"{p} bars", 8 + 8 * len(ratio_columns(names)), "<")]
     return Table(cols + [("err", 9, "<")])
@@ -1919,7 +1958,8 @@ def format_options_line(table: Table, rows: dict, names: list[str], passes: list
     cells = [next(iter(rows.values())).case.variant]
     for p in passes:
         r = rows[p]
-        cells += [fmt_num(r.ms(), ".3f"), fmt_num(r.vs_plain(), ".3f"), fmt_num(r.vs_plain(per_pair=True), ".3f")]
+        cells += [fmt_num(r.ms(), ".3f"), fmt_num(r.vs_plain(), ".3f"), fmt_num(r.vs_plain(per_pair=True), ".3f"),
+                  fmt_num(r.vs_plain_tiles(), ".3f")]
         cells += [fmt_num(r.ratio("flash_cute", a), ".3f") for a, _ in ratio_columns(names)]
         cells += [fmt_pass_fail(r.bars())]
     return table.line(cells + [fmt_diff(rows["fwd"], tol) if "fwd" in rows else "-"])
@@ -1946,9 +1986,10 @@ def run_options_section(bench: Bench, impls: list[Impl], cases: list[OptionsCase
             "heads, d), keywords " + "; ".join(f"{op[1:]}: {', '.join(k)}" for op, k in keywords.items())
             + "; an option an op lacks: '-'")
     log(f"# {', '.join(passes)} timed as in the grid; /plain: flash_cute's time over its plain time; /area: the same "
-        "per attended (query, key) pair, counted from the mask (masked variants); fc/tf, fc/fa: the anchor's time "
-        "over flash_cute's (> 1: flash_cute faster)")
-    log(f"# bars: cost: /area (masked variants) or /plain <= {OPTIONS_BAR_COST:.2f} (dropout "
+        "per attended (query, key) pair, counted from the mask (masked variants); /tiles: the same per tile of "
+        "flash_cute's kernel it visits (the others are skipped); fc/tf, fc/fa: the anchor's time over flash_cute's "
+        "(> 1: flash_cute faster)")
+    log(f"# bars: cost (not for causal, the plain kernel): /area (masked variants) or /plain <= {OPTIONS_BAR_COST:.2f} (dropout "
         f"{OPTIONS_BAR_DROPOUT:.2f}); tf, fa: fc/tf, fc/fa >= {OPTIONS_BAR_OFFICIAL:g}; '-': not measured; FAIL "
         "everywhere when flash_cute failed")
     log(f"# err: max |flash_cute's output - fp32 oracle| on the same input (dropout: a return_attn_probs=True call, "

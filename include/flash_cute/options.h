@@ -136,22 +136,21 @@ struct Dropout {
   }
   // Calls f(m, n, keep) for every fragment (m, n) of an (MMA = 4, MMA_M, MMA_N) accumulator of
   // m16n8 fragments, keep: bit v for value v. coords: the accumulator's identity partition, the
-  // tile at (row0, col0) of the sequence. A Philox call serves every fragment of its 32 keys: it is
-  // drawn again only when the fragment's 32-key group changes.
+  // tile at (row0, col0) of the sequence. One Philox call serves fragments n = 4g .. 4g + 3: the
+  // kernels' layouts put a thread's fragments of a row 8 keys apart, in runs of 32 aligned keys
+  // (the forward's: all of the tile's; the backward's with options: BwdTraits::kSdpWarpCols), and
+  // the tests against the forward's S_dmask would catch a layout that did not.
   template <class Acc, class Coords, class F>
   CUTE_DEVICE void for_each_fragment(Acc const& acc, Coords const& coords, int row0, int col0, F&& f) const {
     static_assert(decltype(size<0>(acc))::value == 4, "m16n8 accumulator fragments");
+    constexpr int kFragments = decltype(size<2>(acc))::value;
     CUTE_UNROLL
     for (int m = 0; m < size<1>(acc); ++m) {
       uint4 words;
-      int group = -1;
       CUTE_UNROLL
-      for (int n = 0; n < size<2>(acc); ++n) {
+      for (int n = 0; n < kFragments; ++n) {
         const int row = row0 + get<0>(coords(0, m, n)), col = col0 + get<1>(coords(0, m, n));
-        if (col / 32 != group) {
-          words = draw(row, col);
-          group = col / 32;
-        }
+        if (n % 4 == 0) words = draw(row, col);
         const int sub = (col % 32) / 8;
         const uint32_t w = sub == 0 ? words.x : sub == 1 ? words.y : sub == 2 ? words.z : words.w;
         uint32_t keep = 0;
