@@ -71,38 +71,30 @@ CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, Sme
   copy_predicated</*kZeroFill=*/false>(store_copy, tR, tG, tC, max_rows, d);
 }
 
-// P and dS with flash_attn's options (kOptions kernels), from S = Q K^T in acc_s and dO V^T in
-// acc_dp, for the tile at (row0, col0) of query head `head`, given lse * log2(e) and
-// D = rowsum(dO * O) of the tile's rows (in shared memory). Leaves in acc_dp
-//   dS = P * (dropout(dO V^T) - D) * dz/ds,  z = the score after softcap (dz/ds = 1 - tanh^2),
-// and in acc_s the P that multiplies dO into dV: dropout(P) (dropped 0, kept ones / keep prob).
-template <int kBlockM, int kBlockN, class Acc, class Coords, class CoordsRC>
-CUTE_DEVICE void options_p_ds(const BwdParams& p, Acc& acc_s, Acc& acc_dp, Coords const& coords,
-                              CoordsRC const& coords_rc, int row0, int col0, int seqlen_k, int diagonal,
-                              const float* lse_log2, const float* dsum, float slope, const Dropout& dropout) {
+// P and dS with flash_attn's options (kOptions kernels), in two steps around dP = dO V^T, as the
+// plain kernel computes P before that GEMM (its exponentials then overlap the GEMM's MMAs).
+//
+// options_p: from S = Q K^T in acc_s (the tile at (row0, col0) of a query head; lse * log2(e) of
+// the tile's rows in shared memory), P = exp(z - lse) with z the score after softcap, ALiBi and the
+// mask. Stores the P that multiplies dO into dV (kDropout: dropped 0, kept ones / keep probability)
+// to shared memory through copy_pds / tPsP, and leaves in acc_s P * dz/ds (softcap: dz/ds =
+// 1 - tanh^2, computed into acc_dp, which the dP GEMM then overwrites). Returns the keep bits, bit
+// 4 * (fragment index) + value.
+template <int kBlockM, int kBlockN, bool kDropout, class Element, class Acc, class Coords, class CoordsRC,
+          class CopyPdS, class SmemP>
+CUTE_DEVICE uint64_t options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coords const& coords,
+                               CoordsRC const& coords_rc, int row0, int col0, int seqlen_k, int diagonal,
+                               const float* lse_log2, float slope, const Dropout& dropout, CopyPdS const& copy_pds,
+                               SmemP& tPsP) {
   constexpr int kRows = decltype(size<0>(coords_rc))::value;
   Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-  Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
-  static_assert(decltype(size(acc_s))::value <= 64, "one keep bit per score in a 64-bit mask");
-  uint64_t keep = 0;
-  if (p.dropout) {
-    dropout.for_each_fragment(acc_s, coords, row0, col0, [&](int m, int n, uint32_t bits) {
-      keep |= uint64_t(bits) << (4 * (m * size<2>(acc_s) + n));
-      CUTE_UNROLL
-      for (int v = 0; v < 4; ++v) acc_dp(v, m, n) = (bits >> v) & 1 ? acc_dp(v, m, n) * p.rp_dropout : 0.f;
-    });
-  }
-  CUTE_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    CUTE_UNROLL
-    for (int c = 0; c < size<1>(dp); ++c) dp(r, c) -= dsum[get<0>(coords_rc(r, 0))];
-  }
-  if (p.opt.softcap_pre != 0.f) {
+  const bool softcap = p.opt.softcap_pre != 0.f;
+  if (softcap) {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) {
       const float t = tanh_approx(acc_s(i) * p.opt.softcap_pre);
       acc_s(i) = t;
-      acc_dp(i) *= 1.f - t * t;
+      scratch(i) = 1.f - t * t;
     }
   }
   apply_bias_and_mask(
@@ -111,30 +103,65 @@ CUTE_DEVICE void options_p_ds(const BwdParams& p, Acc& acc_s, Acc& acc_dp, Coord
       tile_needs_mask(row0, kBlockM, col0, kBlockN, seqlen_k, diagonal, p.opt));
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
+    const float lse = lse_log2[get<0>(coords_rc(r, 0))];
     CUTE_UNROLL
-    for (int c = 0; c < size<1>(s); ++c) {
-      const float prob = exp2f(s(r, c) * p.scale_log2 - lse_log2[get<0>(coords_rc(r, 0))]);
-      dp(r, c) *= prob;
-      s(r, c) = prob;
-    }
+    for (int c = 0; c < size<1>(s); ++c) s(r, c) = exp2f(s(r, c) * p.scale_log2 - lse);
   }
-  if (p.dropout) {
-    CUTE_UNROLL
-    for (int m = 0; m < size<1>(acc_s); ++m) {
+  static_assert(decltype(size(acc_s))::value <= 64, "one keep bit per score in a 64-bit mask");
+  uint64_t keep = 0;
+  if constexpr (kDropout) {
+    Tensor dropped = make_tensor<float>(acc_s.layout());
+    dropout.for_each_fragment(acc_s, coords, row0, col0, [&](int m, int n, uint32_t w) {
       CUTE_UNROLL
-      for (int n = 0; n < size<2>(acc_s); ++n) {
-        const int f = m * size<2>(acc_s) + n;
+      for (int v = 0; v < 4; ++v) {
+        const bool kept = dropout.kept(w, v);
+        keep |= uint64_t(kept) << (4 * (m * size<2>(acc_s) + n) + v);
+        dropped(v, m, n) = kept ? acc_s(v, m, n) * p.rp_dropout : 0.f;
+      }
+    });
+    Tensor rP = make_converted<Element>(dropped);
+    copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
+  } else {
+    Tensor rP = make_converted<Element>(acc_s);
+    copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
+  }
+  if (softcap) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scratch(i);
+  }
+  return keep;
+}
+
+// options_ds: dS = (P * dz/ds, in acc_s) * (dropout(dP) - D) into acc_dp (dP = dO V^T; D of the
+// tile's rows in shared memory; keep: options_p's bits).
+template <bool kDropout, class Acc, class CoordsRC>
+CUTE_DEVICE void options_ds(const BwdParams& p, Acc const& acc_s, Acc& acc_dp, CoordsRC const& coords_rc,
+                            const float* dsum, uint64_t keep) {
+  if constexpr (kDropout) {
+    CUTE_UNROLL
+    for (int m = 0; m < size<1>(acc_dp); ++m) {
+      CUTE_UNROLL
+      for (int n = 0; n < size<2>(acc_dp); ++n) {
+        const int f = m * size<2>(acc_dp) + n;
         CUTE_UNROLL
-        for (int v = 0; v < 4; ++v) acc_s(v, m, n) = (keep >> (4 * f + v)) & 1 ? acc_s(v, m, n) * p.rp_dropout : 0.f;
+        for (int v = 0; v < 4; ++v) acc_dp(v, m, n) = (keep >> (4 * f + v)) & 1 ? acc_dp(v, m, n) * p.rp_dropout : 0.f;
       }
     }
+  }
+  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+  Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(dp); ++r) {
+    const float d = dsum[get<0>(coords_rc(r, 0))];
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = s(r, c) * (dp(r, c) - d);
   }
 }
 
 // Key block n_block (kBlockN keys) of KV head `slot` (with expand_gqa: query head `slot`) of
 // sequence `seq`, whose rows start at ws_row0 in the workspace. kOptions: flash_attn's options
-// (softcap, window, ALiBi, dropout; p.opt), causal among them.
-template <class Traits, bool kOptions>
+// (softcap, window, ALiBi; p.opt), causal among them; kDropout: and dropout (as the forward's).
+template <class Traits, bool kOptions, bool kDropout>
 CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
                            int64_t ws_row0, int n_block, int slot, int batch) {
   using Element = typename Traits::Element;
@@ -269,7 +296,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   };
   int head = head_begin, m_block = m_begin;  // the current step
   Dropout dropout;  // with_head() gives each step's query head its numbers
-  if (kOptions && p.dropout) dropout = Dropout(p, batch, head);
+  if constexpr (kDropout) dropout = Dropout(p, batch, head);
   int next_head = head, next_m = m_block;    // the step after it
   load_step(head, m_block, 0);
   cp_async_fence();
@@ -339,6 +366,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     }
     Tensor sQ = sQ_at(stage);
     Tensor sdO = sdO_at(stage);
+    // ALiBi's slope of this step's head, loaded early: its latency hides behind S = Q K^T.
+    const float slope = kOptions ? alibi_slope(p.opt, batch, head) : 0.f;
     // lse (as log2) and D of this thread's rows.
     float lse_log2[kRows], dsum[kRows];
     if constexpr (!kOptions) {  // (options_p_ds reads them where it needs them: fewer live registers)
@@ -356,7 +385,13 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     gemm_smem_smem(acc_s, tSrQ, tSrK, copy_sdp_a.get_thread_slice(tid).partition_S(sQ), tSsK, mma_sdp,
                    copy_sdp_a, copy_sdp_b);
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-    if constexpr (!kOptions) {
+    Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});
+    uint64_t keep = 0;
+    if constexpr (kOptions) {
+      keep = options_p<kBlockM, kBlockN, kDropout, Element>(
+          p, acc_s, acc_dp, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, smem.lse_log2[stage],
+          slope, dropout.with_head(batch, p.heads, head), copy_pds, tPsP);
+    } else {
       if (col0 + kBlockN > seqlen_k || (p.causal && col0 + kBlockN - 1 > row0 + diagonal))
         mask_scores(scores, tScS_rc, row0, col0, seqlen_q, seqlen_k, p.causal);
       CUTE_UNROLL
@@ -367,19 +402,14 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     }
 
     // dP = dO V^T
-    Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});
     clear(acc_dp);
     gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
                    copy_sdp_a, copy_sdp_b);
     Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
 
-    // P and dS = P * (dP - D) to shared memory, in the input dtype.
+    // P (the options: stored already) and dS = P * (dP - D) to shared memory, in the input dtype.
     if constexpr (kOptions) {
-      options_p_ds<kBlockM, kBlockN>(p, acc_s, acc_dp, tScS, tScS_rc, row0, col0, seqlen_k, diagonal,
-                                     smem.lse_log2[stage], smem.dsum[stage], alibi_slope(p.opt, batch, head),
-                                     dropout.with_head(batch, p.heads, head));
-      Tensor rP = make_converted<Element>(acc_s);
-      copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
+      options_ds<kDropout>(p, acc_s, acc_dp, tScS_rc, smem.dsum[stage], keep);
     } else {
       Tensor rP = make_converted<Element>(acc_s);
       copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
@@ -453,7 +483,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
 // slower). A CTA with several blocks takes a run of consecutive ones, top first, so every block
 // waits only for blocks of CTAs launched before it or for its own earlier ones: no CTA can wait
 // for one that is not yet resident. Otherwise a CTA takes blocks blockIdx.x + i * gridDim.x.
-template <class Traits, bool kVarlen, bool kOptions>
+template <class Traits, bool kVarlen, bool kOptions, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
   extern __shared__ __align__(128) char smem_bytes[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
@@ -473,7 +503,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
   }
   for (int j = 0; j < count; ++j) {
     if (j > 0) __syncthreads();  // every thread is done with the previous block's tiles
-    bwd_block<Traits, kOptions>(p, smem, seq, ws_row0, first + j * step, blockIdx.y, batch);
+    bwd_block<Traits, kOptions, kDropout>(p, smem, seq, ws_row0, first + j * step, blockIdx.y, batch);
     if constexpr (!kVarlen) break;
   }
 }

@@ -9,19 +9,20 @@
 
 namespace flash_cute {
 
-// kOptions: the kernel with flash_attn's options (p.opt, dropout), causal as a window.
-template <DType kDType, int kHeadDim, bool kOptions>
+// kOptions: the kernel with flash_attn's options (p.opt), causal as a window; kDropout: and dropout.
+template <DType kDType, int kHeadDim, bool kOptions, bool kDropout>
 void run_bwd_variant(const BwdParams& params, cudaStream_t stream) {
   using Traits = BwdTraits<kDType, kHeadDim>;
   constexpr int kSmem = Traits::kSmemBytes;
   const std::string name = std::string("backward kernel (") + dtype_name(kDType) + ", head dim " +
-                           std::to_string(kHeadDim) + (kOptions ? ", options)" : ")");
+                           std::to_string(kHeadDim) + (kDropout ? ", dropout)" : kOptions ? ", options)" : ")");
   const int smem_optin = max_smem_per_block(name);
   if (kSmem > smem_optin) {
     throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(kSmem) +
                              " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin));
   }
-  auto kernel = params.cu_seqlens_q != nullptr ? &bwd_kernel<Traits, true, kOptions> : &bwd_kernel<Traits, false, kOptions>;
+  auto kernel = params.cu_seqlens_q != nullptr ? &bwd_kernel<Traits, true, kOptions, kDropout>
+                                               : &bwd_kernel<Traits, false, kOptions, kDropout>;
   allow_dynamic_smem(kernel, kSmem, name);
   // The workspace is padded to this kernel's tiles (the caller sized it, ws_rows, with bwd_tile()).
   BwdParams p = params;
@@ -37,12 +38,13 @@ void run_bwd_variant(const BwdParams& params, cudaStream_t stream) {
 
 template <DType kDType, int kHeadDim>
 void run_bwd(const BwdParams& p, cudaStream_t stream) {
-  run_bwd_variant<kDType, kHeadDim, /*kOptions=*/false>(p, stream);
+  run_bwd_variant<kDType, kHeadDim, /*kOptions=*/false, /*kDropout=*/false>(p, stream);
 }
 
 template <DType kDType, int kHeadDim>
 void run_bwd_options(const BwdParams& p, cudaStream_t stream) {
-  run_bwd_variant<kDType, kHeadDim, /*kOptions=*/true>(p, stream);
+  if (p.dropout) return run_bwd_variant<kDType, kHeadDim, /*kOptions=*/true, /*kDropout=*/true>(p, stream);
+  run_bwd_variant<kDType, kHeadDim, /*kOptions=*/true, /*kDropout=*/false>(p, stream);
 }
 
 }  // namespace flash_cute

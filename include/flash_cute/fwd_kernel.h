@@ -21,8 +21,9 @@ namespace flash_cute {
 using namespace cute;
 
 // One query block (kBlockM rows of query block m_block) of one head of sequence `seq`.
-// kOptions: flash_attn's options (softcap, window, ALiBi, dropout; p.opt), causal among them.
-template <class Traits, bool kVarlen, bool kOptions>
+// kOptions: flash_attn's options (softcap, window, ALiBi; p.opt), causal among them; kDropout:
+// and dropout (its own kernel: the code for it costs the others registers and scheduling).
+template <class Traits, bool kVarlen, bool kOptions, bool kDropout>
 CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
                            int m_block, int head, int batch) {
   using Element = typename Traits::Element;
@@ -168,7 +169,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
 
   const float slope = kOptions ? alibi_slope(p.opt, batch, head) : 0.f;
   Dropout dropout;
-  if (kOptions && p.dropout) dropout = Dropout(p, batch, head);
+  if constexpr (kDropout) dropout = Dropout(p, batch, head);
   // ------------------------------------------------------------------------------------------
   // Main loop over key blocks, last to first. One call site for the body keeps it inlined (the
   // accumulators must stay in registers); masking is a uniform branch.
@@ -202,7 +203,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
     }
 
     softmax.update(scores, acc_o_rc, p.scale_log2);
-    if (kOptions && p.dropout) {
+    if constexpr (kDropout) {
       Element* s_dmask = p.s_dmask == nullptr ? nullptr
                                               : static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride +
                                                     head * p.s_dmask_head_stride;
@@ -218,7 +219,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   // Epilogue: normalise, write lse, stage O through shared memory, store
   // ------------------------------------------------------------------------------------------
   float lse[kRows];
-  softmax.finalize(acc_o_rc, p.lse_scale, lse, kOptions && p.dropout ? p.rp_dropout : 1.f);
+  softmax.finalize(acc_o_rc, p.lse_scale, lse, kDropout ? p.rp_dropout : 1.f);
 
   Tensor tOcO_mma = thr_mma.partition_C(make_identity_tensor(TileQ{}));
   Tensor tOcO_rc = make_tensor(tOcO_mma.data(), rowcol_layout(tOcO_mma.layout()));
@@ -245,7 +246,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
 // blockIdx.x + gridDim.x, ... of its sequence, so a hint that is too small costs time, never
 // correctness. Causal: the last query blocks see the most keys; launching them first shortens
 // the tail.
-template <class Traits, bool kVarlen, bool kOptions>
+template <class Traits, bool kVarlen, bool kOptions, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
   extern __shared__ __align__(128) char smem_bytes[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
@@ -254,7 +255,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
   const int m_blocks = kVarlen ? ceil_div(seq.len_q, kBlockM) : int(gridDim.x);
   for (int i = blockIdx.x; i < m_blocks; i += gridDim.x) {
     if (i != int(blockIdx.x)) __syncthreads();  // every thread is done with the previous block's tiles
-    fwd_block<Traits, kVarlen, kOptions>(p, smem, seq, Traits::kCausal ? m_blocks - 1 - i : i, blockIdx.y, blockIdx.z);
+    fwd_block<Traits, kVarlen, kOptions, kDropout>(p, smem, seq, Traits::kCausal ? m_blocks - 1 - i : i, blockIdx.y, blockIdx.z);
     if constexpr (!kVarlen) break;
   }
 }

@@ -10,10 +10,11 @@
 
 namespace flash_cute {
 
-template <class Traits, bool kOptions>
+template <class Traits, bool kOptions, bool kDropout>
 void launch_fwd(const FwdParams& p, cudaStream_t stream, const std::string& name) {
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = p.cu_seqlens_q != nullptr ? &fwd_kernel<Traits, true, kOptions> : &fwd_kernel<Traits, false, kOptions>;
+  auto kernel = p.cu_seqlens_q != nullptr ? &fwd_kernel<Traits, true, kOptions, kDropout>
+                                          : &fwd_kernel<Traits, false, kOptions, kDropout>;
   allow_dynamic_smem(kernel, kSmem, name);
   // seqlen_q: the longest sequence's (varlen: the max_seqlen_q hint; the kernel loops past it).
   const dim3 grid(std::max(1, ceil_div(p.seqlen_q, Traits::kBlockM)), p.heads, p.batch);
@@ -21,22 +22,22 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream, const std::string& name
   check_cuda(cudaGetLastError(), name + " launch");
 }
 
-// kOptions: the kernel with flash_attn's options (p.opt, dropout), causal as a window; it is
-// instantiated with the non-causal tile.
-template <DType kDType, int kHeadDim, bool kCausal, bool kOptions>
+// kOptions: the kernel with flash_attn's options (p.opt), causal as a window; kDropout: and
+// dropout. They are instantiated with the non-causal tile.
+template <DType kDType, int kHeadDim, bool kCausal, bool kOptions, bool kDropout>
 void run_fwd_variant(const FwdParams& p, cudaStream_t stream) {
   using Traits = FwdTraits<kDType, kHeadDim, kCausal>;
   using SmallTraits = FwdTraits<kDType, kHeadDim, kCausal, /*kSmallSmem=*/true>;
   constexpr bool kHasSmallTile = !(fwd_tile(kHeadDim, kCausal) == fwd_tile(kHeadDim, kCausal, true));
   const std::string name = std::string("forward kernel (") + dtype_name(kDType) + ", head dim " +
-                           std::to_string(kHeadDim) + (kCausal ? ", causal" : "") + (kOptions ? ", options)" : ")");
+                           std::to_string(kHeadDim) + (kCausal ? ", causal" : "") + (kDropout ? ", dropout)" : kOptions ? ", options)" : ")");
   const int smem_optin = max_smem_per_block(name);
   // Testing hook: run the small-shared-memory tile on any GPU, so the H100 covers it too.
   const bool force_small = std::getenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE") != nullptr;
   if (Traits::kSmemBytes <= smem_optin && !(kHasSmallTile && force_small))
-    return launch_fwd<Traits, kOptions>(p, stream, name);
+    return launch_fwd<Traits, kOptions, kDropout>(p, stream, name);
   if constexpr (kHasSmallTile) {
-    if (SmallTraits::kSmemBytes <= smem_optin) return launch_fwd<SmallTraits, kOptions>(p, stream, name);
+    if (SmallTraits::kSmemBytes <= smem_optin) return launch_fwd<SmallTraits, kOptions, kDropout>(p, stream, name);
   }
   throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(SmallTraits::kSmemBytes) +
                            " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin));
@@ -44,12 +45,13 @@ void run_fwd_variant(const FwdParams& p, cudaStream_t stream) {
 
 template <DType kDType, int kHeadDim, bool kCausal>
 void run_fwd(const FwdParams& p, cudaStream_t stream) {
-  run_fwd_variant<kDType, kHeadDim, kCausal, /*kOptions=*/false>(p, stream);
+  run_fwd_variant<kDType, kHeadDim, kCausal, /*kOptions=*/false, /*kDropout=*/false>(p, stream);
 }
 
 template <DType kDType, int kHeadDim>
 void run_fwd_options(const FwdParams& p, cudaStream_t stream) {
-  run_fwd_variant<kDType, kHeadDim, /*kCausal=*/false, /*kOptions=*/true>(p, stream);
+  if (p.dropout) return run_fwd_variant<kDType, kHeadDim, /*kCausal=*/false, true, /*kDropout=*/true>(p, stream);
+  run_fwd_variant<kDType, kHeadDim, /*kCausal=*/false, /*kOptions=*/true, /*kDropout=*/false>(p, stream);
 }
 
 }  // namespace flash_cute

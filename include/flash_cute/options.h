@@ -94,8 +94,9 @@ CUTE_DEVICE uint4 philox4x32(uint4 ctr, uint2 key) {
   constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
   CUTE_UNROLL
   for (int round = 0; round < 10; ++round) {
-    const uint32_t hi0 = __umulhi(kMul0, ctr.x), lo0 = kMul0 * ctr.x;
-    const uint32_t hi1 = __umulhi(kMul1, ctr.z), lo1 = kMul1 * ctr.z;
+    const uint64_t prod0 = uint64_t(kMul0) * ctr.x, prod1 = uint64_t(kMul1) * ctr.z;  // one IMAD.WIDE each
+    const uint32_t hi0 = uint32_t(prod0 >> 32), lo0 = uint32_t(prod0);
+    const uint32_t hi1 = uint32_t(prod1 >> 32), lo1 = uint32_t(prod1);
     ctr = make_uint4(hi1 ^ ctr.y ^ key.x, lo1, hi0 ^ ctr.w ^ key.y, lo0);
     key.x += kWeyl0;
     key.y += kWeyl1;
@@ -134,8 +135,11 @@ struct Dropout {
     const uint32_t lane = (row % 8) * 4 + (col % 8) / 2;
     return philox4x32(make_uint4(uint32_t(row / 16), uint32_t(col / 32) * 32u + lane, bh, offset), key);
   }
-  // Calls f(m, n, keep) for every fragment (m, n) of an (MMA = 4, MMA_M, MMA_N) accumulator of
-  // m16n8 fragments, keep: bit v for value v. coords: the accumulator's identity partition, the
+  // Whether value v of a fragment whose random word is w is kept.
+  CUTE_DEVICE bool kept(uint32_t w, int v) const { return ((w >> (8 * v)) & 0xffu) <= keep_byte; }
+
+  // Calls f(m, n, w) for every fragment (m, n) of an (MMA = 4, MMA_M, MMA_N) accumulator of
+  // m16n8 fragments, w: its random word (see kept()). coords: the accumulator's identity partition, the
   // tile at (row0, col0) of the sequence. One Philox call serves fragments n = 4g .. 4g + 3: the
   // kernels' layouts put a thread's fragments of a row 8 keys apart, in runs of 32 aligned keys
   // (the forward's: all of the tile's; the backward's with options: BwdTraits::kSdpWarpCols), and
@@ -149,14 +153,8 @@ struct Dropout {
       uint4 words;
       CUTE_UNROLL
       for (int n = 0; n < kFragments; ++n) {
-        const int row = row0 + get<0>(coords(0, m, n)), col = col0 + get<1>(coords(0, m, n));
-        if (n % 4 == 0) words = draw(row, col);
-        const int sub = (col % 32) / 8;
-        const uint32_t w = sub == 0 ? words.x : sub == 1 ? words.y : sub == 2 ? words.z : words.w;
-        uint32_t keep = 0;
-        CUTE_UNROLL
-        for (int v = 0; v < 4; ++v) keep |= uint32_t(((w >> (8 * v)) & 0xffu) <= keep_byte) << v;
-        f(m, n, keep);
+        if (n % 4 == 0) words = draw(row0 + get<0>(coords(0, m, n)), col0 + get<1>(coords(0, m, n)));
+        f(m, n, n % 4 == 0 ? words.x : n % 4 == 1 ? words.y : n % 4 == 2 ? words.z : words.w);
       }
     }
   }
@@ -169,18 +167,19 @@ struct Dropout {
 template <class Element, class Acc, class Coords>
 CUTE_DEVICE void apply_dropout(Acc& acc, Coords const& coords, int row0, int col0, const Dropout& dropout,
                                Element* s_dmask, int64_t ld, int rows, int cols) {
-  dropout.for_each_fragment(acc, coords, row0, col0, [&](int m, int n, uint32_t keep) {
-    const int row = row0 + get<0>(coords(0, m, n)), col = col0 + get<1>(coords(0, m, n));
-    CUTE_UNROLL
-    for (int v = 0; v < 4; ++v) {
-      const float p = acc(v, m, n);
-      const bool kept = (keep >> v) & 1;
-      if (s_dmask != nullptr) {
+  if (s_dmask != nullptr) {  // return_attn_probs: a debugging aid, kept out of the other path
+    dropout.for_each_fragment(acc, coords, row0, col0, [&](int m, int n, uint32_t w) {
+      const int row = row0 + get<0>(coords(0, m, n)), col = col0 + get<1>(coords(0, m, n));
+      CUTE_UNROLL
+      for (int v = 0; v < 4; ++v) {
         const int r = row + 8 * (v / 2), c = col + v % 2;
-        if (r < rows && c < cols) s_dmask[r * ld + c] = Element(kept ? p : -p);
+        if (r < rows && c < cols) s_dmask[r * ld + c] = Element(dropout.kept(w, v) ? acc(v, m, n) : -acc(v, m, n));
       }
-      acc(v, m, n) = kept ? p : 0.f;
-    }
+    });
+  }
+  dropout.for_each_fragment(acc, coords, row0, col0, [&](int m, int n, uint32_t w) {
+    CUTE_UNROLL
+    for (int v = 0; v < 4; ++v) acc(v, m, n) = dropout.kept(w, v) ? acc(v, m, n) : 0.f;
   });
 }
 
