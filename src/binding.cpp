@@ -22,10 +22,10 @@ namespace {
 
 // softmax_scale, softcap, the local window (flash_attn's: -1 an unbounded side), ALiBi slopes
 // (float32 (batch, heads) with batch stride alibi_batch_stride, 0 for (heads,)) into the scales
-// and ScoreOptions of FwdParams or DecodeParams. causal: the window's right side is 0 when the
-// kernels with options run (`causal_as_window`), else the kernels' own causal flag does it.
+// and ScoreOptions of FwdParams or DecodeParams. causal: the window's right side is 0 (every kernel
+// masks and skips by the window; the forward's causal kernels differ in their tile order only).
 template <class Params>
-void set_score_options(Params& p, double softmax_scale, bool causal, bool causal_as_window, double softcap,
+void set_score_options(Params& p, double softmax_scale, bool causal, double softcap,
                        int window_left, int window_right, uintptr_t alibi_slopes, int64_t alibi_batch_stride) {
   const double softmax_units = softcap > 0 ? softcap : softmax_scale;  // what multiplies the kernel's scores
   p.scale = static_cast<float>(softmax_scale);
@@ -38,7 +38,7 @@ void set_score_options(Params& p, double softmax_scale, bool causal, bool causal
   p.opt.alibi_scale = static_cast<float>(1.0 / softmax_units);
   p.opt.window_left = window_left < 0 ? flash_cute::kUnboundedWindow : window_left;
   p.opt.window_right = window_right < 0 ? flash_cute::kUnboundedWindow : window_right;
-  if (causal && causal_as_window) p.opt.window_right = 0;
+  if (causal) p.opt.window_right = 0;
 }
 
 // Dropout with probability dropout_p (0: none): rng_state is int64 (seed, offset) on the device.
@@ -57,8 +57,7 @@ using Options = std::tuple<double, int, int, uintptr_t, int64_t, double, uintptr
 
 void set_options(FwdParams& p, double softmax_scale, bool causal, const Options& o) {
   const auto& [softcap, left, right, alibi, alibi_stride, dropout_p, rng_state] = o;
-  const bool any = softcap > 0 || left >= 0 || right >= 0 || alibi != 0 || dropout_p > 0;
-  set_score_options(p, softmax_scale, causal, any, softcap, left, right, alibi, alibi_stride);
+  set_score_options(p, softmax_scale, causal, softcap, left, right, alibi, alibi_stride);
   set_dropout(p, dropout_p, rng_state);
 }
 
@@ -184,9 +183,8 @@ void decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t k_new, uintptr_t v_
   p.block_table = reinterpret_cast<const int*>(block_table);
   p.block_table_batch_stride = block_table_batch_stride;
   p.page_size = page_size;
-  // One decoding kernel takes every option: causal is its window's right side.
-  set_score_options(p, softmax_scale, causal, /*causal_as_window=*/true, softcap, window_left, window_right,
-                    alibi_slopes, alibi_batch_stride);
+  // One decoding kernel takes every option.
+  set_score_options(p, softmax_scale, causal, softcap, window_left, window_right, alibi_slopes, alibi_batch_stride);
   p.num_splits = num_splits;
   flash_cute::decode(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
 }

@@ -681,7 +681,7 @@ def test_kvcache_options(dtype, head_dim, opts, page_size, seqlen_q, seqlen_new)
 
 @pytest.mark.parametrize("opts", DROPOUT_OPTIONS)
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(113, 257), (257, 113), (1000, 1000)])
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS + [pytest.param(d, id=f"{d}") for d in OTHER_HEAD_DIMS])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dropout_matches_oracle(dtype, head_dim, seqlen_q, seqlen_k, opts):
     """out = (softmax(scores) * keep / (1 - p)) V with the keep mask decoded from S_dmask, lse of

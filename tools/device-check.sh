@@ -73,6 +73,30 @@ for d in (64, 128):
                                                cache_leftpad=pad, causal=False, num_splits=splits)
     except RuntimeError as e:
         if "FLASH_CUTE_HEAD_DIMS" not in str(e): raise
+# The options: windows (plain kernels), softcap + ALiBi + window (options kernels), dropout with
+# S_dmask (dropout kernels), varlen and deterministic; the decoding kernel with every option.
+for d in (64, 128, 160):
+    try:
+        q = torch.randn(2, 257, 4, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(2, 113, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn_like(k, requires_grad=True)
+        slopes = torch.rand(2, 4, device="cuda")
+        for kw in (dict(window_size=(20, 5)), dict(causal=True, window_size=(30, 0), softcap=5.0, alibi_slopes=slopes),
+                   dict(dropout_p=0.3, window_size=(50, 50), alibi_slopes=slopes)):
+            for deterministic in (False, True):
+                out = flash_cute.flash_attn_func(q, k, v, deterministic=deterministic, return_attn_probs=True, **kw)[0]
+                torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        qv = torch.randn(sum(lens_q), 4, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        kv = torch.randn(sum(lens_k), 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        out = flash_cute.flash_attn_varlen_func(qv, kv, kv, cu(lens_q), cu(lens_k), 64, 64, dropout_p=0.2,
+                                                softcap=3.0, window_size=(40, 7), alibi_slopes=torch.rand(6, 4, device="cuda"))
+        torch.autograd.grad(out, (qv, kv), torch.randn_like(out))
+        k_cache, v_cache = (torch.randn(5, 300, 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        for splits in (1, 4):
+            flash_cute.flash_attn_with_kvcache(q[:, :3].detach(), k_cache, v_cache, cache_seqlens=torch.tensor([7, 290], dtype=torch.int32, device="cuda"),
+                                               causal=True, window_size=(50, 0), softcap=4.0, alibi_slopes=slopes, num_splits=splits)
+    except (RuntimeError, NotImplementedError) as e:
+        if "FLASH_CUTE_HEAD_DIMS" not in str(e) and "FLASH_CUTE_OPTION_KERNELS" not in str(e): raise
 torch.cuda.synchronize()
 print("sweep done")
 PY

@@ -27,6 +27,7 @@ variants = {
     "window": dict(window_size=(1024, 1024)),
     "causal": dict(causal=True),
     "causal-window": dict(causal=True, window_size=(4095, 0)),  # the options kernel doing plain causal
+    "sliding": dict(causal=True, window_size=(1024, 0)),
 }
 base = None
 print(f"bf16 d{d} seqlen {seqlen} batch {batch} heads {heads}")

@@ -14,7 +14,6 @@
 #include <cute/tensor.hpp>
 
 #include "flash_cute/bwd_traits.h"
-#include "flash_cute/mask.h"
 #include "flash_cute/options.h"
 #include "flash_cute/params.h"
 #include "flash_cute/seqlen.h"
@@ -185,15 +184,11 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   const int d = p.head_dim;
   const int diagonal = seqlen_k - seqlen_q;  // key j visible from query i iff j <= i + diagonal
 
-  // Query blocks that see a key of this block: with causal, those whose last row reaches col0.
-  // With options, those whose rows i have a key j of the block in [i + diagonal - left, i + diagonal + right].
-  int m_blocks = ceil_div(seqlen_q, kBlockM);
-  int m_begin = p.causal ? max(0, col0 - diagonal) / kBlockM : 0;
-  if constexpr (kOptions) {
-    m_begin = int(max(int64_t(0), int64_t(col0) - diagonal - p.opt.window_right) / kBlockM);
-    const int64_t last_row = int64_t(col0) + kBlockN - 1 - diagonal + p.opt.window_left;  // may be < 0
-    m_blocks = last_row < 0 ? 0 : int(min(int64_t(m_blocks), last_row / kBlockM + 1));
-  }
+  // Query blocks that see a key of this block: those whose rows i have a key j of the block in
+  // the window [i + diagonal - left, i + diagonal + right] (causal: right = 0; no window: all).
+  const int m_begin = int(max(int64_t(0), int64_t(col0) - diagonal - p.opt.window_right) / kBlockM);
+  const int64_t last_row = int64_t(col0) + kBlockN - 1 - diagonal + p.opt.window_left;  // may be < 0
+  const int m_blocks = last_row < 0 ? 0 : int(min(int64_t(ceil_div(seqlen_q, kBlockM)), last_row / kBlockM + 1));
   const int steps_per_head = max(0, m_blocks - m_begin);
   const int steps = heads_per_cta * steps_per_head;
 
@@ -304,7 +299,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   // ------------------------------------------------------------------------------------------
   // MMA partitions
   // ------------------------------------------------------------------------------------------
-  std::conditional_t<kOptions, typename Traits::TiledMmaSdPOptions, typename Traits::TiledMmaSdP> mma_sdp;
+  std::conditional_t<kDropout, typename Traits::TiledMmaSdPDropout, typename Traits::TiledMmaSdP> mma_sdp;
   typename Traits::TiledMmadQ mma_dq;
   auto thr_sdp = mma_sdp.get_thread_slice(tid);
   auto thr_dkv = mma_dkv.get_thread_slice(tid);
@@ -370,7 +365,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     const float slope = kOptions ? alibi_slope(p.opt, batch, head) : 0.f;
     // lse (as log2) and D of this thread's rows.
     float lse_log2[kRows], dsum[kRows];
-    if constexpr (!kOptions) {  // (options_p_ds reads them where it needs them: fewer live registers)
+    if constexpr (!kOptions) {  // (options_p and options_ds read them where they need them: fewer live registers)
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         const int row = get<0>(tScS_rc(r, 0));
@@ -392,8 +387,10 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
           p, acc_s, acc_dp, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, smem.lse_log2[stage],
           slope, dropout.with_head(batch, p.heads, head), copy_pds, tPsP);
     } else {
-      if (col0 + kBlockN > seqlen_k || (p.causal && col0 + kBlockN - 1 > row0 + diagonal))
-        mask_scores(scores, tScS_rc, row0, col0, seqlen_q, seqlen_k, p.causal);
+      if (tile_needs_mask(row0, kBlockM, col0, kBlockN, seqlen_k, diagonal, p.opt))
+        apply_bias_and_mask(
+            scores, tScS_rc, [&](int r) { return row0 + get<0>(tScS_rc(r, 0)); }, [](int) { return 0.f; }, col0,
+            seqlen_k, diagonal, p.opt, /*alibi=*/false, /*mask=*/true);
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         CUTE_UNROLL
@@ -438,8 +435,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
       semaphore = p.dq_semaphore + ws_row / kBlockM;
       // This query block's contributors are key blocks 0 .. n_last (those whose first key some
       // row of it sees); they add from n_last down, so key block n_block goes after n_last - n_block.
-      int n_last = p.causal ? min(n_blocks - 1, (row0 + kBlockM - 1 + diagonal) / kBlockN) : n_blocks - 1;
-      if constexpr (kOptions) n_last = KeyRange(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN).end - 1;
+      const int n_last = KeyRange(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN).end - 1;
       if (tid == 0) {
         while (atomicAdd(semaphore, 0) != n_last - n_block) {
         }

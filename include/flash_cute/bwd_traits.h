@@ -26,12 +26,12 @@ struct BwdTraits : TraitsBase<typename ElementOf<kDType>::type, kHeadDim_, bwd_t
                                TiledMMA<MmaAtom, Layout<Shape<Int<wm>, Int<kWarps / wm>, _1>>,
                                         Tile<Int<16 * wm>, Int<16 * (kWarps / wm)>, _16>>>;
   using TiledMmaSdP = Mma<kTile.sdp_warps_m, kBlockM, kBlockN>;  // S, dP: (block_m, block_n)
-  // S, dP of the kernel with options: the same warps, but each warp's n8 fragments run over
+  // S, dP of the kernel with dropout: the same warps, but each warp's n8 fragments run over
   // kSdpWarpCols consecutive keys (32, or its whole share), so one Philox call of dropout serves
   // four of them (options.h). The N permutation maps (column in fragment, warp, repeat) to keys.
   static constexpr int kSdpWarpsN = kWarps / kTile.sdp_warps_m;
   static constexpr int kSdpWarpCols = kBlockN / kSdpWarpsN < 32 ? kBlockN / kSdpWarpsN : 32;
-  using TiledMmaSdPOptions = TiledMMA<
+  using TiledMmaSdPDropout = TiledMMA<
       MmaAtom, Layout<Shape<Int<kTile.sdp_warps_m>, Int<kSdpWarpsN>, _1>>,
       Tile<Int<16 * kTile.sdp_warps_m>,
            Layout<Shape<_8, Int<kSdpWarpsN>, Int<kSdpWarpCols / 8>>, Stride<_1, Int<kSdpWarpCols>, _8>>, _16>>;

@@ -10,7 +10,6 @@
 #include <cute/tensor.hpp>
 
 #include "flash_cute/fwd_traits.h"
-#include "flash_cute/mask.h"
 #include "flash_cute/options.h"
 #include "flash_cute/params.h"
 #include "flash_cute/seqlen.h"
@@ -42,16 +41,10 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   const int rows_q = min(kBlockM, seqlen_q - row0);  // valid query rows of this block
 
   const int diagonal = seqlen_k - seqlen_q;
-  // The key blocks [n_begin, n_blocks) that a row of this block sees.
-  int n_begin = 0, n_blocks = ceil_div(seqlen_k, kBlockN);
-  if constexpr (kCausal) {
-    // The block's last row sees keys < row0 + kBlockM + seqlen_k - seqlen_q.
-    n_blocks = min(n_blocks, ceil_div(max(0, row0 + kBlockM + seqlen_k - seqlen_q), kBlockN));
-  }
-  if constexpr (kOptions) {
-    const KeyRange range(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN);
-    n_begin = range.begin, n_blocks = range.end;
-  }
+  // The key blocks [n_begin, n_blocks) that a row of this block sees: all, or those of the local
+  // window (causal: its right side is 0), the others are skipped.
+  const KeyRange range(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN);
+  const int n_begin = range.begin, n_blocks = range.end;
 
   // ------------------------------------------------------------------------------------------
   // Global tiles (64-bit offsets) and their shared-memory homes
@@ -168,6 +161,8 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   cp_async_fence();
 
   const float slope = kOptions ? alibi_slope(p.opt, batch, head) : 0.f;
+  const bool softcap = kOptions && p.opt.softcap_pre != 0.f, alibi = slope != 0.f;
+  const MaskFreeBlocks mask_free(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN);
   Dropout dropout;
   if constexpr (kDropout) dropout = Dropout(p, batch, head);
   // ------------------------------------------------------------------------------------------
@@ -184,16 +179,11 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
 
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, smem_copy_q, smem_copy_k);
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-    // The block needs a mask if it runs past seqlen_k or, causal, past the diagonal of row0.
-    const int col_end = (n + 1) * kBlockN;
-    if constexpr (kOptions) {
-      if (p.opt.softcap_pre != 0.f) apply_softcap(scores, p.opt.softcap_pre);
-      apply_bias_and_mask(
-          scores, tScS_rc, [&](int r) { return row0 + get<0>(tScS_rc(r, 0)); }, [&](int) { return slope; },
-          n * kBlockN, seqlen_k, diagonal, p.opt, slope != 0.f, tile_needs_mask(row0, kBlockM, n * kBlockN, kBlockN, seqlen_k, diagonal, p.opt));
-    } else if (col_end > seqlen_k || (kCausal && col_end - 1 > row0 + diagonal)) {
-      mask_scores(scores, tScS_rc, row0, n * kBlockN, seqlen_q, seqlen_k, kCausal);
-    }
+    // The options; the mask where the block runs past seqlen_k or crosses a window edge.
+    if (softcap) apply_softcap(scores, p.opt.softcap_pre);
+    apply_bias_and_mask(
+        scores, tScS_rc, [&](int r) { return row0 + get<0>(tScS_rc(r, 0)); }, [&](int) { return slope; },
+        n * kBlockN, seqlen_k, diagonal, p.opt, alibi, mask_free.needs_mask(n));
 
     cp_async_wait<0>();  // V[n] has landed ...
     __syncthreads();     // ... and nobody still reads K[n]

@@ -76,6 +76,22 @@ struct KeyRange {
   }
 };
 
+// The key blocks [begin, end) of block_n keys that need no mask for query rows [row0, row0 + rows):
+// inside seqlen_k and inside every row's window. Computed once per query block, so the main loop
+// tests a block with two integer compares.
+struct MaskFreeBlocks {
+  int begin, end;
+  CUTE_DEVICE MaskFreeBlocks(int row0, int rows, int seqlen_k, int diagonal, const ScoreOptions& o, int block_n) {
+    // a block is free iff its last key <= min(seqlen_k - 1, first row + right) and its first key
+    // >= last row - left
+    const int64_t last_ok = min(int64_t(seqlen_k) - 1, int64_t(row0 + diagonal) + o.window_right);
+    const int64_t first_ok = int64_t(row0 + rows - 1 + diagonal) - o.window_left;
+    end = last_ok < 0 ? 0 : int((last_ok + 1) / block_n);
+    begin = first_ok <= 0 ? 0 : int(min(int64_t(1) << 30, (first_ok + block_n - 1) / block_n));
+  }
+  CUTE_DEVICE bool needs_mask(int n) const { return n >= end || n < begin; }
+};
+
 // Whether the tile of query rows [row0, row0 + rows) and keys [col0, col0 + cols) needs the mask:
 // it runs past seqlen_k or crosses a window edge.
 CUTE_DEVICE bool tile_needs_mask(int row0, int rows, int col0, int cols, int seqlen_k, int diagonal,
@@ -142,7 +158,7 @@ struct Dropout {
   // m16n8 fragments, w: its random word (see kept()). coords: the accumulator's identity partition, the
   // tile at (row0, col0) of the sequence. One Philox call serves fragments n = 4g .. 4g + 3: the
   // kernels' layouts put a thread's fragments of a row 8 keys apart, in runs of 32 aligned keys
-  // (the forward's: all of the tile's; the backward's with options: BwdTraits::kSdpWarpCols), and
+  // (the forward's: all of the tile's; the backward's with dropout: BwdTraits::kSdpWarpCols), and
   // the tests against the forward's S_dmask would catch a layout that did not.
   template <class Acc, class Coords, class F>
   CUTE_DEVICE void for_each_fragment(Acc const& acc, Coords const& coords, int row0, int col0, F&& f) const {
@@ -153,8 +169,10 @@ struct Dropout {
       uint4 words;
       CUTE_UNROLL
       for (int n = 0; n < kFragments; ++n) {
-        if (n % 4 == 0) words = draw(row0 + get<0>(coords(0, m, n)), col0 + get<1>(coords(0, m, n)));
-        f(m, n, n % 4 == 0 ? words.x : n % 4 == 1 ? words.y : n % 4 == 2 ? words.z : words.w);
+        const int col = col0 + get<1>(coords(0, m, n));
+        if (n % 4 == 0) words = draw(row0 + get<0>(coords(0, m, n)), col);
+        const int sub = (col % 32) / 8;  // n % 4 where a thread holds 32 keys of a row, not where it holds 16
+        f(m, n, sub == 0 ? words.x : sub == 1 ? words.y : sub == 2 ? words.z : words.w);
       }
     }
   }

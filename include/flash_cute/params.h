@@ -50,8 +50,8 @@ struct FwdParams {
   float scale_log2 = 0.f;  // score -> exp2 argument: scale * log2(e), or with softcap softcap * log2(e)
   float lse_scale = 0.f;   // score -> natural log units (lse = max * lse_scale + log(sum)): scale or softcap
   bool causal = false;     // bottom-right aligned: query i sees keys j <= i + seqlen_k - seqlen_q
-  // flash_attn's options (ScoreOptions in options.h; the kernels with kOptions only). Causal is
-  // then window_right = 0.
+  // flash_attn's options (ScoreOptions above). The window (causal: window_right = 0) in every
+  // kernel; softcap and ALiBi in the kernels with kOptions only.
   ScoreOptions opt;
   // Dropout on the probabilities (kOptions kernels): keep an entry iff its random byte <=
   // keep_byte (floor(keep probability * 255), as flash_attn); the kept ones are scaled by
@@ -81,10 +81,10 @@ struct FwdParams {
   int page_size = 0;
 };
 
-// Whether a call needs the kernels with options (run_fwd_options, run_bwd_options).
+// Whether a call needs the kernels with options (run_fwd_options, run_bwd_options): every kernel
+// takes local windows (and causal as one), the plain ones nothing else.
 inline bool uses_options(const FwdParams& p) {
-  return p.dropout || p.opt.softcap_pre != 0.f || p.opt.alibi_slopes != nullptr ||
-         p.opt.window_left < kUnboundedWindow || p.opt.window_right < kUnboundedWindow;
+  return p.dropout || p.opt.softcap_pre != 0.f || p.opt.alibi_slopes != nullptr;
 }
 
 // Backward pass: the forward's inputs, output o and lse, plus the output gradient dout, and the

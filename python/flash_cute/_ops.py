@@ -83,14 +83,10 @@ class _Options(NamedTuple):
     dropout_p: float = 0.0
     rng_state: torch.Tensor | None = None
 
-    def is_default(self) -> bool:
-        return (self.softcap == 0.0 and self.window == (-1, -1) and self.alibi_slopes is None
-                and self.dropout_p == 0.0)
-
-    def names(self) -> list[str]:
-        return [n for n, on in (("softcap", self.softcap != 0.0), ("window_size", self.window != (-1, -1)),
-                                ("alibi_slopes", self.alibi_slopes is not None), ("dropout_p", self.dropout_p != 0.0))
-                if on]
+    def kernel_option_names(self) -> list[str]:
+        """The options that need the kernels with options (every kernel takes local windows)."""
+        return [n for n, on in (("softcap", self.softcap != 0.0), ("alibi_slopes", self.alibi_slopes is not None),
+                                ("dropout_p", self.dropout_p != 0.0)) if on]
 
     def kernel_args(self) -> tuple:
         """The options as _C.fwd / _C.bwd take them."""
@@ -122,12 +118,13 @@ def _option_kernels() -> frozenset:
 
 def _check_kernel_options(options: _Options, dtype: torch.dtype, head_dim: int) -> None:
     """The kernels with options exist in this build for (dtype, head dim), else a clear error."""
-    if options.is_default():
+    names = options.kernel_option_names()
+    if not names:
         return
     key = ("fp16" if dtype == torch.float16 else "bf16", _C().head_dim_bucket(head_dim))
     if key not in _option_kernels():
         raise FlashAttnNotImplementedError(
-            f"flash_cute: {', '.join(options.names())} needs the kernels with options, which this build "
+            f"flash_cute: {', '.join(names)} needs the kernels with options, which this build "
             f"does not have for {key[0]}, head dim {head_dim} (build_config: {dict(_C().build_config)}); "
             "rebuild with FLASH_CUTE_OPTION_KERNELS=ON"
         )
