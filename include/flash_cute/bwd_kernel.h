@@ -79,7 +79,7 @@ CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, Sme
 // to shared memory through copy_pds / tPsP, and leaves in acc_s P * dz/ds (softcap: dz/ds =
 // 1 - tanh^2, computed into acc_dp, which the dP GEMM then overwrites). Returns the keep bits, bit
 // 4 * (fragment index) + value.
-template <int kBlockM, int kBlockN, bool kDropout, class Element, class Acc, class Coords, class CoordsRC,
+template <int kBlockM, int kBlockN, bool kDropout, bool kRuns32, class Element, class Acc, class Coords, class CoordsRC,
           class CopyPdS, class SmemP>
 CUTE_DEVICE uint64_t options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coords const& coords,
                                CoordsRC const& coords_rc, int row0, int col0, int seqlen_k, int diagonal,
@@ -110,7 +110,7 @@ CUTE_DEVICE uint64_t options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coo
   uint64_t keep = 0;
   if constexpr (kDropout) {
     Tensor dropped = make_tensor<float>(acc_s.layout());
-    dropout.for_each_fragment(acc_s, coords, row0, col0, [&](int m, int n, uint32_t w) {
+    dropout.template for_each_fragment<kRuns32>(acc_s, coords, row0, col0, [&](int m, int n, uint32_t w) {
       CUTE_UNROLL
       for (int v = 0; v < 4; ++v) {
         const bool kept = dropout.kept(w, v);
@@ -383,7 +383,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});
     uint64_t keep = 0;
     if constexpr (kOptions) {
-      keep = options_p<kBlockM, kBlockN, kDropout, Element>(
+      keep = options_p<kBlockM, kBlockN, kDropout, Traits::kSdpWarpCols == 32, Element>(
           p, acc_s, acc_dp, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, smem.lse_log2[stage],
           slope, dropout.with_head(batch, p.heads, head), copy_pds, tPsP);
     } else {

@@ -160,7 +160,9 @@ struct Dropout {
   // kernels' layouts put a thread's fragments of a row 8 keys apart, in runs of 32 aligned keys
   // (the forward's: all of the tile's; the backward's with dropout: BwdTraits::kSdpWarpCols), and
   // the tests against the forward's S_dmask would catch a layout that did not.
-  template <class Acc, class Coords, class F>
+  // kRuns32: the thread holds every fragment of its rows in runs of 32 keys (the forward, the
+  // backward where BwdTraits::kSdpWarpCols is 32): fragment n takes word n % 4, known at compile time.
+  template <bool kRuns32, class Acc, class Coords, class F>
   CUTE_DEVICE void for_each_fragment(Acc const& acc, Coords const& coords, int row0, int col0, F&& f) const {
     static_assert(decltype(size<0>(acc))::value == 4, "m16n8 accumulator fragments");
     constexpr int kFragments = decltype(size<2>(acc))::value;
@@ -171,7 +173,7 @@ struct Dropout {
       for (int n = 0; n < kFragments; ++n) {
         const int col = col0 + get<1>(coords(0, m, n));
         if (n % 4 == 0) words = draw(row0 + get<0>(coords(0, m, n)), col);
-        const int sub = (col % 32) / 8;  // n % 4 where a thread holds 32 keys of a row, not where it holds 16
+        const int sub = kRuns32 ? n % 4 : (col % 32) / 8;
         f(m, n, sub == 0 ? words.x : sub == 1 ? words.y : sub == 2 ? words.z : words.w);
       }
     }
@@ -186,7 +188,7 @@ template <class Element, class Acc, class Coords>
 CUTE_DEVICE void apply_dropout(Acc& acc, Coords const& coords, int row0, int col0, const Dropout& dropout,
                                Element* s_dmask, int64_t ld, int rows, int cols) {
   if (s_dmask != nullptr) {  // return_attn_probs: a debugging aid, kept out of the other path
-    dropout.for_each_fragment(acc, coords, row0, col0, [&](int m, int n, uint32_t w) {
+    dropout.for_each_fragment<true>(acc, coords, row0, col0, [&](int m, int n, uint32_t w) {
       const int row = row0 + get<0>(coords(0, m, n)), col = col0 + get<1>(coords(0, m, n));
       CUTE_UNROLL
       for (int v = 0; v < 4; ++v) {
@@ -195,7 +197,7 @@ CUTE_DEVICE void apply_dropout(Acc& acc, Coords const& coords, int row0, int col
       }
     });
   }
-  dropout.for_each_fragment(acc, coords, row0, col0, [&](int m, int n, uint32_t w) {
+  dropout.for_each_fragment<true>(acc, coords, row0, col0, [&](int m, int n, uint32_t w) {
     CUTE_UNROLL
     for (int v = 0; v < 4; ++v) acc(v, m, n) = dropout.kept(w, v) ? acc(v, m, n) : 0.f;
   });
