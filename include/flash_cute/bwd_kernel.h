@@ -158,8 +158,8 @@ CUTE_DEVICE void options_ds(const BwdParams& p, Acc const& acc_s, Acc& acc_dp, C
 }
 
 // Key block n_block (kBlockN keys) of KV head `slot` (with expand_gqa: query head `slot`) of
-// sequence `seq`, whose rows start at ws_row0 in the workspace. kOptions: flash_attn's options
-// (softcap, window, ALiBi; p.opt), causal among them; kDropout: and dropout (as the forward's).
+// sequence `seq`, whose rows start at ws_row0 in the workspace. Every kernel takes the local
+// window of p.opt (causal: right side 0); kOptions: also softcap and ALiBi; kDropout: and dropout.
 template <class Traits, bool kOptions, bool kDropout>
 CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
                            int64_t ws_row0, int n_block, int slot, int batch) {

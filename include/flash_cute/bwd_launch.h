@@ -9,7 +9,7 @@
 
 namespace flash_cute {
 
-// kOptions: the kernel with flash_attn's options (p.opt), causal as a window; kDropout: and dropout.
+// kOptions: the kernel with softcap and ALiBi (and the window every kernel takes); kDropout: and dropout.
 template <DType kDType, int kHeadDim, bool kOptions, bool kDropout>
 void run_bwd_variant(const BwdParams& params, cudaStream_t stream) {
   using Traits = BwdTraits<kDType, kHeadDim>;

@@ -19,9 +19,10 @@
 namespace flash_cute {
 using namespace cute;
 
-// One query block (kBlockM rows of query block m_block) of one head of sequence `seq`.
-// kOptions: flash_attn's options (softcap, window, ALiBi; p.opt), causal among them; kDropout:
-// and dropout (its own kernel: the code for it costs the others registers and scheduling).
+// One query block (kBlockM rows of query block m_block) of one head of sequence `seq`. Every
+// kernel takes the local window of p.opt (causal: its right side is 0). kOptions: also softcap
+// and ALiBi; kDropout: and dropout (its own kernel: the code for it costs the others registers
+// and scheduling).
 template <class Traits, bool kVarlen, bool kOptions, bool kDropout>
 CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
                            int m_block, int head, int batch) {
@@ -29,7 +30,6 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr bool kCausal = Traits::kCausal;
   using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
   using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
   using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;

@@ -22,8 +22,8 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream, const std::string& name
   check_cuda(cudaGetLastError(), name + " launch");
 }
 
-// kOptions: the kernel with flash_attn's options (p.opt), causal as a window; kDropout: and
-// dropout. They are instantiated with the non-causal tile.
+// kOptions: the kernel with softcap and ALiBi (and the window every kernel takes); kDropout: and
+// dropout. They are instantiated with the non-causal tile order (causal is a window).
 template <DType kDType, int kHeadDim, bool kCausal, bool kOptions, bool kDropout>
 void run_fwd_variant(const FwdParams& p, cudaStream_t stream) {
   using Traits = FwdTraits<kDType, kHeadDim, kCausal>;

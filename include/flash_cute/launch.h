@@ -93,8 +93,9 @@ constexpr int decode_smem_bytes(int head_dim) {
 template <DType kDType, int kHeadDim, bool kCausal>
 void run_fwd(const FwdParams& params, cudaStream_t stream);
 
-// The forward kernel with flash_attn's options (softcap, window (causal included), ALiBi,
-// dropout: FwdParams::opt and the dropout fields), one instantiation per (dtype, head-dim bucket).
+// The forward kernels with flash_attn's options (softcap, ALiBi, and one with dropout too:
+// FwdParams::opt and the dropout fields; every kernel takes the window), one instantiation per
+// (dtype, head-dim bucket).
 template <DType kDType, int kHeadDim>
 void run_fwd_options(const FwdParams& params, cudaStream_t stream);
 
