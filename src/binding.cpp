@@ -61,12 +61,10 @@ void set_options(FwdParams& p, double softmax_scale, bool causal, const Options&
   set_dropout(p, dropout_p, rng_state);
 }
 
-// The forward's part of the parameters, shared by fwd() and bwd().
-void set_fwd_params(FwdParams& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse,
-                    int batch, int seqlen_q, int seqlen_k, int heads, int heads_k, int head_dim,
-                    Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride,
-                    std::array<int64_t, 2> lse_stride, double softmax_scale, bool causal, const Options& options,
-                    uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k) {
+// q, k, v, o, lse and their strides, the fields FwdParams and DecodeParams share.
+template <class Params>
+void set_tensors(Params& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, Strides3 q_stride,
+                 Strides3 k_stride, Strides3 v_stride, Strides3 o_stride, std::array<int64_t, 2> lse_stride) {
   p.q = reinterpret_cast<const void*>(q);
   p.k = reinterpret_cast<const void*>(k);
   p.v = reinterpret_cast<const void*>(v);
@@ -78,6 +76,15 @@ void set_fwd_params(FwdParams& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr
   std::tie(p.o_batch_stride, p.o_row_stride, p.o_head_stride) = std::tuple_cat(o_stride);
   p.lse_batch_stride = lse_stride[0];
   p.lse_head_stride = lse_stride[1];
+}
+
+// The forward's part of the parameters, shared by fwd() and bwd().
+void set_fwd_params(FwdParams& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse,
+                    int batch, int seqlen_q, int seqlen_k, int heads, int heads_k, int head_dim,
+                    Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride,
+                    std::array<int64_t, 2> lse_stride, double softmax_scale, bool causal, const Options& options,
+                    uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k) {
+  set_tensors(p, q, k, v, o, lse, q_stride, k_stride, v_stride, o_stride, lse_stride);
   p.batch = batch;
   p.seqlen_q = seqlen_q;
   p.seqlen_k = seqlen_k;
@@ -153,23 +160,13 @@ void decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t k_new, uintptr_t v_
             double softmax_scale, bool causal, double softcap, int window_left, int window_right, uintptr_t alibi_slopes,
             int64_t alibi_batch_stride, int num_splits, int dtype, int device, uintptr_t stream) {
   flash_cute::DecodeParams p;
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k);
-  p.v = reinterpret_cast<const void*>(v);
+  set_tensors(p, q, k, v, o, lse, q_stride, k_stride, v_stride, o_stride, lse_stride);
   p.k_new = reinterpret_cast<const void*>(k_new);
   p.v_new = reinterpret_cast<const void*>(v_new);
   std::tie(p.k_new_batch_stride, p.k_new_row_stride, p.k_new_head_stride) = std::tuple_cat(k_new_stride);
   std::tie(p.v_new_batch_stride, p.v_new_row_stride, p.v_new_head_stride) = std::tuple_cat(v_new_stride);
-  p.o = reinterpret_cast<void*>(o);
-  p.lse = reinterpret_cast<float*>(lse);
   p.o_accum = reinterpret_cast<float*>(o_accum);
   p.lse_accum = reinterpret_cast<float*>(lse_accum);
-  std::tie(p.q_batch_stride, p.q_row_stride, p.q_head_stride) = std::tuple_cat(q_stride);
-  std::tie(p.k_batch_stride, p.k_row_stride, p.k_head_stride) = std::tuple_cat(k_stride);
-  std::tie(p.v_batch_stride, p.v_row_stride, p.v_head_stride) = std::tuple_cat(v_stride);
-  std::tie(p.o_batch_stride, p.o_row_stride, p.o_head_stride) = std::tuple_cat(o_stride);
-  p.lse_batch_stride = lse_stride[0];
-  p.lse_head_stride = lse_stride[1];
   p.batch = batch;
   p.seqlen_q = seqlen_q;
   p.heads = heads;

@@ -106,22 +106,26 @@ void check_compute_capability(int device) {
 
 }  // namespace
 
+// Makes `device` current, checks it is Ampere or newer, runs `kernel` on it.
+template <class Params, class Fn>
+void launch(Fn kernel, const Params& p, int device, cudaStream_t stream) {
+  DeviceGuard guard(device);
+  check_compute_capability(device);
+  kernel(p, stream);
+}
+
 void fwd(const FwdParams& p, DType dtype, int device, cudaStream_t stream) {
   const int bucket = head_dim_bucket(p.head_dim);
   if (uses_options(p)) {
     const OptionKernel* kernel = find_option_kernel(dtype, bucket);
     if (kernel == nullptr) throw std::runtime_error(missing_option_kernel_message("forward", dtype, p.head_dim, bucket));
-    DeviceGuard guard(device);
-    check_compute_capability(device);
-    return kernel->fwd(p, stream);
+    return launch(kernel->fwd, p, device, stream);
   }
   const FwdKernel* kernel = nullptr;
   for (const FwdKernel& k : kFwdKernels)
     if (k.dtype == dtype && k.head_dim == bucket && k.causal == p.causal) kernel = &k;
   if (kernel == nullptr) throw std::runtime_error(missing_kernel_message("forward", dtype, p.head_dim, bucket, p.causal));
-  DeviceGuard guard(device);
-  check_compute_capability(device);
-  kernel->fn(p, stream);
+  launch(kernel->fn, p, device, stream);
 }
 
 void bwd(const BwdParams& p, DType dtype, int device, cudaStream_t stream) {
@@ -129,17 +133,13 @@ void bwd(const BwdParams& p, DType dtype, int device, cudaStream_t stream) {
   if (uses_options(p)) {
     const OptionKernel* kernel = find_option_kernel(dtype, bucket);
     if (kernel == nullptr) throw std::runtime_error(missing_option_kernel_message("backward", dtype, p.head_dim, bucket));
-    DeviceGuard guard(device);
-    check_compute_capability(device);
-    return kernel->bwd(p, stream);
+    return launch(kernel->bwd, p, device, stream);
   }
   const BwdKernel* kernel = nullptr;
   for (const BwdKernel& k : kBwdKernels)
     if (k.dtype == dtype && k.head_dim == bucket) kernel = &k;
   if (kernel == nullptr) throw std::runtime_error(missing_kernel_message("backward", dtype, p.head_dim, bucket, false));
-  DeviceGuard guard(device);
-  check_compute_capability(device);
-  kernel->fn(p, stream);
+  launch(kernel->fn, p, device, stream);
 }
 
 void decode(const DecodeParams& p, DType dtype, int device, cudaStream_t stream) {
@@ -148,9 +148,7 @@ void decode(const DecodeParams& p, DType dtype, int device, cudaStream_t stream)
   for (const DecodeKernel& k : kDecodeKernels)
     if (k.dtype == dtype && k.head_dim == bucket) kernel = &k;
   if (kernel == nullptr) throw std::runtime_error(missing_kernel_message("decoding", dtype, p.head_dim, bucket, false));
-  DeviceGuard guard(device);
-  check_compute_capability(device);
-  kernel->fn(p, stream);
+  launch(kernel->fn, p, device, stream);
 }
 
 int decode_splits(int batch, int heads_k, int packed_rows, int64_t capacity, int head_dim, int device) {
