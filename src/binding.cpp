@@ -48,6 +48,8 @@ void set_dropout(FwdParams& p, double dropout_p, uintptr_t rng_state) {
   const double keep = 1.0 - dropout_p;
   p.keep_byte = static_cast<uint32_t>(std::floor(keep * 255.0));
   p.rp_dropout = static_cast<float>(1.0 / keep);
+  p.keep_prob = static_cast<float>(keep);
+  p.log2_rp_dropout = static_cast<float>(-std::log2(keep));
   p.rng_state = reinterpret_cast<const int64_t*>(rng_state);
 }
 

@@ -1,7 +1,8 @@
 """Forward and backward times of flash_attn_func's options against plain attention on one shape
 (bf16, d128, seqlen 4k, batch 4, 16 heads by default), for kernel work on issue 6. 'options-base'
-is the kernel with options running with nothing to do (ALiBi slopes of 0): its cost over plain is
-the price of the options kernel itself. The numbers that count come from benchmark/run.py --options.
+is the ALiBi kernel running with nothing to do (slopes of 0): its cost over plain is the price of
+the kernel itself; 'softcap-any' runs softcap in the kernel that takes both softcap and ALiBi at run
+time (slopes 0), against 'softcap' in the kernel made for softcap alone. The numbers that count come from benchmark/run.py --options.
 
     PYTHONPATH=.gpu/site python3 tools/options_probe.py [seqlen] [head_dim]
 """
@@ -20,8 +21,9 @@ q, k, v = (torch.randn(batch, seqlen, heads, d, dtype=torch.bfloat16, device="cu
 slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1, device="cuda") / heads)
 variants = {
     "plain": {},
-    "options-base": dict(alibi_slopes=torch.zeros(heads, device="cuda")),
+    "options-base": dict(alibi_slopes=torch.zeros(heads, device="cuda")),  # the ALiBi kernel, slopes 0
     "softcap": dict(softcap=30.0),
+    "softcap-any": dict(softcap=30.0, alibi_slopes=torch.zeros(heads, device="cuda")),  # the kernel for both
     "alibi": dict(alibi_slopes=slopes),
     "dropout": dict(dropout_p=0.1),
     "window": dict(window_size=(1024, 1024)),

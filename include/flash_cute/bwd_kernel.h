@@ -75,11 +75,11 @@ CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, Sme
 //
 // options_p: from S = Q K^T in acc_s (the tile at (row0, col0) of a query head; lse * log2(e) of
 // the tile's rows in shared memory), P = exp(z - lse) with z the score after softcap, ALiBi and the
-// mask. Stores the P that multiplies dO into dV (kDropout: dropped 0, kept ones / keep probability)
-// to shared memory through copy_pds / tPsP, and leaves in acc_s P * dz/ds (softcap: dz/ds =
+// mask (kDropout: P / keep). Stores the P that multiplies dO into dV (kDropout: dropped 0, kept ones
+// P / keep) to shared memory through copy_pds / tPsP, and leaves in acc_s P * dz/ds (softcap: dz/ds =
 // 1 - tanh^2, computed into acc_dp, which the dP GEMM then overwrites). Returns the keep bits, bit
 // 4 * (fragment index) + value.
-template <int kBlockM, int kBlockN, bool kDropout, bool kRuns32, class Element, class Acc, class Coords, class CoordsRC,
+template <int kOptions, int kBlockM, int kBlockN, bool kDropout, bool kRuns32, class Element, class Acc, class Coords, class CoordsRC,
           class CopyPdS, class SmemP>
 CUTE_DEVICE uint64_t options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coords const& coords,
                                CoordsRC const& coords_rc, int row0, int col0, int seqlen_k, int diagonal,
@@ -87,7 +87,7 @@ CUTE_DEVICE uint64_t options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coo
                                SmemP& tPsP) {
   constexpr int kRows = decltype(size<0>(coords_rc))::value;
   Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
-  const bool softcap = p.opt.softcap_pre != 0.f;
+  const bool softcap = softcap_on<kOptions>(p.opt);
   if (softcap) {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) {
@@ -98,11 +98,12 @@ CUTE_DEVICE uint64_t options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coo
   }
   apply_bias_and_mask(
       s, coords_rc, [&](int r) { return row0 + get<0>(coords_rc(r, 0)); }, [&](int) { return slope; }, col0,
-      seqlen_k, diagonal, p.opt, slope != 0.f,
+      seqlen_k, diagonal, p.opt, alibi_on<kOptions>(slope),
       tile_needs_mask(row0, kBlockM, col0, kBlockN, seqlen_k, diagonal, p.opt));
+  // With dropout, P / keep (what the kept entries weigh) straight from the exponential.
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
-    const float lse = lse_log2[get<0>(coords_rc(r, 0))];
+    const float lse = lse_log2[get<0>(coords_rc(r, 0))] - (kDropout ? p.log2_rp_dropout : 0.f);
     CUTE_UNROLL
     for (int c = 0; c < size<1>(s); ++c) s(r, c) = exp2f(s(r, c) * p.scale_log2 - lse);
   }
@@ -115,7 +116,7 @@ CUTE_DEVICE uint64_t options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coo
       for (int v = 0; v < 4; ++v) {
         const bool kept = dropout.kept(w, v);
         keep |= uint64_t(kept) << (4 * (m * size<2>(acc_s) + n) + v);
-        dropped(v, m, n) = kept ? acc_s(v, m, n) * p.rp_dropout : 0.f;
+        dropped(v, m, n) = kept ? acc_s(v, m, n) : 0.f;
       }
     });
     Tensor rP = make_converted<Element>(dropped);
@@ -132,7 +133,8 @@ CUTE_DEVICE uint64_t options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coo
 }
 
 // options_ds: dS = (P * dz/ds, in acc_s) * (dropout(dP) - D) into acc_dp (dP = dO V^T; D of the
-// tile's rows in shared memory; keep: options_p's bits).
+// tile's rows in shared memory; keep: options_p's bits). With dropout, dropout(dP) = kept dP / keep
+// and acc_s holds P / keep * dz/ds: dS = acc_s * (kept dP - D * keep), no per-score scaling.
 template <bool kDropout, class Acc, class CoordsRC>
 CUTE_DEVICE void options_ds(const BwdParams& p, Acc const& acc_s, Acc& acc_dp, CoordsRC const& coords_rc,
                             const float* dsum, uint64_t keep) {
@@ -143,7 +145,7 @@ CUTE_DEVICE void options_ds(const BwdParams& p, Acc const& acc_s, Acc& acc_dp, C
       for (int n = 0; n < size<2>(acc_dp); ++n) {
         const int f = m * size<2>(acc_dp) + n;
         CUTE_UNROLL
-        for (int v = 0; v < 4; ++v) acc_dp(v, m, n) = (keep >> (4 * f + v)) & 1 ? acc_dp(v, m, n) * p.rp_dropout : 0.f;
+        for (int v = 0; v < 4; ++v) acc_dp(v, m, n) = (keep >> (4 * f + v)) & 1 ? acc_dp(v, m, n) : 0.f;
       }
     }
   }
@@ -151,7 +153,7 @@ CUTE_DEVICE void options_ds(const BwdParams& p, Acc const& acc_s, Acc& acc_dp, C
   Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
   CUTE_UNROLL
   for (int r = 0; r < size<0>(dp); ++r) {
-    const float d = dsum[get<0>(coords_rc(r, 0))];
+    const float d = dsum[get<0>(coords_rc(r, 0))] * (kDropout ? p.keep_prob : 1.f);
     CUTE_UNROLL
     for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = s(r, c) * (dp(r, c) - d);
   }
@@ -159,8 +161,9 @@ CUTE_DEVICE void options_ds(const BwdParams& p, Acc const& acc_s, Acc& acc_dp, C
 
 // Key block n_block (kBlockN keys) of KV head `slot` (with expand_gqa: query head `slot`) of
 // sequence `seq`, whose rows start at ws_row0 in the workspace. Every kernel takes the local
-// window of p.opt (causal: right side 0); kOptions: also softcap and ALiBi; kDropout: and dropout.
-template <class Traits, bool kOptions, bool kDropout>
+// window of p.opt (causal: right side 0); kOptions (an OptionKind): also softcap and/or ALiBi;
+// kDropout: and dropout.
+template <class Traits, int kOptions, bool kDropout>
 CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
                            int64_t ws_row0, int n_block, int slot, int batch) {
   using Element = typename Traits::Element;
@@ -289,6 +292,9 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
                                                         *reinterpret_cast<cute::uint128_t*>(dst));
     }
   };
+  // Softcap and dropout take options_p / options_ds (P stored before dP = dO V^T); ALiBi alone
+  // is the plain kernel's path with the bias added (10% -> X% over the plain backward).
+  constexpr bool kOptionsPath = kOptions == kSoftcap || kOptions == kAnyOptions;
   int head = head_begin, m_block = m_begin;  // the current step
   Dropout dropout;  // with_head() gives each step's query head its numbers
   if constexpr (kDropout) dropout = Dropout(p, batch, head);
@@ -362,10 +368,10 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     Tensor sQ = sQ_at(stage);
     Tensor sdO = sdO_at(stage);
     // ALiBi's slope of this step's head, loaded early: its latency hides behind S = Q K^T.
-    const float slope = kOptions ? alibi_slope(p.opt, batch, head) : 0.f;
+    const float slope = alibi_slope<kOptions>(p.opt, batch, head);
     // lse (as log2) and D of this thread's rows.
     float lse_log2[kRows], dsum[kRows];
-    if constexpr (!kOptions) {  // (options_p and options_ds read them where they need them: fewer live registers)
+    if constexpr (!kOptionsPath) {  // (options_p and options_ds read them where they need them: fewer live registers)
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         const int row = get<0>(tScS_rc(r, 0));
@@ -382,15 +388,16 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});
     uint64_t keep = 0;
-    if constexpr (kOptions) {
-      keep = options_p<kBlockM, kBlockN, kDropout, Traits::kSdpWarpCols == 32, Element>(
+    if constexpr (kOptionsPath) {
+      keep = options_p<kOptions, kBlockM, kBlockN, kDropout, Traits::kSdpWarpCols == 32, Element>(
           p, acc_s, acc_dp, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, smem.lse_log2[stage],
           slope, dropout.with_head(batch, p.heads, head), copy_pds, tPsP);
     } else {
-      if (tile_needs_mask(row0, kBlockM, col0, kBlockN, seqlen_k, diagonal, p.opt))
+      const bool mask = tile_needs_mask(row0, kBlockM, col0, kBlockN, seqlen_k, diagonal, p.opt);
+      if (kOptions == kAlibiOnly || mask)
         apply_bias_and_mask(
-            scores, tScS_rc, [&](int r) { return row0 + get<0>(tScS_rc(r, 0)); }, [](int) { return 0.f; }, col0,
-            seqlen_k, diagonal, p.opt, /*alibi=*/false, /*mask=*/true);
+            scores, tScS_rc, [&](int r) { return row0 + get<0>(tScS_rc(r, 0)); }, [&](int) { return slope; }, col0,
+            seqlen_k, diagonal, p.opt, /*alibi=*/kOptions == kAlibiOnly, mask);
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         CUTE_UNROLL
@@ -405,7 +412,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
 
     // P (the options: stored already) and dS = P * (dP - D) to shared memory, in the input dtype.
-    if constexpr (kOptions) {
+    if constexpr (kOptionsPath) {
       options_ds<kDropout>(p, acc_s, acc_dp, tScS_rc, smem.dsum[stage], keep);
     } else {
       Tensor rP = make_converted<Element>(acc_s);
@@ -479,7 +486,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
 // slower). A CTA with several blocks takes a run of consecutive ones, top first, so every block
 // waits only for blocks of CTAs launched before it or for its own earlier ones: no CTA can wait
 // for one that is not yet resident. Otherwise a CTA takes blocks blockIdx.x + i * gridDim.x.
-template <class Traits, bool kVarlen, bool kOptions, bool kDropout>
+template <class Traits, bool kVarlen, int kOptions, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
   extern __shared__ __align__(128) char smem_bytes[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);

@@ -9,13 +9,14 @@
 
 namespace flash_cute {
 
-// kOptions: the kernel with softcap and ALiBi (and the window every kernel takes); kDropout: and dropout.
-template <DType kDType, int kHeadDim, bool kOptions, bool kDropout>
+// kOptions (an OptionKind): the kernel with softcap and/or ALiBi (and the window every kernel
+// takes); kDropout: and dropout.
+template <DType kDType, int kHeadDim, int kOptions, bool kDropout>
 void run_bwd_variant(const BwdParams& params, cudaStream_t stream) {
   using Traits = BwdTraits<kDType, kHeadDim>;
   constexpr int kSmem = Traits::kSmemBytes;
   const std::string name = std::string("backward kernel (") + dtype_name(kDType) + ", head dim " +
-                           std::to_string(kHeadDim) + (kDropout ? ", dropout)" : kOptions ? ", options)" : ")");
+                           std::to_string(kHeadDim) + option_kernel_name(kOptions, kDropout) + ")";
   const int smem_optin = max_smem_per_block(name);
   if (kSmem > smem_optin) {
     throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(kSmem) +
@@ -38,13 +39,14 @@ void run_bwd_variant(const BwdParams& params, cudaStream_t stream) {
 
 template <DType kDType, int kHeadDim>
 void run_bwd(const BwdParams& p, cudaStream_t stream) {
-  run_bwd_variant<kDType, kHeadDim, /*kOptions=*/false, /*kDropout=*/false>(p, stream);
+  run_bwd_variant<kDType, kHeadDim, kNoOptions, /*kDropout=*/false>(p, stream);
 }
 
 template <DType kDType, int kHeadDim>
 void run_bwd_options(const BwdParams& p, cudaStream_t stream) {
-  if (p.dropout) return run_bwd_variant<kDType, kHeadDim, /*kOptions=*/true, /*kDropout=*/true>(p, stream);
-  run_bwd_variant<kDType, kHeadDim, /*kOptions=*/true, /*kDropout=*/false>(p, stream);
+  if (p.dropout) return run_bwd_variant<kDType, kHeadDim, kAnyOptions, /*kDropout=*/true>(p, stream);
+  if (option_kind(p.opt) == kSoftcap) return run_bwd_variant<kDType, kHeadDim, kSoftcap, false>(p, stream);
+  run_bwd_variant<kDType, kHeadDim, kAlibiOnly, false>(p, stream);
 }
 
 }  // namespace flash_cute

@@ -20,10 +20,10 @@ namespace flash_cute {
 using namespace cute;
 
 // One query block (kBlockM rows of query block m_block) of one head of sequence `seq`. Every
-// kernel takes the local window of p.opt (causal: its right side is 0). kOptions: also softcap
-// and ALiBi; kDropout: and dropout (its own kernel: the code for it costs the others registers
-// and scheduling).
-template <class Traits, bool kVarlen, bool kOptions, bool kDropout>
+// kernel takes the local window of p.opt (causal: its right side is 0). kOptions (an OptionKind):
+// also softcap and/or ALiBi; kDropout: and dropout (its own kernel: the code for it costs the
+// others registers and scheduling).
+template <class Traits, bool kVarlen, int kOptions, bool kDropout>
 CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
                            int m_block, int head, int batch) {
   using Element = typename Traits::Element;
@@ -160,8 +160,8 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   load_k(n_blocks - 1);
   cp_async_fence();
 
-  const float slope = kOptions ? alibi_slope(p.opt, batch, head) : 0.f;
-  const bool softcap = kOptions && p.opt.softcap_pre != 0.f, alibi = slope != 0.f;
+  const float slope = alibi_slope<kOptions>(p.opt, batch, head);
+  const bool softcap = softcap_on<kOptions>(p.opt), alibi = alibi_on<kOptions>(slope);
   const MaskFreeBlocks mask_free(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN);
   Dropout dropout;
   if constexpr (kDropout) dropout = Dropout(p, batch, head);
@@ -193,14 +193,13 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
     }
 
     softmax.update(scores, acc_o_rc, p.scale_log2);
-    if constexpr (kDropout) {
-      Element* s_dmask = p.s_dmask == nullptr ? nullptr
-                                              : static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride +
-                                                    head * p.s_dmask_head_stride;
-      apply_dropout(acc_s, tScS, row0, n * kBlockN, dropout, s_dmask, p.s_dmask_row_stride,
-                    p.s_dmask_rows, p.s_dmask_cols);
+    if (kDropout && p.s_dmask != nullptr) {
+      store_s_dmask(acc_s, tScS, row0, n * kBlockN, dropout,
+                    static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride + head * p.s_dmask_head_stride,
+                    p.s_dmask_row_stride, p.s_dmask_rows, p.s_dmask_cols);
     }
     Tensor rP = make_converted<Element>(acc_s);
+    if constexpr (kDropout) apply_dropout(rP, tScS, row0, n * kBlockN, dropout);
     Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a_layout(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
     gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, mma, smem_copy_v);
   }
@@ -236,7 +235,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
 // blockIdx.x + gridDim.x, ... of its sequence, so a hint that is too small costs time, never
 // correctness. Causal: the last query blocks see the most keys; launching them first shortens
 // the tail.
-template <class Traits, bool kVarlen, bool kOptions, bool kDropout>
+template <class Traits, bool kVarlen, int kOptions, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
   extern __shared__ __align__(128) char smem_bytes[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);

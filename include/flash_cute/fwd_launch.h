@@ -10,7 +10,7 @@
 
 namespace flash_cute {
 
-template <class Traits, bool kOptions, bool kDropout>
+template <class Traits, int kOptions, bool kDropout>
 void launch_fwd(const FwdParams& p, cudaStream_t stream, const std::string& name) {
   constexpr int kSmem = Traits::kSmemBytes;
   auto kernel = p.cu_seqlens_q != nullptr ? &fwd_kernel<Traits, true, kOptions, kDropout>
@@ -22,15 +22,16 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream, const std::string& name
   check_cuda(cudaGetLastError(), name + " launch");
 }
 
-// kOptions: the kernel with softcap and ALiBi (and the window every kernel takes); kDropout: and
-// dropout. They are instantiated with the non-causal tile order (causal is a window).
-template <DType kDType, int kHeadDim, bool kCausal, bool kOptions, bool kDropout>
+// kOptions (an OptionKind): the kernel with softcap and/or ALiBi (and the window every kernel
+// takes); kDropout: and dropout. They are instantiated with the non-causal tile order (causal is a
+// window).
+template <DType kDType, int kHeadDim, bool kCausal, int kOptions, bool kDropout>
 void run_fwd_variant(const FwdParams& p, cudaStream_t stream) {
   using Traits = FwdTraits<kDType, kHeadDim, kCausal>;
   using SmallTraits = FwdTraits<kDType, kHeadDim, kCausal, /*kSmallSmem=*/true>;
   constexpr bool kHasSmallTile = !(fwd_tile(kHeadDim, kCausal) == fwd_tile(kHeadDim, kCausal, true));
   const std::string name = std::string("forward kernel (") + dtype_name(kDType) + ", head dim " +
-                           std::to_string(kHeadDim) + (kCausal ? ", causal" : "") + (kDropout ? ", dropout)" : kOptions ? ", options)" : ")");
+                           std::to_string(kHeadDim) + (kCausal ? ", causal" : "") + option_kernel_name(kOptions, kDropout) + ")";
   const int smem_optin = max_smem_per_block(name);
   // Testing hook: run the small-shared-memory tile on any GPU, so the H100 covers it too.
   const bool force_small = std::getenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE") != nullptr;
@@ -45,13 +46,14 @@ void run_fwd_variant(const FwdParams& p, cudaStream_t stream) {
 
 template <DType kDType, int kHeadDim, bool kCausal>
 void run_fwd(const FwdParams& p, cudaStream_t stream) {
-  run_fwd_variant<kDType, kHeadDim, kCausal, /*kOptions=*/false, /*kDropout=*/false>(p, stream);
+  run_fwd_variant<kDType, kHeadDim, kCausal, kNoOptions, /*kDropout=*/false>(p, stream);
 }
 
 template <DType kDType, int kHeadDim>
 void run_fwd_options(const FwdParams& p, cudaStream_t stream) {
-  if (p.dropout) return run_fwd_variant<kDType, kHeadDim, /*kCausal=*/false, true, /*kDropout=*/true>(p, stream);
-  run_fwd_variant<kDType, kHeadDim, /*kCausal=*/false, /*kOptions=*/true, /*kDropout=*/false>(p, stream);
+  if (p.dropout) return run_fwd_variant<kDType, kHeadDim, /*kCausal=*/false, kAnyOptions, /*kDropout=*/true>(p, stream);
+  if (option_kind(p.opt) == kSoftcap) return run_fwd_variant<kDType, kHeadDim, false, kSoftcap, false>(p, stream);
+  run_fwd_variant<kDType, kHeadDim, false, kAlibiOnly, false>(p, stream);
 }
 
 }  // namespace flash_cute

@@ -31,6 +31,35 @@ CUTE_DEVICE float alibi_slope(const ScoreOptions& o, int batch, int head) {
   return o.alibi_slopes == nullptr ? 0.f : o.alibi_slopes[batch * o.alibi_batch_stride + head] * o.alibi_scale;
 }
 
+// What a forward or backward kernel applies beyond the window that every kernel takes (the
+// kOptions template argument). ALiBi alone runs a kernel made for it; softcap runs one with ALiBi
+// read at run time (a kernel for softcap alone measured no faster: 1.135x vs 1.143x the plain
+// forward); dropout one with both at run time (kDropout). The kernel that read softcap and ALiBi at
+// run time cost 7% (forward) and 11% (backward) with neither on, its uniform branches splitting the
+// loop body; the ALiBi kernel costs 5.5% / 10% with slopes of 0 (H200, bf16 d128 4k).
+enum OptionKind : int { kNoOptions = 0, kSoftcap = 1, kAlibiOnly = 2, kAnyOptions = 3 };
+
+template <int kOptions>
+CUTE_DEVICE bool softcap_on(const ScoreOptions& o) {
+  return kOptions == kSoftcap || (kOptions == kAnyOptions && o.softcap_pre != 0.f);
+}
+// The ALiBi slope of (batch, head) in a kernel that may apply ALiBi, else 0.
+template <int kOptions>
+CUTE_DEVICE float alibi_slope(const ScoreOptions& o, int batch, int head) {
+  return kOptions != kNoOptions ? alibi_slope(o, batch, head) : 0.f;
+}
+template <int kOptions>
+CUTE_DEVICE bool alibi_on(float slope) {
+  return kOptions == kAlibiOnly || (kOptions != kNoOptions && slope != 0.f);
+}
+
+// The kernel with options for a call without dropout (host side; the caller knows one is on).
+inline OptionKind option_kind(const ScoreOptions& o) { return o.softcap_pre != 0.f ? kSoftcap : kAlibiOnly; }
+inline const char* option_kernel_name(int options, bool dropout) {
+  return dropout ? ", dropout" : options == kSoftcap ? ", softcap" : options == kAlibiOnly ? ", ALiBi"
+                                                                  : options == kAnyOptions ? ", options" : "";
+}
+
 // ALiBi (when `alibi`) and, when `mask`, -inf for keys outside [0, seqlen_k) and the window.
 // row_of(r): the query row of tile row r (its index in the sequence), slope_of(r) its ALiBi slope
 // in score units; col0 + the coordinate's column: the key. diagonal = seqlen_k - seqlen_q.
@@ -102,14 +131,20 @@ CUTE_DEVICE bool tile_needs_mask(int row0, int rows, int col0, int cols, int seq
 }
 
 // ------------------------------------------------------------------------------------------------
-// Dropout: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11)
+// Dropout: Philox4x32 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11)
 // ------------------------------------------------------------------------------------------------
+
+// Rounds of the Philox bijection. Salmon et al. find 7 rounds of Philox4x32 pass BigCrush (10 is
+// their default, a safety margin); flash_attn and PyTorch's copy of it draw dropout with 7, and so
+// do we: with 10, the forward with dropout took 1.42x the plain forward's time, ~1/3 of it the
+// three extra rounds (H200, bf16 d128 4k).
+constexpr int kPhiloxRounds = 7;
 
 CUTE_DEVICE uint4 philox4x32(uint4 ctr, uint2 key) {
   constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
   constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
   CUTE_UNROLL
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
     const uint64_t prod0 = uint64_t(kMul0) * ctr.x, prod1 = uint64_t(kMul1) * ctr.z;  // one IMAD.WIDE each
     const uint32_t hi0 = uint32_t(prod0 >> 32), lo0 = uint32_t(prod0);
     const uint32_t hi1 = uint32_t(prod1 >> 32), lo1 = uint32_t(prod1);
@@ -180,26 +215,44 @@ struct Dropout {
   }
 };
 
-// Applies dropout to P (acc: an (MMA = 4, MMA_M, MMA_N) accumulator of m16n8 fragments, coords its
-// identity partition; (row0, col0) the tile's origin in the sequence): dropped entries become 0.
-// With s_dmask (the return_attn_probs matrix of this (sequence, head), row stride `ld`, rows x cols
-// of it exist) it first stores P there, negated where dropped.
+// Stores the return_attn_probs matrix of one tile (a debugging aid, kept out of the normal path):
+// P (acc: an (MMA = 4, MMA_M, MMA_N) accumulator of m16n8 fragments, coords its identity
+// partition, (row0, col0) the tile's origin in the sequence) into s_dmask (this (sequence, head)'s
+// matrix, row stride `ld`, rows x cols of it exist), negated where dropout drops it.
 template <class Element, class Acc, class Coords>
-CUTE_DEVICE void apply_dropout(Acc& acc, Coords const& coords, int row0, int col0, const Dropout& dropout,
+CUTE_DEVICE void store_s_dmask(Acc const& acc, Coords const& coords, int row0, int col0, const Dropout& dropout,
                                Element* s_dmask, int64_t ld, int rows, int cols) {
-  if (s_dmask != nullptr) {  // return_attn_probs: a debugging aid, kept out of the other path
-    dropout.for_each_fragment<true>(acc, coords, row0, col0, [&](int m, int n, uint32_t w) {
-      const int row = row0 + get<0>(coords(0, m, n)), col = col0 + get<1>(coords(0, m, n));
-      CUTE_UNROLL
-      for (int v = 0; v < 4; ++v) {
-        const int r = row + 8 * (v / 2), c = col + v % 2;
-        if (r < rows && c < cols) s_dmask[r * ld + c] = Element(dropout.kept(w, v) ? acc(v, m, n) : -acc(v, m, n));
-      }
-    });
-  }
   dropout.for_each_fragment<true>(acc, coords, row0, col0, [&](int m, int n, uint32_t w) {
+    const int row = row0 + get<0>(coords(0, m, n)), col = col0 + get<1>(coords(0, m, n));
     CUTE_UNROLL
-    for (int v = 0; v < 4; ++v) acc(v, m, n) = dropout.kept(w, v) ? acc(v, m, n) : 0.f;
+    for (int v = 0; v < 4; ++v) {
+      const int r = row + 8 * (v / 2), c = col + v % 2;
+      if (r < rows && c < cols) s_dmask[r * ld + c] = Element(dropout.kept(w, v) ? acc(v, m, n) : -acc(v, m, n));
+    }
+  });
+}
+
+// 0xffff in each 16-bit half of the result where that half of a <= that half of b, as unsigned
+// integers below 2^10 (compared as the f16 subnormals they are, which order like the integers:
+// one HSET2 for two scores; the integer SIMD compares are emulated on sm_80+).
+CUTE_DEVICE uint32_t le_mask_u16x2(uint32_t a, uint32_t b) {
+  uint32_t mask;
+  asm("set.le.u32.f16x2 %0, %1, %2;" : "=r"(mask) : "r"(a), "r"(b));
+  return mask;
+}
+
+// Applies dropout to P converted to 16 bits (rP: (MMA = 4, MMA_M, MMA_N) fragments, values (0, 1)
+// and (2, 3) of a fragment one 32-bit pair each; coords, row0, col0 as for store_s_dmask): dropped
+// entries become 0, by masks on the pairs (the 1 / keep scaling is left to the epilogue).
+template <class Frag, class Coords>
+CUTE_DEVICE void apply_dropout(Frag& rP, Coords const& coords, int row0, int col0, const Dropout& dropout) {
+  static_assert(sizeof(typename Frag::value_type) == 2, "16-bit P");
+  const uint32_t keep2 = dropout.keep_byte * 0x10001u;
+  dropout.for_each_fragment<true>(rP, coords, row0, col0, [&](int m, int n, uint32_t w) {
+    uint32_t* lo = reinterpret_cast<uint32_t*>(&rP(0, m, n));  // values 0, 1: bytes 0, 1 of w
+    uint32_t* hi = reinterpret_cast<uint32_t*>(&rP(2, m, n));  // values 2, 3: bytes 2, 3
+    *lo &= le_mask_u16x2(__byte_perm(w, 0, 0x4140), keep2);   // (byte 0, byte 1) as two u16
+    *hi &= le_mask_u16x2(__byte_perm(w, 0, 0x4342), keep2);
   });
 }
 

@@ -55,11 +55,13 @@ struct FwdParams {
   ScoreOptions opt;
   // Dropout on the probabilities (kOptions kernels): keep an entry iff its random byte <=
   // keep_byte (floor(keep probability * 255), as flash_attn); the kept ones are scaled by
-  // 1 / keep probability (rp_dropout). rng_state: int64 (seed, offset) on the device, drawn from
+  // 1 / keep probability (rp_dropout; the backward takes keep and log2(rp_dropout) from here too,
+  // constants rather than live registers). rng_state: int64 (seed, offset) on the device, drawn from
   // torch's generator by the caller. See Dropout in options.h.
   bool dropout = false;
   uint32_t keep_byte = 0;
   float rp_dropout = 1.f;
+  float keep_prob = 1.f, log2_rp_dropout = 0.f;
   const int64_t* rng_state = nullptr;
   // return_attn_probs with dropout: the unnormalised probabilities, negated where dropped,
   // (batch, heads, s_dmask_rows, s_dmask_cols) in the input dtype; nullptr: not wanted.
