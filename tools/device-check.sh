@@ -101,6 +101,10 @@ torch.cuda.synchronize()
 print("sweep done")
 PY
     echo "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|sweep done' "$out/sanitizer-$tool.log" | tr '\n' ' '))"
+    # What the sweep above does not reach: tiny head dims, the packed functions, the decoding
+    # kernel's limits and the long-query route of the kvcache, a grid with batch x heads > 65,535.
+    compute-sanitizer --tool $tool --error-exitcode 1 python3 tools/sanitizer_extra.py > "$out/sanitizer-extra-$tool.log" 2>&1
+    echo "compute-sanitizer $tool (tools/sanitizer_extra.py): exit $? ($(grep -E 'ERROR SUMMARY|sweep done' "$out/sanitizer-extra-$tool.log" | tr '\n' ' '))"
   done
 fi
 

@@ -116,13 +116,26 @@ def _option_kernels() -> frozenset:
     return frozenset(_C().built_option_kernels())
 
 
+@functools.cache
+def _has_option_kernels_cached(dtype_name: str, head_dim: int) -> bool:
+    return (dtype_name, _C().head_dim_bucket(head_dim)) in _option_kernels()
+
+
+# Facts about the build, asked of the compiled module: torch.compile and torch.export take their
+# values at trace time (Dynamo cannot trace into the extension; they never change). The marker
+# sits on a plain function: Dynamo looks through functools.cache wrappers and would miss it.
+@torch.compiler.assume_constant_result
+def _has_option_kernels(dtype_name: str, head_dim: int) -> bool:
+    return _has_option_kernels_cached(dtype_name, head_dim)
+
+
 def _check_kernel_options(options: _Options, dtype: torch.dtype, head_dim: int) -> None:
     """The kernels with options exist in this build for (dtype, head dim), else a clear error."""
     names = options.kernel_option_names()
     if not names:
         return
-    key = ("fp16" if dtype == torch.float16 else "bf16", _C().head_dim_bucket(head_dim))
-    if key not in _option_kernels():
+    key = ("fp16" if dtype == torch.float16 else "bf16", head_dim)
+    if not _has_option_kernels(*key):
         raise FlashAttnNotImplementedError(
             f"flash_cute: {', '.join(names)} needs the kernels with options, which this build "
             f"does not have for {key[0]}, head dim {head_dim} (build_config: {dict(_C().build_config)}); "
@@ -184,8 +197,13 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: t
 
 
 @functools.cache
-def _fwd_block_n(head_dim: int, causal: bool) -> int:
+def _fwd_block_n_cached(head_dim: int, causal: bool) -> int:
     return _C().fwd_tile(head_dim, causal)[1]
+
+
+@torch.compiler.assume_constant_result  # see _has_option_kernels
+def _fwd_block_n(head_dim: int, causal: bool) -> int:
+    return _fwd_block_n_cached(head_dim, causal)
 
 
 def _s_dmask(q, k, varlen: _Varlen | None, options: _Options, return_softmax: bool) -> torch.Tensor:
@@ -570,6 +588,7 @@ fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 # ------------------------------------------------------------------------------------------------
 
 MAX_DECODE_SPLITS = 128
+_MAX_GRID_X = 2**31 - 1  # CUDA's limit on the grid's x dimension
 
 
 @functools.lru_cache(maxsize=256)
@@ -626,9 +645,11 @@ def decode_eager(
     if num_splits == 0:
         num_splits = decode_splits(batch, nheads_k, packed_rows, capacity, d, device.index)
     num_splits = max(1, min(num_splits, MAX_DECODE_SPLITS))
+    rows = batch * nheads * seqlen_q
+    if rows > _MAX_GRID_X:  # the combine pass runs one CTA per row on the grid's x dimension
+        num_splits = 1
     o_accum = lse_accum = None
     if num_splits > 1:
-        rows = batch * nheads * seqlen_q
         o_accum = torch.empty((num_splits, rows, d), dtype=torch.float32, device=device)
         lse_accum = torch.empty((num_splits, rows), dtype=torch.float32, device=device)
     if k_new is None:
@@ -652,9 +673,65 @@ def decode_eager(
     return out, lse
 
 
-# The operator that torch.compile sees. Eager calls take decode_eager directly: the dispatcher's
-# own cost per call is of the order of a small decoding step (see flash_attn_with_kvcache).
-decode = torch.library.custom_op("flash_cute::decode", decode_eager, mutates_args=("k_cache", "v_cache"))
+def _reference_decode(q, k_cache, v_cache, k_new, v_new, softmax_scale, causal, seqlen_k, seqlen_new, cache_seqlens,
+                      cache_batch_idx, cache_leftpad, block_table, softcap, window, alibi_slopes):
+    """flash_cute::decode on the reference path (CPU tensors, float32): reference.kvcache_attention
+    with the same arguments. Without k_new, the seqlen_new rows are in the caches already."""
+    cached = seqlen_k if cache_seqlens is None else cache_seqlens
+    if k_new is None and seqlen_new:
+        cached = cached + seqlen_new
+    out, lse = reference.kvcache_attention(
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens=cached, cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad, block_table=block_table, softmax_scale=softmax_scale, causal=causal,
+        softcap=softcap, window_size=window, alibi_slopes=alibi_slopes,
+    )
+    # Contiguous, as the kernel's results and the fake implementation (empty_like keeps q's strides).
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device).copy_(out), lse.contiguous()
+
+
+@torch.library.custom_op("flash_cute::decode", mutates_args=("k_cache", "v_cache"))
+def decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: Optional[torch.Tensor],
+    v_new: Optional[torch.Tensor],
+    softmax_scale: float,
+    causal: bool,
+    seqlen_k: int,
+    seqlen_new: int,
+    cache_seqlens: Optional[torch.Tensor],
+    cache_batch_idx: Optional[torch.Tensor],
+    cache_leftpad: Optional[torch.Tensor],
+    block_table: Optional[torch.Tensor],
+    num_splits: int,
+    softcap: float = 0.0,
+    window_left: int = -1,
+    window_right: int = -1,
+    alibi_slopes: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The operator that torch.compile and torch.export see (eager calls of flash_attn_with_kvcache
+    take decode_eager directly: the dispatcher's own cost per call is of the order of a small
+    decoding step). Arguments as decode_eager. Float16/bfloat16 CUDA tensors run the split-KV
+    kernel; anything else the reference (flash_cute.reference.kvcache_attention).
+
+    A traced caller cannot read data pointers, so it cannot tell whether the kernel may append
+    into the caches in place (decode_eager's contract): a cache the kernel cannot write (an
+    unaligned base, odd strides) is appended to in a kernel-ready copy that is copied back."""
+    if not (q.is_cuda and q.dtype in _KERNEL_DTYPES):
+        return _reference_decode(q, k_cache, v_cache, k_new, v_new, softmax_scale, causal, seqlen_k, seqlen_new,
+                                 cache_seqlens, cache_batch_idx, cache_leftpad, block_table, softcap,
+                                 (window_left, window_right), alibi_slopes)
+    args = (softmax_scale, causal, seqlen_k, seqlen_new, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+            num_splits, softcap, window_left, window_right, alibi_slopes)
+    if k_new is None or (kernel_ready(k_cache) and kernel_ready(v_cache)):
+        return decode_eager(q, k_cache, v_cache, k_new, v_new, *args)
+    k_ready, v_ready = _kernel_ready(k_cache), _kernel_ready(v_cache)
+    out, lse = decode_eager(q, k_ready, v_ready, k_new, v_new, *args)
+    for dst, src in ((k_cache, k_ready), (v_cache, v_ready)):
+        if dst is not src:
+            dst.copy_(src)
+    return out, lse
 
 
 @decode.register_fake

@@ -5,6 +5,7 @@ the package name."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +121,132 @@ def _check_block_table(block_table, batch: int, device) -> None:
         )
     if block_table.device != device:
         raise RuntimeError(f"flash_cute: block_table is on {block_table.device}, expected q's device {device}")
+
+
+# The values in the index tensors (cu_seqlens_*, cache_seqlens, cache_batch_idx, cache_leftpad,
+# block_table) say where the kernels read and write: a value out of range would make them read or
+# write outside the tensors. They are checked on the host: always for CPU tensors (no cost worth
+# naming), for CUDA tensors only when CHECK_INDEX_VALUES is true (environment variable
+# FLASH_CUTE_CHECK_INDICES=1), because reading them costs a host sync per call, which the decoding
+# loop and the varlen path are written to avoid (the official package does not check them
+# either). Never inside torch.compile / torch.export graphs or while a CUDA graph is captured.
+CHECK_INDEX_VALUES = os.environ.get("FLASH_CUTE_CHECK_INDICES", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def _check_index_values(q) -> bool:
+    """Whether this call checks the values of its index tensors (see CHECK_INDEX_VALUES)."""
+    if torch.compiler.is_compiling():
+        return False
+    if q.device.type == "cpu":
+        return True
+    return CHECK_INDEX_VALUES and q.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _first_bad(bad: torch.Tensor):
+    """The index (a tuple) of the first True in a boolean tensor, or None (one host read)."""
+    if not bool(bad.any()):
+        return None
+    return tuple(int(i) for i in bad.nonzero()[0].tolist())
+
+
+def _check_cu_seqlens_values(name: str, cu: torch.Tensor, rows: int | None, what: str) -> None:
+    """cu_seqlens: starts at >= 0, never decreases, and (rows given) ends at <= rows."""
+    values = cu.long()
+    if values.numel() == 0:
+        return
+    bad = torch.cat([values[:1] < 0, values[1:] < values[:-1]])
+    if rows is not None:
+        bad[-1] |= values[-1] > rows
+    at = _first_bad(bad)
+    if at is not None:
+        i = at[0]
+        shown = values.tolist()
+        shown = shown if len(shown) <= 12 else shown[:6] + ["..."] + shown[-5:]
+        bound = "" if rows is None else f" and end at <= {what} ({rows})"
+        raise FlashAttnValueError(
+            f"{name} must start at >= 0, never decrease{bound}; got {name}[{i}] = {int(values[i])} "
+            f"({name} = {shown})"
+        )
+
+
+def _check_block_table_values(block_table: torch.Tensor, keys: torch.Tensor, page_size: int, num_pages: int,
+                              what: str) -> None:
+    """The entries of block_table that a batch row uses (its first ceil(keys[b] / page_size))
+    name pages of the cache: 0 <= entry < num_pages. Unused entries may hold anything."""
+    table = block_table.long()
+    width = table.shape[1]
+    used = (keys.long() + page_size - 1) // page_size
+    too_long = _first_bad(used > width)
+    if too_long is not None:
+        b = too_long[0]
+        raise FlashAttnValueError(
+            f"batch row {b} has {int(keys[b])} keys ({what}), more than its block_table row holds "
+            f"({width} pages of {page_size} rows)"
+        )
+    in_use = torch.arange(width, device=table.device)[None, :] < used[:, None]
+    at = _first_bad(in_use & ((table < 0) | (table >= num_pages)))
+    if at is not None:
+        b, j = at
+        raise FlashAttnValueError(
+            f"block_table[{b}, {j}] = {int(table[b, j])} is not a page of the cache (0 .. {num_pages - 1}); "
+            f"batch row {b} uses its first {int(used[b])} entries"
+        )
+
+
+def _check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, block_table) -> None:
+    """The values of a variable-length batch's index tensors (see CHECK_INDEX_VALUES)."""
+    _check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q.shape[0]")
+    paged = block_table is not None
+    _check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, None if paged else k.shape[0], "k.shape[0]")
+    if paged:
+        cu = cu_seqlens_k.long()
+        _check_block_table_values(block_table, cu[1:] - cu[:-1], k.shape[1], k.shape[0], "from cu_seqlens_k")
+
+
+def _check_kvcache_values(k_cache, seqlen_new: int, cache_len: int, cache_seqlens, cache_batch_idx, cache_leftpad,
+                          block_table) -> None:
+    """The values of flash_attn_with_kvcache's index tensors (see CHECK_INDEX_VALUES): every
+    batch row's cache_seqlens plus the new rows fit its cache row, its left padding is at most
+    its cache_seqlens, its cache_batch_idx names a row of the cache, and the block_table entries
+    it uses name pages of the cache."""
+    seqlens = None
+    if isinstance(cache_seqlens, torch.Tensor):
+        seqlens = cache_seqlens.long()
+        at = _first_bad((seqlens < 0) | (seqlens + seqlen_new > cache_len))
+        if at is not None:
+            b = at[0]
+            raise FlashAttnValueError(
+                f"cache_seqlens must be in [0, {cache_len - seqlen_new}] (the cache's {cache_len} rows minus the "
+                f"{seqlen_new} new ones), got cache_seqlens[{b}] = {int(seqlens[b])}"
+            )
+    if cache_batch_idx is not None:
+        idx = cache_batch_idx.long()
+        at = _first_bad((idx < 0) | (idx >= k_cache.shape[0]))
+        if at is not None:
+            b = at[0]
+            raise FlashAttnValueError(
+                f"cache_batch_idx must name a row of k_cache (0 .. {k_cache.shape[0] - 1}), "
+                f"got cache_batch_idx[{b}] = {int(idx[b])}"
+            )
+    if cache_leftpad is not None:
+        pad = cache_leftpad.long()
+        limit = cache_len if cache_seqlens is None else (seqlens if seqlens is not None else int(cache_seqlens))
+        at = _first_bad((pad < 0) | (pad > limit))
+        if at is not None:
+            b = at[0]
+            bound = int(limit[b]) if isinstance(limit, torch.Tensor) else limit
+            raise FlashAttnValueError(
+                f"cache_leftpad must be in [0, cache_seqlens[b]], got cache_leftpad[{b}] = {int(pad[b])} "
+                f"(cache_seqlens[{b}] = {bound})"
+            )
+    if block_table is not None:
+        if seqlens is None:
+            keys = torch.full((block_table.shape[0],), cache_len if cache_seqlens is None else int(cache_seqlens),
+                              dtype=torch.long, device=block_table.device)
+        else:
+            keys = seqlens
+        _check_block_table_values(block_table, keys + seqlen_new, k_cache.shape[1], k_cache.shape[0],
+                                  "cache_seqlens plus the new rows")
 
 
 def _normalize_window(window_size, causal: bool, seqlen_k: int) -> tuple[bool, tuple[int, int]]:
@@ -270,6 +397,8 @@ def _attention(kind, tensors, varlen, dropout_p, softmax_scale, causal, window_s
     if varlen is not None:
         _check_qkv(q, k, v, varlen=True, paged=varlen[4] is not None)
         _check_varlen(q, *varlen)
+        if _check_index_values(q):
+            _check_varlen_values(q, k, varlen[0], varlen[1], varlen[4])
     else:
         _check_qkv(q, k, v)
     dropout_p = _check_dropout(dropout_p)
@@ -455,6 +584,8 @@ def flash_attn_varlen_func(
             Any page_block_size works; multiples of the kernel's key block (64) are read in place,
             others are gathered into contiguous rows first (a copy and one host sync). With
             gradients, the pages are gathered too and autograd adds dk, dv back into them.
+        (The values of cu_seqlens_* and block_table are checked for CPU tensors, for CUDA tensors
+        only with FLASH_CUTE_CHECK_INDICES=1: a host sync per call; see docs/errors.md.)
     Return:
         out: (total_q, nheads, headdim).
         softmax_lse [optional, if return_attn_probs=True]: (nheads, total_q), float32.
@@ -690,6 +821,10 @@ def flash_attn_with_kvcache(
     ahead of the kernels. Page sizes: any multiple of 16 is read in place
     (others are gathered, with a host sync). Forward only, as in the official package.
 
+    The values of cache_seqlens, cache_batch_idx, cache_leftpad and block_table must stay in
+    their caches' bounds: CPU tensors are checked (FlashAttnValueError), CUDA tensors only with
+    FLASH_CUTE_CHECK_INDICES=1, which costs a host sync per call (docs/errors.md).
+
     Arguments:
         q: (batch_size, seqlen, nheads, headdim).
         k_cache: (batch_size_cache, seqlen_cache, nheads_k, headdim), or with block_table
@@ -719,6 +854,9 @@ def flash_attn_with_kvcache(
     """
     cache_len = _check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                cache_leftpad, block_table, num_splits)
+    if _check_index_values(q):
+        _check_kvcache_values(k_cache, 0 if k is None else k.shape[1], cache_len, cache_seqlens, cache_batch_idx,
+                              cache_leftpad, block_table)
     batch, seqlen_q, nheads, d = q.shape
     softcap = _check_options(q, softcap, alibi_slopes, batch, nheads)
     causal, window = _normalize_window(window_size, bool(causal), cache_len)
@@ -740,9 +878,12 @@ def flash_attn_with_kvcache(
         )
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(d)
-    # The split-KV kernel appends k and v itself where it can write the caches in place.
-    fused_append = (decode and k is not None and d % 8 == 0 and _ops.kernel_ready(k_cache)
-                    and _ops.kernel_ready(v_cache))
+    # The split-KV kernel appends k and v itself where it can write the caches in place. A traced
+    # call (torch.compile, torch.export) cannot read data pointers: the op checks the caches
+    # when it runs, and appends into kernel-ready copies that it copies back if need be.
+    tracing = torch.compiler.is_compiling()
+    fused_append = (decode and k is not None and d % 8 == 0
+                    and (tracing or (_ops.kernel_ready(k_cache) and _ops.kernel_ready(v_cache))))
     seqlens = rows = None
     if rotary_cos is not None or (k is not None and not fused_append) or not decode:
         if cache_seqlens is None:
@@ -775,7 +916,7 @@ def flash_attn_with_kvcache(
     # 3. Attention: the split-KV kernel, or the varlen forward kernel with cache rows read as pages.
     if decode:
         dense = [None if t is None else t.contiguous() for t in (cache_batch_idx, cache_leftpad, block_table)]
-        out, lse = (_ops.decode if torch.compiler.is_compiling() else _ops.decode_eager)(
+        out, lse = (_ops.decode if tracing else _ops.decode_eager)(
             _pad_head_dim(q), _pad_head_dim(k_cache), _pad_head_dim(v_cache),
             k if fused_append else None, v if fused_append else None, float(softmax_scale), causal,
             cache_len if cache_seqlens is None else (cache_seqlens if isinstance(cache_seqlens, int) else 0),
@@ -798,8 +939,9 @@ def flash_attn_with_kvcache(
     cu_seqlens_k = torch.zeros(batch + 1, dtype=torch.int32, device=device)
     cu_seqlens_k[1:] = visible.cumsum(0)
     cu_seqlens_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
+    q = _pad_head_dim(q)
     out, lse, _ = _ops.fwd(
-        _pad_head_dim(q).reshape(batch * seqlen_q, nheads, -1), _pad_head_dim(keys), _pad_head_dim(values),
+        q.reshape(batch * seqlen_q, nheads, q.shape[-1]), _pad_head_dim(keys), _pad_head_dim(values),
         float(softmax_scale), causal, False, cu_seqlens_q, cu_seqlens_k, seqlen_q, cache_len, table, softcap, *window,
         alibi_slopes,
     )
