@@ -1407,8 +1407,12 @@ def test_opcheck_fwd_bwd_gpu():
                           (dout, q, k, v, out, lse, 0.1, True, True, None, None, 0, 0, 0.0, -1, -1, None, 0.0, None, *grads))
 
 
+# inductor compiles for tens of seconds on the host: slow
+BACKENDS = [pytest.param("inductor", marks=pytest.mark.slow), "aot_eager"]
+
+
 @GPU
-@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("paged,rotary", [(False, False), (True, True)], ids=["contiguous", "paged-rotary"])
 def test_kvcache_torch_compile_gpu(paged, rotary, backend):
     """torch.compile(fullgraph=True) of a decoding step on the GPU (the split-KV op, declared to
@@ -1449,7 +1453,7 @@ def test_kvcache_torch_export_gpu():
 
 
 @GPU
-@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("varlen", [False, True], ids=["func", "varlen"])
 def test_transformer_block_trains_compiled_gpu(varlen, backend):
     """The block (float32 weights, bf16 attention on the CUDA kernels, head dim 128) under
