@@ -410,11 +410,13 @@ TRACE_CASES = {
 @pytest.mark.skipif(not _has_extension(), reason="the CUDA route asks the compiled module for its tile sizes")
 @pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict-dynamo"])
 @pytest.mark.parametrize("case", sorted(TRACE_CASES))
-def test_kvcache_cuda_route_traces(case, strict):
+def test_kvcache_cuda_route_traces(case, strict, monkeypatch):
     """The CUDA route of flash_attn_with_kvcache (the split-KV op, or the forward kernel for long
     queries) traces with FakeTensor CUDA inputs: torch.export with Dynamo (strict: what
     torch.compile(fullgraph=True) sees, so no graph break) and without; nothing reads a data
-    pointer at trace time, and the graph holds the op with its in-place append into the caches."""
+    pointer or an index value at trace time (FLASH_CUTE_CHECK_INDICES on), and the graph holds
+    the op with its in-place append into the caches."""
+    monkeypatch.setattr(interface, "CHECK_INDEX_VALUES", True)
     kwargs, paged, rotary, seqlen_q, op = TRACE_CASES[case]
     args = _decode_step_inputs("cpu", BF16, paged, rotary, d=128, seqlen_q=seqlen_q, cache_len=64)
     fake = _fake_cuda(args)
