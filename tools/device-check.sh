@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One visit to the GPU host: tests, a compute-sanitizer sweep and the benchmark, on the wheel that
 # ../shared/tools/gpu-build unpacked into .gpu/site. Logs go to $OUT (or ./device-out); the short
-# tables come last. Usage (device tool, carry .gpu):  bash tools/device-check.sh [quick|full|bench|test]
-# (test: the tests and the sanitizer sweep only; bench: the benchmark only)
+# tables come last. Usage (device tool, carry .gpu):  bash tools/device-check.sh [quick|full|bench|test|sanitize]
+# (test: the tests and the sanitizer sweep only; sanitize: the sweep only; bench: the benchmark only)
 set -uo pipefail
 mode=${1:-quick}
 out=${OUT:-device-out}
@@ -14,9 +14,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv 
 python3 -c "import flash_cute; print(flash_cute.__version__, flash_cute.build_info())" | tee -a "$out/gpu.txt"
 
 if [ "$mode" != bench ]; then
-  python3 -m pytest tests -x -q -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -n 25
-  # Small ragged sweep (forward and backward, atomic and deterministic) under memcheck and racecheck.
-  for tool in memcheck racecheck; do
+  [ "$mode" = sanitize ] || python3 -m pytest tests -x -q -p no:cacheprovider 2>&1 | tee "$out/pytest.log" | tail -n 25
+  # Small ragged sweep (forward and backward, atomic and deterministic) under memcheck and racecheck
+  # (SANITIZER_TOOLS overrides the list).
+  for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
     compute-sanitizer --tool $tool --error-exitcode 1 python3 - <<'PY' > "$out/sanitizer-$tool.log" 2>&1
 import torch, flash_cute
 torch.manual_seed(0)
@@ -108,7 +109,7 @@ PY
   done
 fi
 
-if [ "$mode" = test ]; then
+if [ "$mode" = test ] || [ "$mode" = sanitize ]; then
   exit 0
 elif [ "$mode" = full ]; then
   python3 benchmark/run.py --out "$out/bench" 2>&1 | tee "$out/bench.log" | tail -n 60
