@@ -316,8 +316,7 @@ def _varlen_dropout_masks(varlen: _Varlen, nheads: int, options: _Options, devic
     return [m.view(1, nheads, q1 - q0, k1 - k0) for m, ((q0, q1), (k0, k1)) in zip(pieces, spans)]
 
 
-@torch.library.custom_op("flash_cute::fwd", mutates_args=())
-def fwd(
+def _fwd_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -346,6 +345,9 @@ def fwd(
     varlen = _make_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
     options = _Options(softcap, (window_left, window_right), alibi_slopes, dropout_p, rng_state)
     return _attention_fwd(q, k, v, softmax_scale, causal, varlen, options, return_softmax)
+
+
+fwd = torch.library.custom_op("flash_cute::fwd", _fwd_impl, mutates_args=())
 
 
 def _warn_slow_path(dtype: torch.dtype) -> None:
@@ -470,8 +472,7 @@ def _bwd_tile_rows_cols(head_dim: int) -> tuple[int, int]:
     return _C().bwd_tile(head_dim)[0], _C().head_dim_bucket(head_dim)
 
 
-@torch.library.custom_op("flash_cute::bwd", mutates_args=())
-def bwd(
+def _bwd_impl(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -500,6 +501,9 @@ def bwd(
     return dq, dk, dv
 
 
+bwd = torch.library.custom_op("flash_cute::bwd", _bwd_impl, mutates_args=())
+
+
 @bwd.register_fake
 def _(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, cu_seqlens_q=None,
       cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, softcap=0.0, window_left=-1, window_right=-1,
@@ -508,8 +512,7 @@ def _(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, cu_
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-@torch.library.custom_op("flash_cute::bwd_into", mutates_args=("dq", "dk", "dv"))
-def bwd_into(
+def _bwd_into_impl(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -540,6 +543,9 @@ def bwd_into(
     _attention_bwd_into(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, varlen, options, dq, dk, dv)
 
 
+bwd_into = torch.library.custom_op("flash_cute::bwd_into", _bwd_into_impl, mutates_args=("dq", "dk", "dv"))
+
+
 @bwd_into.register_fake
 def _(dout, q, k, v, out, softmax_lse, softmax_scale, causal, deterministic, cu_seqlens_q, cu_seqlens_k,
       max_seqlen_q, max_seqlen_k, softcap, window_left, window_right, alibi_slopes, dropout_p, rng_state, dq, dk, dv):
@@ -564,9 +570,9 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.dropout_p = dropout_p
 
 
-def _fwd_backward(ctx, grad_out, grad_lse, grad_s_dmask):
+def _fwd_backward(ctx, grad_out, grad_lse, grad_s_dmask, bwd_fn=None):
     # The log-sum-exp and S_dmask are auxiliary outputs (as in the official package): their
-    # gradients are ignored.
+    # gradients are ignored. bwd_fn: the op (traced calls) or its implementation (eager calls).
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_state = ctx.saved_tensors
     if ctx.paged:
         raise FlashAttnNotImplementedError(
@@ -575,12 +581,61 @@ def _fwd_backward(ctx, grad_out, grad_lse, grad_s_dmask):
         )
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.deterministic,
+    dq, dk, dv = (bwd_fn or bwd)(grad_out, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.deterministic,
                      cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen, *ctx.options, alibi_slopes, ctx.dropout_p, rng_state)
     return (dq, dk, dv) + (None,) * 15
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Eager calls. torch.library's dispatch of a custom op costs host time that a tiny call notices:
+# ~60 us per forward and ~1 ms per forward + backward (the autograd wrapper fills in the
+# defaults of the 19-argument backward schema on every call) on an H200 host, against ~20 us and
+# ~300 us for PyTorch's own flash attention (tools/overhead.py, tools/host_profile.py). Calls that
+# nothing traces (no torch.compile / torch.export, no FakeTensor or other tensor subclass, no
+# dispatch mode) run the same implementations directly, with autograd through _FwdFunction;
+# traced calls go through the ops, whose schemas, fake implementations and registered autograd
+# the compiler needs.
+# ------------------------------------------------------------------------------------------------
+
+def _eager(q: torch.Tensor) -> bool:
+    return type(q) is torch.Tensor and not torch.compiler.is_compiling() and _dispatch_modes() == 0
+
+
+def _dispatch_modes() -> int:
+    length = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return 1 if length is None else length()
+
+
+class _FwdFunction(torch.autograd.Function):
+    """flash_cute::fwd's implementation and backward, for eager calls (see _eager)."""
+
+    @staticmethod
+    def forward(q, k, v, *args):
+        return _fwd_impl(q, k, v, *args)
+
+    setup_context = staticmethod(_fwd_setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, grad_s_dmask):
+        return _fwd_backward(ctx, grad_out, grad_lse, grad_s_dmask, bwd_fn=_bwd_impl)
+
+
+def fwd_call(q, k, v, *args):
+    """flash_cute::fwd(q, k, v, *args) as the public functions call it: eager calls skip the
+    dispatch (and, without gradients, autograd), traced ones call the op."""
+    if not _eager(q):
+        return fwd(q, k, v, *args)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FwdFunction.apply(q, k, v, *args)
+    return _fwd_impl(q, k, v, *args)
+
+
+def bwd_into_call(dout, *args):
+    """flash_cute::bwd_into(dout, *args), the same way as fwd_call."""
+    return (_bwd_into_impl if _eager(dout) else bwd_into)(dout, *args)
 
 
 # ------------------------------------------------------------------------------------------------

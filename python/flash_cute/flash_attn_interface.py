@@ -420,7 +420,7 @@ def _attention(kind, tensors, varlen, dropout_p, softmax_scale, causal, window_s
     if kind:
         out, lse, s_dmask = _PackedAttention.apply(kind, args, *tensors)
     else:
-        out, lse, s_dmask = _ops.fwd(*tensors, *args)
+        out, lse, s_dmask = _ops.fwd_call(*tensors, *args)
     out = out[..., :head_dim]
     if return_attn_probs:
         return out, lse, s_dmask
@@ -445,7 +445,7 @@ class _PackedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kind, args, *tensors):
         q, k, v = _unpack(kind, tensors)
-        out, lse, s_dmask = _ops.fwd(q, k, v, *args)
+        out, lse, s_dmask = _ops.fwd_call(q, k, v, *args)
         ctx.save_for_backward(*tensors, out, lse, *args[3:5], args[11], args[13])
         ctx.kind, ctx.args = kind, args
         ctx.set_materialize_grads(False)
@@ -460,7 +460,7 @@ class _PackedAttention(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         grads = tuple(torch.empty_like(t) for t in tensors)
-        _ops.bwd_into(
+        _ops.bwd_into_call(
             grad_out, *_unpack(ctx.kind, tensors), out, lse, softmax_scale, causal, deterministic,
             cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap, left, right, alibi_slopes,
             dropout_p, rng_state, *_unpack(ctx.kind, grads),
@@ -939,7 +939,7 @@ def flash_attn_with_kvcache(
     cu_seqlens_k[1:] = visible.cumsum(0)
     cu_seqlens_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
     q = _pad_head_dim(q)
-    out, lse, _ = _ops.fwd(
+    out, lse, _ = _ops.fwd_call(
         q.reshape(batch * seqlen_q, nheads, q.shape[-1]), _pad_head_dim(keys), _pad_head_dim(values),
         float(softmax_scale), causal, False, cu_seqlens_q, cu_seqlens_k, seqlen_q, cache_len, table, softcap, *window,
         alibi_slopes,
