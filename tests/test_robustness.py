@@ -407,6 +407,7 @@ TRACE_CASES = {
 }
 
 
+@pytest.mark.skipif(torch.version.cuda is None, reason="tracing with FakeTensor CUDA tensors needs a CUDA build of torch (a CPU-only build cannot slice them); GPU hosts have one")
 @pytest.mark.skipif(not _has_extension(), reason="the CUDA route asks the compiled module for its tile sizes")
 @pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict-dynamo"])
 @pytest.mark.parametrize("case", sorted(TRACE_CASES))
@@ -429,6 +430,7 @@ def test_kvcache_cuda_route_traces(case, strict, monkeypatch):
         assert mutated == ["k_cache", "v_cache"], mutated
 
 
+@pytest.mark.skipif(torch.version.cuda is None, reason="tracing with FakeTensor CUDA tensors needs a CUDA build of torch (a CPU-only build cannot slice them); GPU hosts have one")
 @pytest.mark.skipif(not _has_extension(), reason="needs the compiled module's tile sizes")
 @pytest.mark.parametrize("fn", ["func", "varlen-paged", "qkvpacked"])
 def test_attention_cuda_route_traces(fn):
