@@ -206,6 +206,22 @@ def run_backward(q, k, v, dout, poison=True, **kwargs):
 
 
 @functools.cache
+def capture_cuda_graph(step, warmups=1):
+    """(graph, result): step() captured in a CUDA graph after `warmups` calls on a side stream
+    (lazy initialisation, allocator pools and autograd's first-call work stay out of the capture);
+    result: the captured call's return value, whose tensors every replay rewrites."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step()
+    return graph, result
+
+
 def built_kernels():
     """{(dtype name, head-dim bucket, causal)} of the forward kernels in this build."""
     from flash_cute import _C

@@ -50,6 +50,7 @@ from helpers import (
     ROUNDING_TERM,
     _assert_grads_within_2x,
     assert_lse_matches,
+    capture_cuda_graph,
     cu_seqlens_of,
     make_qkv,
     make_varlen_qkv,
@@ -810,15 +811,7 @@ def test_dropout_cuda_graph(dtype):
                                                        return_attn_probs=True)
         return (out, lse, s_dmask, *torch.autograd.grad(out, leaves, dout))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    graph, static = capture_cuda_graph(step, warmups=2)
     replays = []
     for _ in range(2):
         graph.replay()

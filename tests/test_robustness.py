@@ -46,6 +46,7 @@ from helpers import (
     assert_close_to_rounding,
     assert_grads_2x_rule,
     assert_lse_matches,
+    capture_cuda_graph,
     cu_seqlens_of,
     make_qkv,
     naive_grads,
@@ -1225,14 +1226,7 @@ def test_index_checks_skipped_in_graph_capture(monkeypatch):
     monkeypatch.setattr(interface, "CHECK_INDEX_VALUES", True)
     x = _kvcache_inputs("cuda", BF16, batch=2, cache_len=256, nheads=8, nheads_k=2, d=128)
     seqlens = _i32(10, 200, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        flash_cute.flash_attn_with_kvcache(**x, cache_seqlens=seqlens, causal=True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = flash_cute.flash_attn_with_kvcache(**x, cache_seqlens=seqlens, causal=True)
+    graph, out = capture_cuda_graph(lambda: flash_cute.flash_attn_with_kvcache(**x, cache_seqlens=seqlens, causal=True))
     graph.replay()
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
@@ -1338,15 +1332,7 @@ def test_cuda_graph_forward_backward(fn, deterministic):
             out = flash_cute.flash_attn_varlen_func(*leaves, cu_q, cu_k, 300, 300, causal=True, deterministic=deterministic)
         return (out.detach(), *torch.autograd.grad(out, leaves, dout))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
+    graph, static = capture_cuda_graph(step, warmups=2)
     for replay in range(3):
         with torch.no_grad():
             for t in (*leaves, dout):
