@@ -1,5 +1,7 @@
+# One device visit for issue 6 on a development wheel: the options probe, the options tests and the
+# plain forward/backward tests, the options benchmark. Device tool, carry .gpu; logs in $OUT.
 set -x
-cp .gpu/pyclean/flash_cute/*.py .gpu/site/flash_cute/
+cp python/flash_cute/*.py .gpu/site/flash_cute/
 export PYTHONPATH=$PWD/.gpu/site
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 timeout 100 python3 tools/options_probe.py > $OUT/probe.log 2>&1

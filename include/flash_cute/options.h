@@ -56,8 +56,7 @@ CUTE_DEVICE bool alibi_on(float slope) {
 // The kernel with options for a call without dropout (host side; the caller knows one is on).
 inline OptionKind option_kind(const ScoreOptions& o) { return o.softcap_pre != 0.f ? kSoftcap : kAlibiOnly; }
 inline const char* option_kernel_name(int options, bool dropout) {
-  return dropout ? ", dropout" : options == kSoftcap ? ", softcap" : options == kAlibiOnly ? ", ALiBi"
-                                                                  : options == kAnyOptions ? ", options" : "";
+  return dropout ? ", dropout" : options == kSoftcap ? ", softcap" : options == kAlibiOnly ? ", ALiBi" : "";
 }
 
 // ALiBi (when `alibi`) and, when `mask`, -inf for keys outside [0, seqlen_k) and the window.
