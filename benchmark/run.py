@@ -15,6 +15,7 @@ Implementations (columns), all fed the same (batch, seqlen, nheads, headdim) ten
   flash_cute   flash_cute.flash_attn_func
   torch-flash  torch SDPA, flash backend: the official FlashAttention-2 kernels vendored in torch
   cudnn        torch SDPA, cuDNN backend (a Hopper-native kernel on H100)
+  torch-mem    torch SDPA, memory-efficient backend (xFormers' CUTLASS kernels)
   flash_attn   the official flash_attn.flash_attn_func, when it imports
 SDPA takes (batch, nheads, seqlen, headdim): it gets q.transpose(1, 2) views, made outside the
 timed region. Its flash backend transposes them back to (batch, seqlen, nheads, headdim), the
@@ -124,6 +125,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,9 +194,9 @@ OPTIONS_VARIANTS = {
 # flash_cute's speed over the official kernels' with the same option
 OPTIONS_BAR_COST, OPTIONS_BAR_DROPOUT, OPTIONS_BAR_OFFICIAL = 1.10, 1.25, 0.9
 
-IMPL_NAMES = ("flash_cute", "torch-flash", "cudnn", "flash_attn")
+IMPL_NAMES = ("flash_cute", "torch-flash", "cudnn", "torch-mem", "flash_attn")
 # The implementation flash_cute's output is compared with: the first of these that ran.
-REFERENCE_ORDER = ("torch-flash", "flash_attn", "cudnn")
+REFERENCE_ORDER = ("torch-flash", "flash_attn", "cudnn", "torch-mem")
 # Ratio columns: flash_cute's TFLOP/s divided by the anchor's.
 RATIO_ANCHORS = (("torch-flash", "fc/tf"), ("flash_attn", "fc/fa"))
 DEFAULT_TOL = 2e-2
@@ -636,6 +638,7 @@ def load_impls(names) -> list[Impl]:
                                                    varlen=_aten_flash_varlen, kvcache=_sdpa_kvcache,
                                                    options=_aten_flash),
         "cudnn": lambda: load_sdpa("cudnn", "CUDNN_ATTENTION"),
+        "torch-mem": lambda: load_sdpa("torch-mem", "EFFICIENT_ATTENTION"),
         "flash_attn": load_flash_attn,
     }
     return [loaders[n]() for n in IMPL_NAMES if n in names]
@@ -1329,7 +1332,7 @@ def run_memory_section(bench: Bench, impls: list[Impl], args, log) -> list[dict]
 # Extra section: variable-length batches (flash_attn_varlen_func)
 # ----------------------------------------------------------------------------------------------
 
-IMPL_ABBREV = {"flash_cute": "fc", "torch-flash": "tf", "cudnn": "cd", "flash_attn": "fa"}
+IMPL_ABBREV = {"flash_cute": "fc", "torch-flash": "tf", "cudnn": "cd", "torch-mem": "me", "flash_attn": "fa"}
 
 
 def varlen_seqlens() -> tuple:
@@ -2202,7 +2205,8 @@ def write_csv(path: Path, rows: list[Row]) -> None:
                             diff, r.ref if diff is not None else None, r.section, getattr(c, "variant", None)])
 
 
-IMPL_COLORS = {"flash_cute": "#d62728", "torch-flash": "#1f77b4", "cudnn": "#2ca02c", "flash_attn": "#ff7f0e"}
+IMPL_COLORS = {"flash_cute": "#d62728", "torch-flash": "#1f77b4", "cudnn": "#2ca02c", "torch-mem": "#9467bd",
+               "flash_attn": "#ff7f0e"}
 
 
 def write_plots(out_dir: Path, rows: list[Row], impl_names: list[str], gpu: Optional[str]) -> list[Path]:
@@ -2521,6 +2525,7 @@ def validate(cases: list[Case]) -> None:
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     args.passes = grid_passes(args)
     args.gqa_bwd = gqa_reductions(args)
@@ -2603,6 +2608,7 @@ def main(argv=None) -> int:
                      + decode_summary_lines(extras["decode"], args.tol)
                      + options_summary_lines(extras["options"], args.tol)):
             log(line)
+        log(f"# wall time: {time.perf_counter() - started:.0f} s")
         log.close()
     if status == 0 and flash_cute_failed(rows + extras["varlen"] + extras["decode"] + extras["options"], args.tol,
                                          extras["gqa_bwd"]):
