@@ -85,7 +85,7 @@ void set_fwd_params(FwdParams& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr
                     int batch, int seqlen_q, int seqlen_k, int heads, int heads_k, int head_dim,
                     Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride,
                     std::array<int64_t, 2> lse_stride, double softmax_scale, bool causal, const Options& options,
-                    uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k) {
+                    uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, std::array<int, 3> varlen_bounds) {
   set_tensors(p, q, k, v, o, lse, q_stride, k_stride, v_stride, o_stride, lse_stride);
   p.batch = batch;
   p.seqlen_q = seqlen_q;
@@ -96,19 +96,22 @@ void set_fwd_params(FwdParams& p, uintptr_t q, uintptr_t k, uintptr_t v, uintptr
   set_options(p, softmax_scale, causal, options);
   p.cu_seqlens_q = reinterpret_cast<const int*>(cu_seqlens_q);
   p.cu_seqlens_k = reinterpret_cast<const int*>(cu_seqlens_k);
+  std::tie(p.total_q, p.total_k, p.block_table_width) = std::tuple_cat(varlen_bounds);
 }
 
 // Varlen: cu_seqlens_q/k are device pointers to int32 (batch + 1) (0: none), the batch strides
-// are 0 and seqlen_q/k the max_seqlen hints. Paged K/V: block_table (0: none), see FwdParams.
+// are 0 and seqlen_q/k the max_seqlen hints; varlen_bounds: (rows of q, rows or pages of k,
+// block-table columns). Paged K/V: block_table (0: none), see FwdParams.
 void fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, int batch, int seqlen_q,
          int seqlen_k, int heads, int heads_k, int head_dim, Strides3 q_stride, Strides3 k_stride,
          Strides3 v_stride, Strides3 o_stride, std::array<int64_t, 2> lse_stride, double softmax_scale,
          bool causal, const Options& options, uintptr_t s_dmask, std::array<int64_t, 5> s_dmask_layout,
-         uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, uintptr_t block_table,
+         uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k, std::array<int, 3> varlen_bounds, uintptr_t block_table,
          int64_t block_table_batch_stride, int page_size, int dtype, int device, uintptr_t stream) {
   FwdParams p;
   set_fwd_params(p, q, k, v, o, lse, batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, q_stride,
-                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal, options, cu_seqlens_q, cu_seqlens_k);
+                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal, options, cu_seqlens_q, cu_seqlens_k,
+                 varlen_bounds);
   // return_attn_probs with dropout: (batch, head, row) strides, rows, cols of S_dmask.
   p.s_dmask = reinterpret_cast<void*>(s_dmask);
   p.s_dmask_batch_stride = s_dmask_layout[0];
@@ -130,10 +133,11 @@ void bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uin
          Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 o_stride, Strides3 dout_stride,
          Strides3 dq_stride, Strides3 dk_stride, Strides3 dv_stride, std::array<int64_t, 2> lse_stride,
          double softmax_scale, bool causal, const Options& options, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k,
-         int dtype, int device, uintptr_t stream) {
+         std::array<int, 3> varlen_bounds, int dtype, int device, uintptr_t stream) {
   BwdParams p;
   set_fwd_params(p, q, k, v, o, lse, batch, seqlen_q, seqlen_k, heads, heads_k, head_dim, q_stride,
-                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal, options, cu_seqlens_q, cu_seqlens_k);
+                 k_stride, v_stride, o_stride, lse_stride, softmax_scale, causal, options, cu_seqlens_q, cu_seqlens_k,
+                 varlen_bounds);
   p.ws_rows = ws_rows;
   p.dout = reinterpret_cast<const void*>(dout);
   p.dq = reinterpret_cast<void*>(dq);
@@ -151,27 +155,17 @@ void bwd(uintptr_t dout, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uin
   flash_cute::bwd(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
 }
 
-// Decoding against a K/V cache; see DecodeParams. k_new / v_new: the rows to append (0: none, or
-// already appended). Optional int32 vectors are 0 when absent;
-// o_accum / lse_accum are the float32 workspace of num_splits > 1 (0 otherwise).
-void decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t k_new, uintptr_t v_new, uintptr_t o, uintptr_t lse,
-            uintptr_t o_accum, uintptr_t lse_accum, int batch, int seqlen_q, int heads, int heads_k, int head_dim, int seqlen_k,
-            int seqlen_new, Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 k_new_stride,
-            Strides3 v_new_stride, Strides3 o_stride, std::array<int64_t, 2> lse_stride, uintptr_t cache_seqlens, uintptr_t cache_batch_idx,
-            uintptr_t leftpad, uintptr_t block_table, int64_t block_table_batch_stride, int page_size,
-            double softmax_scale, bool causal, double softcap, int window_left, int window_right, uintptr_t alibi_slopes,
-            int64_t alibi_batch_stride, int num_splits, int dtype, int device, uintptr_t stream) {
-  flash_cute::DecodeParams p;
-  set_tensors(p, q, k, v, o, lse, q_stride, k_stride, v_stride, o_stride, lse_stride);
+// The cache fields of DecodeParams, shared by decode() and append_kv(): cache_bounds = (cache rows
+// or pages, positions per batch row).
+void set_cache(flash_cute::DecodeParams& p, uintptr_t k_new, uintptr_t v_new, Strides3 k_new_stride, Strides3 v_new_stride,
+               int batch, int heads_k, int head_dim, int seqlen_k, int seqlen_new, uintptr_t cache_seqlens,
+               uintptr_t cache_batch_idx, uintptr_t leftpad, uintptr_t block_table, int64_t block_table_batch_stride,
+               int page_size, std::array<int, 2> cache_bounds) {
   p.k_new = reinterpret_cast<const void*>(k_new);
   p.v_new = reinterpret_cast<const void*>(v_new);
   std::tie(p.k_new_batch_stride, p.k_new_row_stride, p.k_new_head_stride) = std::tuple_cat(k_new_stride);
   std::tie(p.v_new_batch_stride, p.v_new_row_stride, p.v_new_head_stride) = std::tuple_cat(v_new_stride);
-  p.o_accum = reinterpret_cast<float*>(o_accum);
-  p.lse_accum = reinterpret_cast<float*>(lse_accum);
   p.batch = batch;
-  p.seqlen_q = seqlen_q;
-  p.heads = heads;
   p.heads_k = heads_k;
   p.head_dim = head_dim;
   p.seqlen_k = seqlen_k;
@@ -182,10 +176,48 @@ void decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t k_new, uintptr_t v_
   p.block_table = reinterpret_cast<const int*>(block_table);
   p.block_table_batch_stride = block_table_batch_stride;
   p.page_size = page_size;
+  std::tie(p.cache_batch, p.capacity) = std::tuple_cat(cache_bounds);
+}
+
+// Decoding against a K/V cache; see DecodeParams. k_new / v_new: the rows to append (0: none, or
+// already appended). Optional int32 vectors are 0 when absent;
+// o_accum / lse_accum are the float32 workspace of num_splits > 1 (0 otherwise).
+void decode(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t k_new, uintptr_t v_new, uintptr_t o, uintptr_t lse,
+            uintptr_t o_accum, uintptr_t lse_accum, int batch, int seqlen_q, int heads, int heads_k, int head_dim, int seqlen_k,
+            int seqlen_new, Strides3 q_stride, Strides3 k_stride, Strides3 v_stride, Strides3 k_new_stride,
+            Strides3 v_new_stride, Strides3 o_stride, std::array<int64_t, 2> lse_stride, uintptr_t cache_seqlens, uintptr_t cache_batch_idx,
+            uintptr_t leftpad, uintptr_t block_table, int64_t block_table_batch_stride, int page_size,
+            std::array<int, 2> cache_bounds, double softmax_scale, bool causal, double softcap, int window_left, int window_right, uintptr_t alibi_slopes,
+            int64_t alibi_batch_stride, int num_splits, int dtype, int device, uintptr_t stream) {
+  flash_cute::DecodeParams p;
+  set_tensors(p, q, k, v, o, lse, q_stride, k_stride, v_stride, o_stride, lse_stride);
+  set_cache(p, k_new, v_new, k_new_stride, v_new_stride, batch, heads_k, head_dim, seqlen_k, seqlen_new, cache_seqlens,
+            cache_batch_idx, leftpad, block_table, block_table_batch_stride, page_size, cache_bounds);
+  p.o_accum = reinterpret_cast<float*>(o_accum);
+  p.lse_accum = reinterpret_cast<float*>(lse_accum);
+  p.seqlen_q = seqlen_q;
+  p.heads = heads;
   // One decoding kernel takes every option.
   set_score_options(p, softmax_scale, causal, softcap, window_left, window_right, alibi_slopes, alibi_batch_stride);
   p.num_splits = num_splits;
   flash_cute::decode(p, static_cast<DType>(dtype), device, reinterpret_cast<cudaStream_t>(stream));
+}
+
+// flash_attn_with_kvcache's append (k_new, v_new into the caches k, v) for the calls that run the
+// forward kernel; the arguments as in decode().
+void append_kv(uintptr_t k, uintptr_t v, uintptr_t k_new, uintptr_t v_new, int batch, int heads_k, int head_dim,
+               int seqlen_k, int seqlen_new, Strides3 k_stride, Strides3 v_stride, Strides3 k_new_stride,
+               Strides3 v_new_stride, uintptr_t cache_seqlens, uintptr_t cache_batch_idx, uintptr_t leftpad,
+               uintptr_t block_table, int64_t block_table_batch_stride, int page_size, std::array<int, 2> cache_bounds,
+               int device, uintptr_t stream) {
+  flash_cute::DecodeParams p;
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  std::tie(p.k_batch_stride, p.k_row_stride, p.k_head_stride) = std::tuple_cat(k_stride);
+  std::tie(p.v_batch_stride, p.v_row_stride, p.v_head_stride) = std::tuple_cat(v_stride);
+  set_cache(p, k_new, v_new, k_new_stride, v_new_stride, batch, heads_k, head_dim, seqlen_k, seqlen_new, cache_seqlens,
+            cache_batch_idx, leftpad, block_table, block_table_batch_stride, page_size, cache_bounds);
+  flash_cute::append_kv(p, device, reinterpret_cast<cudaStream_t>(stream));
 }
 
 }  // namespace
@@ -198,6 +230,8 @@ PYBIND11_MODULE(_C, m) {
         "Backward attention on device pointers; see flash_cute/_ops.py for the arguments.");
   m.def("decode", &decode, py::call_guard<py::gil_scoped_release>(),
         "Split-KV decoding against a K/V cache; see flash_cute/_ops.py for the arguments.");
+  m.def("append_kv", &append_kv, py::call_guard<py::gil_scoped_release>(),
+        "flash_attn_with_kvcache's append for calls that run the forward kernel; see flash_cute/_ops.py.");
   m.def("decode_splits", &flash_cute::decode_splits,
         "the split count of num_splits=0: (batch, heads_k, packed_rows, capacity, head_dim, device)");
   m.def("decode_tile", [](int head_dim) {

@@ -28,9 +28,12 @@ __global__ void __launch_bounds__(kCombineWarps * 32) decode_combine_kernel(cons
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* lse_s = p.lse_accum + row;  // split s at lse_s[s * rows]
 
+  // A NaN lse (a batch row whose index values were out of range) makes the row NaN: fmaxf would
+  // drop it.
+  auto max_nan = [](float a, float b) { return a != a || a > b ? a : b; };
   float max = -INFINITY;
-  for (int s = lane; s < p.num_splits; s += 32) max = fmaxf(max, lse_s[s * rows]);
-  for (int offset = 16; offset > 0; offset /= 2) max = fmaxf(max, __shfl_xor_sync(0xffffffff, max, offset));
+  for (int s = lane; s < p.num_splits; s += 32) max = max_nan(max, lse_s[s * rows]);
+  for (int offset = 16; offset > 0; offset /= 2) max = max_nan(max, __shfl_xor_sync(0xffffffff, max, offset));
   float sum = 0.f;
   if (max != -INFINITY)
     for (int s = lane; s < p.num_splits; s += 32) sum += __expf(lse_s[s * rows] - max);

@@ -151,6 +151,10 @@ void decode(const DecodeParams& p, DType dtype, int device, cudaStream_t stream)
   launch(kernel->fn, p, device, stream);
 }
 
+void append_kv(const DecodeParams& p, int device, cudaStream_t stream) {
+  launch(&run_append_kv, p, device, stream);
+}
+
 int decode_splits(int batch, int heads_k, int packed_rows, int64_t capacity, int head_dim, int device) {
   int sms = 0, smem = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "reading the SM count");

@@ -21,6 +21,10 @@ void bwd(const BwdParams& params, DType dtype, int device, cudaStream_t stream);
 // flash_attn_with_kvcache's split-KV kernel (and the combine pass when num_splits > 1).
 void decode(const DecodeParams& params, DType dtype, int device, cudaStream_t stream);
 
+// flash_attn_with_kvcache's append of k_new, v_new into the caches, for the calls whose attention
+// runs the forward kernel (the split-KV kernel appends itself). Uses DecodeParams' cache fields.
+void append_kv(const DecodeParams& params, int device, cudaStream_t stream);
+
 // The split count that num_splits = 0 means on `device` (see decode_num_splits in launch.h).
 int decode_splits(int batch, int heads_k, int packed_rows, int64_t capacity, int head_dim, int device);
 

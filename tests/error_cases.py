@@ -227,10 +227,25 @@ reading them costs a host sync per call, which the decoding loop and the varlen 
 to avoid, so they are checked only when the environment variable `FLASH_CUTE_CHECK_INDICES=1` is
 set (or `flash_cute.flash_attn_interface.CHECK_INDEX_VALUES = True`): then with one host sync per
 call, and never while a CUDA graph is captured or inside `torch.compile` / `torch.export` graphs.
-Unchecked, a value out of range makes the kernels read or write outside the tensors (undefined
-results or an illegal-address error), as in the official package, which does not check them
-either. Entries of `block_table` that a sequence does not use (past its length) may hold anything
-(-1 included).
+(float32 CUDA tensors, which run the reference in torch ops, are always checked.)
+Unchecked, the kernels hold the values to the tensors themselves, so nothing is read or written
+outside the tensors a call was given (the official package does not check them, and reads or
+writes wherever they point):
+
+- varlen (`flash_attn_varlen_func` and the packed forms): a sequence whose `cu_seqlens_q` /
+  `cu_seqlens_k` span leaves `q` / `k` (a negative start, a decreasing pair, an end past the
+  tensor's rows), whose keys need more pages than its `block_table` row has, or whose table entry
+  for a page it uses is not a page of `k` gets NaN in its output rows that lie in `q` (and NaN lse);
+  the other sequences are computed as usual. The backward of such a call stays inside the tensors;
+  the bad sequence's gradients are unspecified (every sequence's, when `cu_seqlens_q` decreases).
+- `flash_attn_with_kvcache`: a batch row with `cache_seqlens` negative or, with the new rows, past
+  the cache's capacity, a `cache_batch_idx` that is not a cache row, a `cache_leftpad` negative or
+  past `cache_seqlens`, or a used `block_table` entry that is not a page gets NaN in its output
+  and lse. Its new rows are not appended (with a bad page, those bound for good pages may be); the
+  other rows are appended and computed as usual.
+
+Entries of `block_table` that a sequence does not use (past its length) may hold anything (-1
+included).
 
 Errors that only CUDA inputs raise (the grid limits, device mismatches with a GPU tensor) are
 produced here with FakeTensor CUDA tensors, which reach the same checks without a GPU.

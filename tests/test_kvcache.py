@@ -476,6 +476,7 @@ def test_options(dev, option, rotary):
     """softcap, local windows and ALiBi against the reference with the same option (rotary
     queries are positional when local, as causal): the CPU path, and on the GPU the split-KV
     kernel (seqlen_q 3, group 4: 12 packed rows)."""
+    _need(dev, False)
     case = build(dev, batch=3, seqlen_q=3, group=4, cache_len=40, seqlen_new=2, rotary_dim=16 if rotary else 0)
     run_case(dev, case, **_option_values(option, case))
 

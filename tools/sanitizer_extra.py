@@ -5,7 +5,11 @@ at its packed-row limit (64 rows: seqlen_q 16 x group 4) and with group 8, no ap
 cache_seqlens, appends of 5 rows crossing 16-row pages, rows with no cached key, more splits than
 key blocks, the long-query route of flash_attn_with_kvcache (the forward kernel over cache rows,
 contiguous and in 64-row pages) and the split-KV kernel on more than 64 packed rows (paged 16),
-and a grid with batch x heads above 65,535. Small shapes: memcheck slows kernels ~100x.
+a grid with batch x heads above 65,535, and index values out of range that the host does not
+check (FLASH_CUTE_CHECK_INDICES off): cu_seqlens past the tensors or decreasing, block-table
+entries that are not pages, cache_seqlens past the capacity or negative, cache_batch_idx and
+cache_leftpad out of range, on every route (the kernels must touch nothing outside the tensors).
+Small shapes: memcheck slows kernels ~100x.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitizer_extra.py
 """
@@ -101,6 +105,45 @@ def wide_grid():
                                        randn(1100, 1, 8, 64), randn(1100, 1, 8, 64),
                                        cache_seqlens=torch.randint(0, 39, (1100,), dtype=torch.int32, device=dev))
 skip_unbuilt(wide_grid)
+
+# Index values out of range, unchecked on CUDA: the kernels hold them to the tensors (NaN rows).
+def bad_index_values():
+    for d in (64, 128):
+        lens = [40, 130, 70]
+        q, k, v = randn(sum(lens), 4, d, grad=True), randn(sum(lens), 2, d, grad=True), randn(sum(lens), 2, d, grad=True)
+        total = sum(lens)
+        for cu_q, cu_k in (([0, 40, 170, total + 500], [0, 40, 170, total]),   # q's last end past q
+                           ([0, 40, 170, total], [0, 40, 20, total]),          # decreasing k
+                           ([-9, 40, 170, total], [0, 40, 170, total + 99])):  # negative start, k past k
+            cq, ck = (torch.tensor(c, device=dev, dtype=torch.int32) for c in (cu_q, cu_k))
+            out = flash_cute.flash_attn_varlen_func(q, k, v, cq, ck, 200, 200, causal=True)
+            torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        for page in (256, 16):  # in place, gathered
+            pages = randn(6 * 256 // page, page, 2, d)
+            table = torch.tensor([[0, 1, 99], [-3, 2, 3], [4, 5, 1 << 30]], device=dev, dtype=torch.int32)
+            table = table.repeat_interleave(256 // page, dim=1)
+            ck = torch.tensor([0, 300, 600, 1300], device=dev, dtype=torch.int32)  # the last needs 6 pages of 256
+            flash_cute.flash_attn_varlen_func(q, pages, pages, cu(lens), ck, 200, 700, block_table=table)
+        # kvcache: decode route (seqlen_q 1) and forward route (seqlen_q 80), contiguous and paged
+        cache = lambda: (randn(3, 96, 2, d), randn(3, 96, 2, d))
+        seqlens = torch.tensor([95, -4, 60], device=dev, dtype=torch.int32)
+        for sq in (1, 80):
+            for splits in (1, 4):
+                kc, vc = cache()
+                flash_cute.flash_attn_with_kvcache(randn(3, sq, 4, d), kc, vc, randn(3, 2, 2, d), randn(3, 2, 2, d),
+                                                   cache_seqlens=seqlens, num_splits=splits, causal=True)
+                kc, vc = cache()
+                flash_cute.flash_attn_with_kvcache(
+                    randn(3, sq, 4, d), kc, vc, randn(3, 1, 2, d), randn(3, 1, 2, d), num_splits=splits,
+                    cache_seqlens=torch.tensor([10, 20, 30], device=dev, dtype=torch.int32),
+                    cache_batch_idx=torch.tensor([2, 0, -1], device=dev, dtype=torch.int32),
+                    cache_leftpad=torch.tensor([11, 5, 0], device=dev, dtype=torch.int32))
+                pk, pv = randn(4, 16, 2, d), randn(4, 16, 2, d)
+                flash_cute.flash_attn_with_kvcache(
+                    randn(3, sq, 4, d), pk, pv, randn(3, 1, 2, d), randn(3, 1, 2, d), num_splits=splits,
+                    cache_seqlens=torch.tensor([15, 31, 40], device=dev, dtype=torch.int32),
+                    block_table=torch.tensor([[0, 4], [1, -2], [2, 3]], device=dev, dtype=torch.int32))
+skip_unbuilt(bad_index_values)
 
 torch.cuda.synchronize()
 print("extra sweep done")

@@ -20,6 +20,7 @@
 #include "flash_cute/launch.h"
 #include "flash_cute/options.h"
 #include "flash_cute/params.h"
+#include "flash_cute/seqlen.h"
 #include "flash_cute/softmax.h"
 #include "flash_cute/utils.h"
 
@@ -111,9 +112,12 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   const int row0 = (blockIdx.y % m_tiles) * kRows;
   const int rows = min(kRows, packed_rows - row0);
 
-  const int cached = p.cache_seqlens != nullptr ? p.cache_seqlens[batch] : p.seqlen_k;
-  const int leftpad = p.leftpad != nullptr ? p.leftpad[batch] : 0;
-  const int len_k = cached + p.seqlen_new - leftpad;  // visible keys; key j sits at position leftpad + j
+  const bool paged = p.block_table != nullptr;
+  // A row whose index values leave the cache sees no key and gets NaN (so does one with a
+  // block-table entry that is not a page: page_bad below).
+  const CacheSpan span = cache_span(p, batch);
+  const int leftpad = span.leftpad;
+  const int len_k = span.bad ? 0 : span.cached + p.seqlen_new - leftpad;  // visible keys, at positions leftpad + j
   const int diagonal = len_k - p.seqlen_q;
   // Keys this tile can see: [block0 * kBlockN, keys), cut by the window of its first and last
   // query row (causal: the window's right side is 0).
@@ -133,24 +137,27 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   // ------------------------------------------------------------------------------------------
   // Global memory
   // ------------------------------------------------------------------------------------------
-  const bool paged = p.block_table != nullptr;
-  const int64_t cache_row = p.cache_batch_idx != nullptr ? p.cache_batch_idx[batch] : batch;
   const Element* k_base = static_cast<const Element*>(p.k) + head_k * p.k_head_stride;
   const Element* v_base = static_cast<const Element*>(p.v) + head_k * p.v_head_stride;
-  if (!paged) {
-    k_base += cache_row * p.k_batch_stride + int64_t(leftpad) * p.k_row_stride;
-    v_base += cache_row * p.v_batch_stride + int64_t(leftpad) * p.v_row_stride;
+  if (!paged && !span.bad) {
+    k_base += span.cache_row * p.k_batch_stride + int64_t(leftpad) * p.k_row_stride;
+    v_base += span.cache_row * p.v_batch_stride + int64_t(leftpad) * p.v_row_stride;
   }
   // Paged: where this warp's key block of step t starts, as the offsets of its first row in K and
   // V. A page holds whole blocks (page_size % 16 == 0; paged caches have no left padding). Lane l
   // looks up step 32 c + l of chunk c, a chunk ahead of use, and the steps shuffle it out: one
-  // table read per lane per 32 steps, its latency hidden behind the 32 steps before.
+  // table read per lane per 32 steps, its latency hidden behind the 32 steps before. An entry
+  // that is not a page gives offset -1.
   auto lookup = [&](int chunk, int64_t& k_off, int64_t& v_off) {
     const int t = chunk * 32 + lane;
     k_off = v_off = 0;
     if (!paged || t >= steps) return;
     const int key = step_key(t);
     const int64_t page = p.block_table[batch * p.block_table_batch_stride + key / p.page_size];
+    if (page < 0 || page >= p.cache_batch) {
+      k_off = v_off = -1;
+      return;
+    }
     const int64_t row = key % p.page_size;
     k_off = page * p.k_batch_stride + row * p.k_row_stride;
     v_off = page * p.v_batch_stride + row * p.v_row_stride;
@@ -181,7 +188,9 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
 
   // Issues the cp.async of this warp's key block of step t into `stage`; t advances by one per
   // call. Rows past the visible keys and columns past the head dim are zero-filled, so they add
-  // nothing (and no NaN) to P V.
+  // nothing (and no NaN) to P V. A block whose block-table entry is not a page is neither read
+  // nor appended to, and sets page_bad.
+  bool page_bad = false;
   auto load_block = [&](int t, int stage) {
     const int key0 = step_key(t);
     int64_t k_off = int64_t(key0) * p.k_row_stride, v_off = int64_t(key0) * p.v_row_stride;
@@ -193,7 +202,9 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
       k_off = __shfl_sync(0xffffffff, k_off_cur, t % 32);
       v_off = __shfl_sync(0xffffffff, v_off_cur, t % 32);
     }
-    const int valid = keys - key0;
+    const bool page_ok = k_off >= 0;
+    page_bad |= !page_ok;
+    const int valid = page_ok ? keys - key0 : 0;
     Tensor sK = make_tensor(tKsK0.data() + (k_tile(stage) - ring), tKsK0.layout());
     Tensor sV = make_tensor(tKsK0.data() + (v_tile(stage) - ring), tKsK0.layout());
     if (min(key0 + kBlockN, keys) <= new_begin) {  // old keys only: tiled copies from the cache
@@ -324,6 +335,17 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
     __syncwarp();  // every lane is done with the stage before the next step refills it
   }
   cp_async_wait<0>();
+  // Paged: split 0 also checks the pages of the keys this tile never reads (a causal or local
+  // window's), so that a row with a block-table entry that is not a page is NaN in every tile.
+  if (paged && split == 0) {
+    const int* table_row = p.block_table + batch * p.block_table_batch_stride;
+    auto check_pages = [&](int key_begin, int key_end) {
+      for (int j = key_begin / p.page_size + int(threadIdx.x); j * p.page_size < key_end; j += Traits::kThreads)
+        page_bad |= table_row[j] < 0 || table_row[j] >= p.cache_batch;
+    };
+    check_pages(0, min(block0 * kBlockN, len_k));
+    check_pages(keys, len_k);
+  }
 
   // ------------------------------------------------------------------------------------------
   // Merge the warps: each scales its O by exp(scale * (its max - the merged max)) / merged sum
@@ -339,7 +361,9 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
       smem.row_sum[warp][row] = sum;
     }
   }
-  __syncthreads();  // the statistics are visible, and every warp is done with its K/V ring
+  // The statistics are visible, every warp is done with its K/V ring, and the CTA knows whether
+  // a block-table entry was not a page.
+  const bool nan_out = span.bad || __syncthreads_or(page_bad);
 
   float* staged = reinterpret_cast<float*>(smem.kv.data());  // [warp][row][kStageRowFloats]
   CUTE_UNROLL
@@ -373,6 +397,8 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
       acc[0] += a.x, acc[1] += a.y, acc[2] += a.z, acc[3] += a.w;
       acc[4] += b.x, acc[5] += b.y, acc[6] += b.z, acc[7] += b.w;
     }
+    CUTE_UNROLL
+    for (int j = 0; j < 8; ++j) acc[j] = nan_out ? NAN : acc[j];
     const int packed = row0 + r, i = packed / group, head = head_k * group + packed % group;
     if (partial) {
       const int64_t row = (int64_t(batch) * p.heads + head) * p.seqlen_q + i;
@@ -394,8 +420,8 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
     float max, sum;
     merged_row_stats<kWarps>(smem, r, p.scale_log2, max, sum);
     const int packed = row0 + r, i = packed / group, head = head_k * group + packed % group;
-    const bool empty = sum == 0.f;
-    const float lse = max * p.lse_scale + __logf(sum);
+    const bool empty = sum == 0.f && !nan_out;
+    const float lse = nan_out ? NAN : max * p.lse_scale + __logf(sum);
     if (partial) {
       const int64_t row = (int64_t(batch) * p.heads + head) * p.seqlen_q + i;
       p.lse_accum[split * accum_rows + row] = empty ? -INFINITY : lse;

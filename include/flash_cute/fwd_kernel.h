@@ -242,6 +242,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
   constexpr int kBlockM = Traits::kBlockM;
   const SeqSpan seq = seq_span<kVarlen>(p, blockIdx.z);
   const int m_blocks = kVarlen ? ceil_div(seq.len_q, kBlockM) : int(gridDim.x);
+  if constexpr (kVarlen) {
+    if (seq.bad || (p.block_table != nullptr && !pages_in_bounds(p, blockIdx.z, 0, seq.len_k))) {
+      // Index values out of range (see seq_span): this CTA's rows of the sequence get NaN.
+      using Element = typename Traits::Element;
+      const int head = blockIdx.y, d = p.head_dim;
+      for (int i = blockIdx.x; i < m_blocks; i += gridDim.x) {
+        const int row0 = seq.q_row0 + i * kBlockM, rows = min(kBlockM, seq.len_q - i * kBlockM);
+        for (int e = threadIdx.x; e < rows * d; e += Traits::kThreads) {
+          static_cast<Element*>(p.o)[(row0 + e / d) * p.o_row_stride + head * p.o_head_stride + e % d] = Element(NAN);
+        }
+        for (int r = threadIdx.x; r < rows; r += Traits::kThreads)
+          p.lse[head * p.lse_head_stride + row0 + r] = NAN;
+      }
+      return;
+    }
+  }
   for (int i = blockIdx.x; i < m_blocks; i += gridDim.x) {
     if (i != int(blockIdx.x)) __syncthreads();  // every thread is done with the previous block's tiles
     fwd_block<Traits, kVarlen, kOptions, kDropout>(p, smem, seq, Traits::kCausal ? m_blocks - 1 - i : i, blockIdx.y, blockIdx.z);

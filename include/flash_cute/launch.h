@@ -119,6 +119,8 @@ void run_bwd_convert_dq(const BwdParams& params, DType dtype, cudaStream_t strea
 template <DType kDType, int kHeadDim>
 void run_decode(const DecodeParams& params, cudaStream_t stream);
 void run_decode_combine(const DecodeParams& params, DType dtype, cudaStream_t stream);
+// flash_attn_with_kvcache's append for the calls that do not run the split-KV kernel (src/append_kv.cu).
+void run_append_kv(const DecodeParams& params, cudaStream_t stream);
 
 // The split count of num_splits = 0: from quantities fixed while a model decodes (batch, KV
 // heads, packed query rows, cache capacity, the GPU), never the current lengths, so a CUDA graph

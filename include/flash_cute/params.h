@@ -81,6 +81,11 @@ struct FwdParams {
   const int* block_table = nullptr;
   int64_t block_table_batch_stride = 0;
   int page_size = 0;
+  // Bounds of the index values above, which the host does not read (varlen only): the rows of q
+  // (total_q), the rows of k, v or, paged, their pages (total_k), the block table's columns
+  // (block_table_width). A sequence whose cu_seqlens or pages fall outside them reads and writes
+  // only inside the tensors, and the forward gives its rows NaN (see seq_span in seqlen.h).
+  int total_q = 0, total_k = 0, block_table_width = 0;
 };
 
 // Whether a call needs the kernels with options (run_fwd_options, run_bwd_options): every kernel
@@ -157,6 +162,11 @@ struct DecodeParams {
   const int* block_table = nullptr;      // int32 (batch, pages per row), nullptr: contiguous rows
   int64_t block_table_batch_stride = 0;
   int page_size = 0;  // a multiple of 16 (of decode_tile().block_n)
+  // Bounds of the index values above, which the host does not read: the cache rows, or pages, of
+  // k and v (cache_batch), and the positions of one batch row (capacity: the cache length, or
+  // the block table's width times page_size). A batch row whose values fall outside them gets NaN
+  // in its output and lse, and neither reads nor writes outside the caches (see decode_kernel).
+  int cache_batch = 0, capacity = 0;
 
   float scale = 0.f, scale_log2 = 0.f, lse_scale = 0.f;  // as in FwdParams
   bool causal = false;  // bottom-right aligned: query i sees keys j <= i + len_k - seqlen_q

@@ -180,20 +180,51 @@ def _lse_strides(lse: torch.Tensor, varlen: _Varlen | None) -> tuple[int, int]:
     return (lse.stride(0), lse.stride(1)) if varlen is None else (0, lse.stride(0))
 
 
-def _cu_seqlens_ptrs(varlen: _Varlen | None) -> tuple[int, int]:
-    return (0, 0) if varlen is None else (varlen.cu_seqlens_q.data_ptr(), varlen.cu_seqlens_k.data_ptr())
+def _varlen_args(varlen: _Varlen | None, q: torch.Tensor, k: torch.Tensor, block_table=None) -> tuple:
+    """cu_seqlens_q, cu_seqlens_k as pointers and the bounds the kernels hold their values to
+    (rows of q, rows or pages of k, block-table columns): the host never reads them."""
+    if varlen is None:
+        return 0, 0, (0, 0, 0)
+    return (varlen.cu_seqlens_q.data_ptr(), varlen.cu_seqlens_k.data_ptr(),
+            (q.shape[0], k.shape[0], 0 if block_table is None else block_table.shape[1]))
 
 
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor:
     """The rows of a paged K or V cache (num_pages, page_size, nheads_k, d) as the concatenated
     varlen rows (total_k, nheads_k, d): key j of sequence b is row j % page_size of page
-    block_table[b, j // page_size]. Differentiable in ``cache``; one host sync (total_k)."""
+    block_table[b, j // page_size]. Differentiable in ``cache``; one host sync (total_k). The
+    values must be in range: checked ones, or those checked_pages returns."""
     page_size = cache.shape[1]
     cu = cu_seqlens_k.long()
     rows = torch.arange(int(cu[-1]), device=cache.device)
     seq = torch.searchsorted(cu, rows, right=True) - 1
     j = rows - cu[seq]
     return cache[block_table.long()[seq, j // page_size], j % page_size]
+
+
+def checked_pages(block_table: torch.Tensor, cu_seqlens_k: torch.Tensor, num_pages: int,
+                  page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged K/V about to be gathered, with index values the host has not checked (CUDA): the
+    sequences whose cu_seqlens_k or used block-table entries are out of range (bad, (batch,)
+    bool), and cu_seqlens_k with their lengths set to 0, safe for gather_pages. Their rows get NaN
+    afterwards (nan_rows), as the kernels do for the pages they read in place. No host sync."""
+    lens = cu_seqlens_k[1:].long() - cu_seqlens_k[:-1].long()
+    width = block_table.shape[1]
+    bad = (cu_seqlens_k[:-1] < 0) | (lens < 0) | (lens > width * page_size)
+    used = torch.arange(width, device=lens.device) * page_size < lens[:, None]
+    bad |= (used & ((block_table < 0) | (block_table >= num_pages))).any(1)
+    safe = torch.zeros_like(cu_seqlens_k)
+    safe[1:] = lens.masked_fill(bad, 0).cumsum(0)
+    return bad, safe
+
+
+def nan_rows(out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, cu_seqlens_q: torch.Tensor):
+    """out (total_q, nheads, d) and lse (nheads, total_q) of a varlen call with NaN in the rows of
+    the sequences marked bad (see checked_pages). Out of place: autograd may hold out."""
+    rows = torch.arange(out.shape[0], device=out.device)
+    seq = (torch.searchsorted(cu_seqlens_q, rows.to(cu_seqlens_q.dtype), right=True) - 1).clamp_(0, bad.numel() - 1)
+    mask = bad[seq]
+    return out.masked_fill(mask[:, None, None], math.nan), lse.masked_fill(mask[None, :], math.nan)
 
 
 @functools.cache
@@ -229,10 +260,12 @@ def _cuda_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen | Non
         return out.zero_(), lse.fill_(math.inf)
     _check_kernel_options(options, q.dtype, d)
     block_table, page_size = (None, 0) if varlen is None else (varlen.block_table, k.shape[1])
+    bad = None
     if block_table is not None and page_size % _fwd_block_n(d, causal) != 0:
         # The kernel reads whole key blocks from one page; other page sizes are gathered first.
-        k, v = gather_pages(k, block_table, varlen.cu_seqlens_k), gather_pages(v, block_table, varlen.cu_seqlens_k)
-        block_table = None
+        bad, cu_k = checked_pages(block_table, varlen.cu_seqlens_k, k.shape[0], page_size)
+        k, v = gather_pages(k, block_table, cu_k), gather_pages(v, block_table, cu_k)
+        varlen, block_table = varlen._replace(cu_seqlens_k=cu_k, block_table=None), None
     q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     s_dmask_layout = (*s_dmask.stride()[:3], *s_dmask.shape[2:]) if s_dmask.numel() else (0, 0, 0, 0, 0)
     _C().fwd(
@@ -240,11 +273,13 @@ def _cuda_fwd(q, k, v, softmax_scale: float, causal: bool, varlen: _Varlen | Non
         batch, seqlen_q, seqlen_k, nheads, nheads_k, d,
         _strides(q, varlen), _strides(k, varlen), _strides(v, varlen), _strides(out, varlen),
         _lse_strides(lse, varlen), softmax_scale, causal, options.kernel_args(),
-        _ptr(s_dmask) if s_dmask.numel() else 0, s_dmask_layout, *_cu_seqlens_ptrs(varlen),
+        _ptr(s_dmask) if s_dmask.numel() else 0, s_dmask_layout, *_varlen_args(varlen, q, k, block_table),
         _ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size,
         _dtype_code(q.dtype), q.device.index,
         _stream(q.device.index),
     )
+    if bad is not None:
+        out, lse = nan_rows(out, lse, bad, varlen.cu_seqlens_q)
     return out, lse
 
 
@@ -421,7 +456,7 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
         batch, seqlen_q, seqlen_k, nheads, nheads_k, d, expand,
         _strides(q, varlen), _strides(k, varlen), _strides(v, varlen), _strides(out, varlen),
         _strides(dout, varlen), _strides(dq_k, varlen), _strides(dk_k, varlen), _strides(dv_k, varlen),
-        _lse_strides(lse, varlen), softmax_scale, causal, options.kernel_args(), *_cu_seqlens_ptrs(varlen),
+        _lse_strides(lse, varlen), softmax_scale, causal, options.kernel_args(), *_varlen_args(varlen, q, k),
         _dtype_code(q.dtype), q.device.index,
         _stream(q.device.index),
     )
@@ -721,7 +756,7 @@ def decode_eager(
         out.stride()[:3], lse.stride()[:2],
         _ptr(cache_seqlens), _ptr(cache_batch_idx), _ptr(cache_leftpad),
         _ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size,
-        softmax_scale, causal, softcap, window_left, window_right, _ptr(alibi_slopes),
+        (k_cache.shape[0], min(capacity, 2**31 - 1)), softmax_scale, causal, softcap, window_left, window_right, _ptr(alibi_slopes),
         0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.stride(0),
         num_splits, _dtype_code(q.dtype), device.index, _stream(device.index),
     )
@@ -794,3 +829,65 @@ def _(q, k_cache, v_cache, k_new, v_new, softmax_scale, causal, seqlen_k, seqlen
       cache_leftpad, block_table, num_splits, softcap=0.0, window_left=-1, window_right=-1, alibi_slopes=None):
     batch, seqlen_q, nheads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, nheads, seqlen_q), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The kvcache append where the split-KV kernel does not do it
+# ------------------------------------------------------------------------------------------------
+
+def _append_kv_torch(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_batch_idx, block_table) -> None:
+    """The append as torch indexing: for index values checked beforehand (an out-of-range one
+    would make CUDA's indexing kernels fail the whole context)."""
+    batch, seqlen_new = k_new.shape[:2]
+    positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=k_new.device)
+    if block_table is not None:
+        page_size = k_cache.shape[1]
+        rows, positions = block_table.long().gather(1, positions // page_size), positions % page_size
+    else:
+        rows = torch.arange(batch, device=k_new.device) if cache_batch_idx is None else cache_batch_idx.long()
+        rows = rows[:, None]
+    k_cache[rows, positions] = k_new
+    v_cache[rows, positions] = v_new
+
+
+def append_kv_eager(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                    cache_seqlens: torch.Tensor, cache_batch_idx: Optional[torch.Tensor],
+                    cache_leftpad: Optional[torch.Tensor], block_table: Optional[torch.Tensor]) -> None:
+    """Writes k_new, v_new (batch, seqlen_new, nheads_k, d) into the caches at positions
+    cache_seqlens[b] (int32 (batch,)) .. of cache row cache_batch_idx[b] (or b), or of the pages of
+    block_table[b]. On CUDA (float16, bfloat16, caches with a contiguous last dimension) a kernel
+    does it and holds the index values, which the host never reads, to the caches: a batch row
+    whose values leave them (cache_leftpad is only checked) appends nothing, and a table entry
+    that is not a page takes no row. Elsewhere torch indexing, after the caller's value checks."""
+    if not (k_cache.is_cuda and k_cache.dtype in _KERNEL_DTYPES and k_cache.stride(-1) == 1
+            and v_cache.stride(-1) == 1):
+        _append_kv_torch(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_batch_idx, block_table)
+        return
+    batch, seqlen_new, nheads_k, d = k_new.shape
+    k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_new, v_new))
+    index = [None if t is None else t.to(torch.int32).contiguous()
+             for t in (cache_seqlens, cache_batch_idx, cache_leftpad, block_table)]
+    if block_table is None:
+        page_size, capacity = 0, k_cache.shape[1]
+    else:
+        page_size, capacity = k_cache.shape[1], block_table.shape[1] * k_cache.shape[1]
+    device = k_cache.device.index
+    _C().append_kv(
+        k_cache.data_ptr(), v_cache.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), batch, nheads_k, d, 0, seqlen_new,
+        k_cache.stride()[:3], v_cache.stride()[:3], k_new.stride()[:3], v_new.stride()[:3], *map(_ptr, index),
+        0 if block_table is None else index[3].stride(0), page_size, (k_cache.shape[0], min(capacity, 2**31 - 1)),
+        device, _stream(device),
+    )
+
+
+@torch.library.custom_op("flash_cute::append_kv", mutates_args=("k_cache", "v_cache"))
+def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+              cache_seqlens: torch.Tensor, cache_batch_idx: Optional[torch.Tensor],
+              cache_leftpad: Optional[torch.Tensor], block_table: Optional[torch.Tensor]) -> None:
+    """The operator that torch.compile and torch.export see; eager calls take append_kv_eager."""
+    append_kv_eager(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+
+
+@append_kv.register_fake
+def _(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_batch_idx, cache_leftpad, block_table):
+    return None

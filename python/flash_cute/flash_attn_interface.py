@@ -124,20 +124,24 @@ def _check_block_table(block_table, batch: int, device) -> None:
 
 
 # The values in the index tensors (cu_seqlens_*, cache_seqlens, cache_batch_idx, cache_leftpad,
-# block_table) say where the kernels read and write: a value out of range would make them read or
-# write outside the tensors. They are checked on the host: always for CPU tensors (no cost worth
-# naming), for CUDA tensors only when CHECK_INDEX_VALUES is true (environment variable
-# FLASH_CUTE_CHECK_INDICES=1), because reading them costs a host sync per call, which the decoding
-# loop and the varlen path are written to avoid (the official package does not check them
-# either). Never inside torch.compile / torch.export graphs or while a CUDA graph is captured.
+# block_table) say where the kernels read and write. They are checked on the host (a clear error):
+# always for CPU tensors (no cost worth naming), for CUDA tensors only when CHECK_INDEX_VALUES is
+# true (environment variable FLASH_CUTE_CHECK_INDICES=1), because reading them costs a host sync
+# per call, which the decoding loop and the varlen path are written to avoid. Never inside
+# torch.compile / torch.export graphs or while a CUDA graph is captured. Unchecked, the kernels
+# hold them to the tensors (seq_span and cache_span in include/flash_cute/seqlen.h): a sequence or
+# cache row with values out of range gets NaN output, and nothing outside the tensors is touched.
 CHECK_INDEX_VALUES = os.environ.get("FLASH_CUTE_CHECK_INDICES", "0").strip().lower() not in ("", "0", "false", "no")
 
 
 def _check_index_values(q) -> bool:
     """Whether this call checks the values of its index tensors (see CHECK_INDEX_VALUES). On the
-    CUDA hot path (the flag off) this is one attribute read."""
+    CUDA hot path (the flag off) this is one attribute read. CUDA tensors of other dtypes than
+    float16 / bfloat16 run the reference in torch ops, which cannot hold bad values to the
+    tensors as the kernels do: they are always checked."""
     if q.is_cuda:
-        return CHECK_INDEX_VALUES and not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing())
+        return ((CHECK_INDEX_VALUES or q.dtype not in _ops._KERNEL_DTYPES)
+                and not (torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()))
     return q.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -408,19 +412,26 @@ def _attention(kind, tensors, varlen, dropout_p, softmax_scale, causal, window_s
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     tensors = tuple(_pad_head_dim(t) for t in tensors)
+    bad = None  # paged K/V gathered with unchecked index values: the sequences out of range
     if varlen is not None and varlen[4] is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         # Paged K/V with gradients: the backward runs on the gathered rows (autograd scatters the
         # gradients back into the pages).
         q, k, v = _unpack(kind, tensors)
-        cu_seqlens_k, block_table = varlen[1], varlen[4]
+        block_table = varlen[4]
+        if _check_index_values(q):
+            cu_seqlens_k = varlen[1]
+        else:  # unchecked values: the sequences out of range get NaN rows, as in the kernels
+            bad, cu_seqlens_k = _ops.checked_pages(block_table, varlen[1], k.shape[0], k.shape[1])
         k, v = _ops.gather_pages(k, block_table, cu_seqlens_k), _ops.gather_pages(v, block_table, cu_seqlens_k)
-        kind, tensors, varlen = "", (q, k, v), (*varlen[:4], None)
+        kind, tensors, varlen = "", (q, k, v), (varlen[0], cu_seqlens_k, *varlen[2:4], None)
     args = (float(softmax_scale), causal, bool(deterministic), *(varlen or (None, None, 0, 0, None)), softcap,
             *window, alibi_slopes, dropout_p, _rng_state(dropout_p, q.device), bool(return_attn_probs))
     if kind:
         out, lse, s_dmask = _PackedAttention.apply(kind, args, *tensors)
     else:
         out, lse, s_dmask = _ops.fwd_call(*tensors, *args)
+    if bad is not None:
+        out, lse = _ops.nan_rows(out, lse, bad, varlen[0])
     out = out[..., :head_dim]
     if return_attn_probs:
         return out, lse, s_dmask
@@ -584,7 +595,9 @@ def flash_attn_varlen_func(
             others are gathered into contiguous rows first (a copy and one host sync). With
             gradients, the pages are gathered too and autograd adds dk, dv back into them.
         (The values of cu_seqlens_* and block_table are checked for CPU tensors, for CUDA tensors
-        only with FLASH_CUTE_CHECK_INDICES=1: a host sync per call; see docs/errors.md.)
+        only with FLASH_CUTE_CHECK_INDICES=1: a host sync per call. Unchecked, a sequence whose
+        values leave the tensors gets NaN rows, and nothing outside them is read or written;
+        see docs/errors.md.)
     Return:
         out: (total_q, nheads, headdim).
         softmax_lse [optional, if return_attn_probs=True]: (nheads, total_q), float32.
@@ -822,7 +835,9 @@ def flash_attn_with_kvcache(
 
     The values of cache_seqlens, cache_batch_idx, cache_leftpad and block_table must stay in
     their caches' bounds: CPU tensors are checked (FlashAttnValueError), CUDA tensors only with
-    FLASH_CUTE_CHECK_INDICES=1, which costs a host sync per call (docs/errors.md).
+    FLASH_CUTE_CHECK_INDICES=1, which costs a host sync per call. Unchecked, a batch row whose
+    values leave the cache gets NaN output and lse and appends nothing; nothing outside the
+    caches is written (docs/errors.md).
 
     Arguments:
         q: (batch_size, seqlen, nheads, headdim).
@@ -892,26 +907,23 @@ def flash_attn_with_kvcache(
         else:
             seqlens = cache_seqlens.long()
         rows = torch.arange(batch, device=device) if cache_batch_idx is None else cache_batch_idx.long()
+    # Unchecked CUDA index values (see CHECK_INDEX_VALUES) are held to the tensors below: rotary
+    # positions are clamped to the tables (a row whose values are out of range gets NaN anyway),
+    # the append and the kernels skip what lies outside the caches.
+    last_rotary = None if rotary_cos is None else rotary_cos.shape[0] - 1
     # 1. The new keys rotated at their positions s, s + 1, ..., and appended (here, or by the kernel).
     if k is not None:
-        positions = None if seqlens is None else seqlens[:, None] + torch.arange(seqlen_new, device=device)
         if rotary_cos is not None:
-            k = _rotate(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
-        if fused_append:
-            pass  # the kernel writes them
-        elif block_table is not None:
-            page_size = k_cache.shape[1]
-            pages = block_table.long().gather(1, positions // page_size)
-            k_cache[pages, positions % page_size] = k
-            v_cache[pages, positions % page_size] = v
-        else:
-            k_cache[rows[:, None], positions] = k
-            v_cache[rows[:, None], positions] = v
+            positions = seqlens[:, None] + torch.arange(seqlen_new, device=device)
+            k = _rotate(k, rotary_cos, rotary_sin, positions.clamp_(0, last_rotary), rotary_interleaved)
+        if not fused_append:  # else the kernel writes them
+            (_ops.append_kv if tracing else _ops.append_kv_eager)(k_cache, v_cache, k, v, seqlens, cache_batch_idx,
+                                                                   cache_leftpad, block_table)
     # 2. q rotated at s + i (causal or local) or at s for every row.
     if rotary_cos is not None:
         offsets = (torch.arange(seqlen_q, device=device) if positional_q
                    else torch.zeros(seqlen_q, dtype=torch.long, device=device))
-        q = _rotate(q, rotary_cos, rotary_sin, seqlens[:, None] + offsets, rotary_interleaved)
+        q = _rotate(q, rotary_cos, rotary_sin, (seqlens[:, None] + offsets).clamp_(0, last_rotary), rotary_interleaved)
     # 3. Attention: the split-KV kernel, or the varlen forward kernel with cache rows read as pages.
     if decode:
         dense = [None if t is None else t.contiguous() for t in (cache_batch_idx, cache_leftpad, block_table)]
@@ -926,15 +938,25 @@ def flash_attn_with_kvcache(
             out = out[..., :d]
         return (out, lse) if return_softmax_lse else out
     keys, values = k_cache, v_cache
+    leftpad = 0 if cache_leftpad is None else cache_leftpad.long()
+    # Index values the host has not checked (CUDA): a row whose values leave the cache attends to
+    # no key here and gets NaN below.
+    bad = (seqlens < 0) | (seqlens + seqlen_new > cache_len) | (leftpad < 0) | (leftpad > seqlens)
     if block_table is not None:
+        page_size = k_cache.shape[1]
+        used = torch.arange(block_table.shape[1], device=device) * page_size < (seqlens + seqlen_new)[:, None]
+        bad |= (used & ((block_table < 0) | (block_table >= k_cache.shape[0]))).any(1)
         table = block_table
-    elif cache_leftpad is None:
-        table = rows[:, None].to(torch.int32)  # one page per cache row
-    else:  # the visible rows start at the left padding: gathered to the front of each row
-        index = (cache_leftpad.long()[:, None] + torch.arange(cache_len, device=device)).clamp_(max=cache_len - 1)
-        keys, values = k_cache[rows[:, None], index], v_cache[rows[:, None], index]
-        table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
-    visible = seqlens + seqlen_new - (0 if cache_leftpad is None else cache_leftpad.long())
+    else:
+        bad |= (rows < 0) | (rows >= k_cache.shape[0])
+        rows = rows.masked_fill(bad, 0)
+        if cache_leftpad is None:
+            table = rows[:, None].to(torch.int32)  # one page per cache row
+        else:  # the visible rows start at the left padding: gathered to the front of each row
+            index = (leftpad[:, None] + torch.arange(cache_len, device=device)).clamp_(0, cache_len - 1)
+            keys, values = k_cache[rows[:, None], index], v_cache[rows[:, None], index]
+            table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+    visible = (seqlens + seqlen_new - leftpad).masked_fill_(bad, 0)
     cu_seqlens_k = torch.zeros(batch + 1, dtype=torch.int32, device=device)
     cu_seqlens_k[1:] = visible.cumsum(0)
     cu_seqlens_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
@@ -944,9 +966,10 @@ def flash_attn_with_kvcache(
         float(softmax_scale), causal, False, cu_seqlens_q, cu_seqlens_k, seqlen_q, cache_len, table, softcap, *window,
         alibi_slopes,
     )
-    out = out[..., :d].reshape(batch, seqlen_q, nheads, d)
+    out = out[..., :d].reshape(batch, seqlen_q, nheads, d).masked_fill_(bad[:, None, None, None], math.nan)
     if return_softmax_lse:
-        return out, lse.view(nheads, batch, seqlen_q).transpose(0, 1).contiguous()
+        lse = lse.view(nheads, batch, seqlen_q).transpose(0, 1).masked_fill(bad[:, None, None], math.nan)
+        return out, lse.contiguous()
     return out
 
 
