@@ -9,5 +9,5 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.
 python3 -c "import flash_cute; print(flash_cute.build_info())" | tee -a $OUT/gpu.txt
 timeout 330 python3 -m pytest tests -q -m "not slow" -p no:cacheprovider > $OUT/pytest.log 2>&1
 echo "pytest (not slow): rc $?"; grep -E "^(FAILED|ERROR)" $OUT/pytest.log | head -20; tail -2 $OUT/pytest.log
-SANITIZER_TOOLS="memcheck racecheck" timeout 150 bash tools/device-check.sh sanitize 2>&1 | grep compute-sanitizer
+SANITIZER_TOOLS="memcheck racecheck" timeout 200 bash tools/device-check.sh sanitize 2>&1 | grep compute-sanitizer
 [ $# -gt 0 ] && bash tools/visit-bench.sh "$@"
