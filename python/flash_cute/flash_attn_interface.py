@@ -829,7 +829,7 @@ def flash_attn_with_kvcache(
     speculative decoding) run the split-KV (Flash-Decoding) kernel, which packs the query heads of
     a KV head into one tile and splits the keys over as many CTAs as fill the GPU, then merges the
     splits, and writes k and v into the cache in the same pass; longer queries run the forward
-    kernel over the cache rows after a torch append. The rotary embedding of q and k is torch ops
+    kernel over the cache rows after an append kernel. The rotary embedding of q and k is torch ops
     ahead of the kernels. Page sizes: any multiple of 16 is read in place
     (others are gathered, with a host sync). Forward only, as in the official package.
 
