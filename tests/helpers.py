@@ -137,9 +137,10 @@ def _free_block_requests(device, stream):
     return sorted(sizes)
 
 
-def poison_allocator(nbytes):
+def poison_allocator(nbytes, byte=0xFF):
     """Fills the memory that the next CUDA allocations on the current stream will receive with
-    NaN, so that an output element the kernel forgets to write reads as NaN.
+    NaN, so that an output element the kernel forgets to write reads as NaN (``byte=0``: zeros,
+    so that a NaN in an output was written there).
 
     Takes every free block of PyTorch's caching allocator (exact sizes, smallest first: each
     request then lands on a block of its size) plus fresh reserves of ``nbytes`` in the large
@@ -160,7 +161,7 @@ def poison_allocator(nbytes):
             break
         held += [alloc(n) for n in sizes]
     for t in held:
-        t.fill_(0xFF)
+        t.fill_(byte)
     del held
 
 

@@ -27,15 +27,14 @@ import flash_cute.flash_attn_interface as interface
 from flash_cute import FlashAttnValueError
 from flash_cute.reference import kvcache_attention
 from helpers import (
-    _SMALL_REQUEST,
     ROUNDING_TERM,
     _assert_grads_within_2x,
-    _free_block_requests,
     assert_2x_rule,
     assert_lse_matches,
     assert_varlen_2x_rule,
     cu_seqlens_of,
     make_qkv,
+    poison_allocator,
     require_bwd_kernel,
     require_kernel,
     varlen_call_bytes,
@@ -78,24 +77,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(_bits(a), _bits(b))
-
-
-def _zero_next_allocations(nbytes: int) -> None:
-    """helpers.poison_allocator with zero bytes instead of NaN: the memory that the next CUDA
-    allocations receive holds 0.0, so a NaN in the output was written there, never left over."""
-    device, stream = torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream
-    torch.cuda.synchronize()
-    held = [torch.empty(max(nbytes, 2 * _SMALL_REQUEST), dtype=torch.uint8, device="cuda")]
-    held += [torch.empty(_SMALL_REQUEST, dtype=torch.uint8, device="cuda")
-             for _ in range(min(nbytes // _SMALL_REQUEST, 8) + 2)]
-    for _ in range(16):
-        sizes = _free_block_requests(device, stream)
-        if not sizes:
-            break
-        held += [torch.empty(n, dtype=torch.uint8, device="cuda") for n in sizes]
-    for t in held:
-        t.zero_()
-    del held
 
 
 def _assert_unchanged(snapshot) -> None:
@@ -261,7 +242,7 @@ def test_varlen_bad_sequence_gets_nan(case, layout, dtype, causal, gen):
     x = _varlen_inputs(gen, dtype, layout, case)
     snapshot = [(n, t, t.clone()) for n, t in (("q", x.q), ("k", x.k), ("v", x.v), ("cu_seqlens_q", x.cu_q_t),
                                                ("cu_seqlens_k", x.cu_k_t), ("block_table", x.table)) if t is not None]
-    _zero_next_allocations(varlen_call_bytes(x.q, x.k, x.v, len(LENS_Q), max(LENS_K)))
+    poison_allocator(varlen_call_bytes(x.q, x.k, x.v, len(LENS_Q), max(LENS_K)), byte=0)
     out, lse, _ = _varlen_call(x, x.q, x.k, x.v, causal=causal, return_attn_probs=True)
     torch.cuda.synchronize()
     _assert_bad_rows_nan(x, out, lse)
@@ -490,7 +471,7 @@ def test_kvcache_bad_row_gets_nan(case, route, seqlen_new, gen):
     require_kernel(BF16, D, route.causal)
     x = _kvcache_inputs(gen, case, route, seqlen_new)
     snapshot = [(n, t, t.clone()) for n, t in (("q", x.q), ("k", x.k), ("v", x.v), *x.index.items()) if t is not None]
-    _zero_next_allocations(4 * (x.q.nbytes + x.k_cache.nbytes + x.v_cache.nbytes) + (8 << 20))
+    poison_allocator(4 * (x.q.nbytes + x.k_cache.nbytes + x.v_cache.nbytes) + (8 << 20), byte=0)
     out, lse = _kvcache_call(x, route)
     torch.cuda.synchronize()
     if x.bad is not None:

@@ -202,6 +202,14 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_k: t
     return cache[block_table.long()[seq, j // page_size], j % page_size]
 
 
+def unpaged_entries(block_table: torch.Tensor, keys: torch.Tensor, page_size: int, num_pages: int) -> torch.Tensor:
+    """(batch, width) bool: the block-table entries that batch row b uses (its first
+    ceil(keys[b] / page_size)) and that are not pages of the cache (outside [0, num_pages)).
+    Unused entries may hold anything."""
+    in_use = torch.arange(block_table.shape[1], device=block_table.device) * page_size < keys[:, None]
+    return in_use & ((block_table < 0) | (block_table >= num_pages))
+
+
 def checked_pages(block_table: torch.Tensor, cu_seqlens_k: torch.Tensor, num_pages: int,
                   page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged K/V about to be gathered, with index values the host has not checked (CUDA): the
@@ -211,8 +219,7 @@ def checked_pages(block_table: torch.Tensor, cu_seqlens_k: torch.Tensor, num_pag
     lens = cu_seqlens_k[1:].long() - cu_seqlens_k[:-1].long()
     width = block_table.shape[1]
     bad = (cu_seqlens_k[:-1] < 0) | (lens < 0) | (lens > width * page_size)
-    used = torch.arange(width, device=lens.device) * page_size < lens[:, None]
-    bad |= (used & ((block_table < 0) | (block_table >= num_pages))).any(1)
+    bad |= unpaged_entries(block_table, lens, page_size, num_pages).any(1)
     safe = torch.zeros_like(cu_seqlens_k)
     safe[1:] = lens.masked_fill(bad, 0).cumsum(0)
     return bad, safe

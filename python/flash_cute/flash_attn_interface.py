@@ -186,8 +186,7 @@ def _check_block_table_values(block_table: torch.Tensor, keys: torch.Tensor, pag
             f"batch row {b} has {int(keys[b])} keys ({what}), more than its block_table row holds "
             f"({width} pages of {page_size} rows)"
         )
-    in_use = torch.arange(width, device=table.device)[None, :] < used[:, None]
-    at = _first_bad(in_use & ((table < 0) | (table >= num_pages)))
+    at = _first_bad(_ops.unpaged_entries(table, keys.long(), page_size, num_pages))
     if at is not None:
         b, j = at
         raise FlashAttnValueError(
@@ -943,9 +942,7 @@ def flash_attn_with_kvcache(
     # no key here and gets NaN below.
     bad = (seqlens < 0) | (seqlens + seqlen_new > cache_len) | (leftpad < 0) | (leftpad > seqlens)
     if block_table is not None:
-        page_size = k_cache.shape[1]
-        used = torch.arange(block_table.shape[1], device=device) * page_size < (seqlens + seqlen_new)[:, None]
-        bad |= (used & ((block_table < 0) | (block_table >= k_cache.shape[0]))).any(1)
+        bad |= _ops.unpaged_entries(block_table, seqlens + seqlen_new, k_cache.shape[1], k_cache.shape[0]).any(1)
         table = block_table
     else:
         bad |= (rows < 0) | (rows >= k_cache.shape[0])
