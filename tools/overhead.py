@@ -56,42 +56,22 @@ def parse_args(argv=None):
 # Implementations: name -> {case: a zero-argument callable making one call}
 
 
-def flash_cute_calls(x):
-    import flash_cute
+def api_calls(api, x):
+    """The calls of a module with flash_attn's interface (flash_cute, or the official flash_attn)."""
 
     def fwd():
-        return flash_cute.flash_attn_func(x["q"], x["k"], x["v"], causal=True)
+        return api.flash_attn_func(x["q"], x["k"], x["v"], causal=True)
 
     def fwd_bwd():
-        out = flash_cute.flash_attn_func(x["qg"], x["kg"], x["vg"], causal=True)
+        out = api.flash_attn_func(x["qg"], x["kg"], x["vg"], causal=True)
         return torch.autograd.grad(out, (x["qg"], x["kg"], x["vg"]), x["dout"])
 
     def varlen():
-        return flash_cute.flash_attn_varlen_func(x["q1"], x["k1"], x["v1"], x["cu"], x["cu"], x["s"], x["s"], causal=True)
+        return api.flash_attn_varlen_func(x["q1"], x["k1"], x["v1"], x["cu"], x["cu"], x["s"], x["s"], causal=True)
 
     def decode():
-        return flash_cute.flash_attn_with_kvcache(x["qd"], x["kc"], x["vc"], x["kn"], x["vn"], cache_seqlens=x["seqlens"],
-                                                  causal=True)
-
-    return {"fwd": fwd, "fwd+bwd": fwd_bwd, "varlen fwd": varlen, "decode": decode}
-
-
-def flash_attn_calls(x):
-    import flash_attn
-
-    def fwd():
-        return flash_attn.flash_attn_func(x["q"], x["k"], x["v"], causal=True)
-
-    def fwd_bwd():
-        out = flash_attn.flash_attn_func(x["qg"], x["kg"], x["vg"], causal=True)
-        return torch.autograd.grad(out, (x["qg"], x["kg"], x["vg"]), x["dout"])
-
-    def varlen():
-        return flash_attn.flash_attn_varlen_func(x["q1"], x["k1"], x["v1"], x["cu"], x["cu"], x["s"], x["s"], causal=True)
-
-    def decode():
-        return flash_attn.flash_attn_with_kvcache(x["qd"], x["kc"], x["vc"], x["kn"], x["vn"], cache_seqlens=x["seqlens"],
-                                                  causal=True)
+        return api.flash_attn_with_kvcache(x["qd"], x["kc"], x["vc"], x["kn"], x["vn"], cache_seqlens=x["seqlens"],
+                                           causal=True)
 
     return {"fwd": fwd, "fwd+bwd": fwd_bwd, "varlen fwd": varlen, "decode": decode}
 
@@ -269,10 +249,10 @@ def main(argv=None) -> int:
     x = make_inputs(args)
     impls = {}
     if fc is not None:
-        impls["flash_cute"] = flash_cute_calls(x)
+        impls["flash_cute"] = api_calls(fc, x)
     impls["sdpa-flash"] = sdpa_flash_calls(x)
     if fa is not None:
-        impls["flash_attn"] = flash_attn_calls(x)
+        impls["flash_attn"] = api_calls(fa, x)
     results = []
     header = f"{'case':<11} {'impl':<11} {'host us':>8} {'wall us':>8} {'graph us':>9} {'allocs':>7} {'syncs':>6}"
     print()
