@@ -4,7 +4,7 @@ is the ALiBi kernel running with nothing to do (slopes of 0): its cost over plai
 the kernel itself; 'softcap-any' runs softcap in the kernel that takes both softcap and ALiBi at run
 time (slopes 0), against 'softcap' in the kernel made for softcap alone. The numbers that count come from benchmark/run.py --options.
 
-    PYTHONPATH=.gpu/site python3 tools/options_probe.py [seqlen] [head_dim]
+    PYTHONPATH=.gpu/site python3 tools/options_probe.py [seqlen] [head_dim] [variant,...]
 """
 
 import sys
@@ -31,6 +31,8 @@ variants = {
     "causal-window": dict(causal=True, window_size=(4095, 0)),  # the options kernel doing plain causal
     "sliding": dict(causal=True, window_size=(1024, 0)),
 }
+if len(sys.argv) > 3:
+    variants = {name: variants[name] for name in ["plain", *sys.argv[3].split(",")]}
 base = None
 print(f"bf16 d{d} seqlen {seqlen} batch {batch} heads {heads}")
 for name, kw in variants.items():

@@ -163,6 +163,9 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   const float slope = alibi_slope<kOptions>(p.opt, batch, head);
   const bool softcap = softcap_on<kOptions>(p.opt), alibi = alibi_on<kOptions>(slope);
   const MaskFreeBlocks mask_free(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN);
+  // The softmax's maximum may lag by 2^8 (OnlineSoftmax::update), except where S_dmask is
+  // returned: its encoding (the official one) is relative to the exact running maximum.
+  const float lazy_limit = kDropout && p.s_dmask != nullptr ? 0.f : 8.f;
   Dropout dropout;
   if constexpr (kDropout) dropout = Dropout(p, batch, head);
   // ------------------------------------------------------------------------------------------
@@ -192,7 +195,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
       cp_async_fence();
     }
 
-    softmax.update(scores, acc_o_rc, p.scale_log2);
+    softmax.update</*kLazy=*/true>(scores, acc_o_rc, p.scale_log2, lazy_limit);
     if (kDropout && p.s_dmask != nullptr) {
       store_s_dmask(acc_s, tScS, row0, n * kBlockN, dropout,
                     static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride + head * p.s_dmask_head_stride,
