@@ -460,6 +460,27 @@ def test_rows_seeing_no_key(dtype, head_dim, opts):
     assert torch.all(dq[:, :n_empty] == 0), "dq of rows that see no key must be exactly 0"
 
 
+@pytest.mark.parametrize("softcap", [2.0, 50.0, 51.9, 52.1, 300.0])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_softcap_saturated_rows(dtype, head_dim, softcap):
+    """Rows whose every score saturates tanh at +softcap or at -softcap beside ordinary rows: the
+    softmax's extremes. The bf16 forward takes softcap's probabilities against a fixed maximum up
+    to softcap 52 (51.9 the last, 52.1 the first it does not), so the smallest, 2^-120 at -softcap,
+    must stay normal floats. out and lse (NaN-poisoned) and the gradients, against the oracle."""
+    _require(dtype, head_dim, backward=True)
+    q, k, v = make_qkv(2, 200, 300, NHEADS, NHEADS_K, head_dim, dtype, "cuda")
+    k = k.abs()  # q = +-40 (1, ..., 1) then scores +-40 * sum|k| / sqrt(d): ~ +-360 (d128)
+    q[:, :50] = 40.0
+    q[:, 50:100] = -40.0
+    dout = _randn(q.shape, dtype)
+    opts = Opts(softcap=softcap)
+    out, lse = run_poisoned(q, k, v, **opts.kernel_kwargs(None))
+    _compare(out, lse, None, q, k, v, **opts.oracle_kwargs(None, head_dim))
+    out, dq, dk, dv = run_backward(q, k, v, dout, **opts.kernel_kwargs(None))
+    _compare(out, None, (dq, dk, dv), q, k, v, dout, **opts.oracle_kwargs(None, head_dim))
+
+
 @pytest.mark.parametrize("opts", [
     _opt("window_64_64", window=(64, 64)),
     _opt("window_0_0", window=(0, 0)),

@@ -42,22 +42,26 @@ struct OnlineSoftmax {
   // The result is the same function of the scores as with the exact maximum, finalize() taking the
   // m that was used. lazy_limit 0: the exact running maximum (skipping only blocks that raise no
   // row's), which the return_attn_probs matrix needs. Every lane of the warp must call it.
+  //
+  // fixed: the maximum was set by fix_max() and stays; scores are only exponentiated and summed.
   template <bool kLazy = false, class S, class O>
-  CUTE_DEVICE void update(S& scores, O& acc_o, float scale_log2, float lazy_limit = 0.f) {
+  CUTE_DEVICE void update(S& scores, O& acc_o, float scale_log2, float lazy_limit = 0.f, bool fixed = false) {
     static_assert(decltype(size<0>(scores))::value == kRows);
     float new_max[kRows];
     bool rescale = !kLazy;
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      float m = row_max[r];
+    if (!fixed) {
       CUTE_UNROLL
-      for (int c = 0; c < size<1>(scores); ++c) m = fmaxf(m, scores(r, c));
-      new_max[r] = quad_max(m);
-      // -inf - -inf (a row that has seen no key yet) is NaN and compares false.
-      if constexpr (kLazy) rescale |= (new_max[r] - row_max[r]) * scale_log2 > lazy_limit;
+      for (int r = 0; r < kRows; ++r) {
+        float m = row_max[r];
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(scores); ++c) m = fmaxf(m, scores(r, c));
+        new_max[r] = quad_max(m);
+        // -inf - -inf (a row that has seen no key yet) is NaN and compares false.
+        if constexpr (kLazy) rescale |= (new_max[r] - row_max[r]) * scale_log2 > lazy_limit;
+      }
+      if constexpr (kLazy) rescale = __any_sync(0xffffffffu, rescale);
     }
-    if constexpr (kLazy) rescale = __any_sync(0xffffffffu, rescale);
-    if (rescale) {
+    if (rescale && !fixed) {
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         const float m_scaled = new_max[r] == -INFINITY ? 0.f : new_max[r] * scale_log2;
@@ -82,6 +86,13 @@ struct OnlineSoftmax {
       }
       row_sum[r] += sum;
     }
+  }
+
+  // Sets every row's maximum to m for good (update(..., fixed = true)): for scores bounded so that
+  // their exponentials against m are normal floats of moderate size (softcap's, see fwd_block).
+  CUTE_DEVICE void fix_max(float m) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) row_max[r] = m;
   }
 
   // Normalises acc_o by the row sums (and multiplies it by o_scale); lse[r] gets
