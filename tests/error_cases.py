@@ -89,6 +89,8 @@ CASES = [
     ErrorCase("heads-ratio", F, "nheads not a multiple of nheads_k", _func(**dict(zip("qkv", _qkv(nheads=3)))), V),
     ErrorCase("dropout", F, "dropout_p outside [0, 1)", _func(dropout_p=1.0), V),
     ErrorCase("softcap", F, "softcap negative", _func(softcap=-1.0), V),
+    ErrorCase("scale-nan", F, "softmax_scale not finite (NaN or infinite)", _func(softmax_scale=float("nan")), V),
+    ErrorCase("scale-type", F, "softmax_scale not a number", _func(softmax_scale="0.1"), T),
     ErrorCase("alibi-dtype", F, "alibi_slopes not float32", _func(alibi_slopes=torch.ones(4, dtype=torch.float16)), T),
     ErrorCase("alibi-shape", F, "alibi_slopes of the wrong shape", _func(alibi_slopes=torch.ones(2)), V),
     ErrorCase("window", F, "window_size not a pair of ints", _func(window_size=5), V),

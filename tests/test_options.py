@@ -54,6 +54,31 @@ def test_func_options(device, seqlen_q, seqlen_k, softcap, window, alibi, causal
     _check(out.cpu(), [g.cpu() for g in grads], want_out.detach(), want_grads)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["func", "qkvpacked"])
+@pytest.mark.parametrize("softcap,window,alibi", [(0.0, (-1, -1), None), (3.0, (4, 1), "heads")], ids=["plain", "all"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_negative_softmax_scale(device, softcap, window, alibi, packed):
+    """softmax_scale < 0 is softmax(q . k * scale) like any other (the functions run it on -q):
+    forward and gradients, the packed function's too."""
+    q, k, v = (t.to(device) for t in make_qkv(2, 13, 13, 4, 4, 16, torch.float32))
+    slopes = _slopes(alibi, 2, 4, device)
+    kwargs = dict(softmax_scale=-0.6, window_size=window, softcap=softcap, alibi_slopes=slopes)
+    if packed:
+        qkv = torch.stack([q, k, v], dim=2).requires_grad_()
+        out = flash_cute.flash_attn_qkvpacked_func(qkv, **kwargs)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, qkv, dout)[0].unbind(2)
+    else:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = flash_cute.flash_attn_func(*leaves, **kwargs)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, dout)
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    want_out, _ = options_oracle(*ref_leaves, -0.6, False, softcap, window, None if slopes is None else slopes.cpu())
+    want_grads = torch.autograd.grad(want_out, ref_leaves, dout.double().cpu())
+    _check(out.cpu(), [g.cpu() for g in grads], want_out.detach(), want_grads)
+
+
 @pytest.mark.parametrize("softcap,window,alibi", OPTIONS, ids=IDS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_varlen_options(device, softcap, window, alibi):

@@ -127,10 +127,13 @@ OPTIONS = [
     _opt("alibi_batch_causal", causal=True, alibi="batch"),
     ALL_CAUSAL,
     ALL,
+    # A negative scale (the functions run it on -q, the kernels' maxima being of q . k)
+    _opt("negative_scale", scale=-0.3),
+    _opt("negative_scale_all", causal=True, window=(70, -1), softcap=5.0, alibi="batch", scale=-0.2),
 ]
 DROPOUT_OPTIONS = [
     PLAIN, CAUSAL, _opt("window", window=(37, 11)), _opt("softcap", softcap=5.0), _opt("alibi", alibi="heads"),
-    ALL_CAUSAL, ALL,
+    ALL_CAUSAL, ALL, _opt("negative_scale", scale=-0.3),
 ]
 
 
@@ -622,6 +625,7 @@ KV_OPTIONS = [
     _opt("window_softcap", window=(100, 3), softcap=5.0),
     _opt("alibi_batch", alibi="batch"),
     _opt("all_causal", causal=True, window=(70, -1), softcap=5.0, alibi="heads"),
+    _opt("negative_scale_softcap", softcap=5.0, scale=-0.4),
 ]
 KV_CAPACITY = 600  # rows per cache row (paged: rounded up to whole pages)
 

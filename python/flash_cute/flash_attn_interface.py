@@ -275,6 +275,22 @@ def _check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
+def _check_softmax_scale(softmax_scale, head_dim: int) -> float:
+    """softmax_scale as a float (None: 1 / sqrt(head_dim)); anything float() takes, as the official
+    binding does, but finite."""
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    try:
+        if isinstance(softmax_scale, (str, bytes)):
+            raise TypeError
+        scale = float(softmax_scale)
+    except (TypeError, ValueError):
+        raise FlashAttnTypeError(f"softmax_scale must be a float, got {type(softmax_scale).__name__}") from None
+    if not math.isfinite(scale):
+        raise FlashAttnValueError(f"softmax_scale must be finite, got {scale}")
+    return scale
+
+
 def _rng_state(dropout_p: float, device) -> torch.Tensor | None:
     """Dropout's (seed, offset), int64 on the device, drawn from torch's generator of the device:
     torch.manual_seed reproduces a call, and a CUDA graph draws fresh ones on every replay."""
@@ -408,8 +424,7 @@ def _attention(kind, tensors, varlen, dropout_p, softmax_scale, causal, window_s
                              q.shape[-2])
     causal, window = _normalize_window(window_size, bool(causal), _max_keys(k, varlen))
     head_dim = q.shape[-1]
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(head_dim)
+    softmax_scale = _check_softmax_scale(softmax_scale, head_dim)
     tensors = tuple(_pad_head_dim(t) for t in tensors)
     bad = None  # paged K/V gathered with unchecked index values: the sequences out of range
     if varlen is not None and varlen[4] is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -423,7 +438,12 @@ def _attention(kind, tensors, varlen, dropout_p, softmax_scale, causal, window_s
             bad, cu_seqlens_k = _ops.checked_pages(block_table, varlen[1], k.shape[0], k.shape[1])
         k, v = _ops.gather_pages(k, block_table, cu_seqlens_k), _ops.gather_pages(v, block_table, cu_seqlens_k)
         kind, tensors, varlen = "", (q, k, v), (varlen[0], cu_seqlens_k, *varlen[2:4], None)
-    args = (float(softmax_scale), causal, bool(deterministic), *(varlen or (None, None, 0, 0, None)), softcap,
+    if softmax_scale < 0:
+        # The kernels take each row's maximum of q . k, the maximum of the scaled scores only for a
+        # scale >= 0: softmax(q . k * scale) = softmax((-q) . k * -scale), lse and S_dmask included.
+        q, k, v = _unpack(kind, tensors)
+        kind, tensors, softmax_scale = "", (-q, k, v), -softmax_scale
+    args = (softmax_scale, causal, bool(deterministic), *(varlen or (None, None, 0, 0, None)), softcap,
             *window, alibi_slopes, dropout_p, _rng_state(dropout_p, q.device), bool(return_attn_probs))
     if kind:
         out, lse, s_dmask = _PackedAttention.apply(kind, args, *tensors)
@@ -889,8 +909,7 @@ def flash_attn_with_kvcache(
             f"{seqlen_q - seqlen_new} query rows past them ({cache_len + seqlen_q - seqlen_new}), "
             f"got {rotary_cos.shape[0]}"
         )
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(d)
+    softmax_scale = _check_softmax_scale(softmax_scale, d)
     # The split-KV kernel appends k and v itself where it can write the caches in place. A traced
     # call (torch.compile, torch.export) cannot read data pointers: the op checks the caches
     # when it runs, and appends into kernel-ready copies that it copies back if need be.
@@ -923,7 +942,10 @@ def flash_attn_with_kvcache(
         offsets = (torch.arange(seqlen_q, device=device) if positional_q
                    else torch.zeros(seqlen_q, dtype=torch.long, device=device))
         q = _rotate(q, rotary_cos, rotary_sin, (seqlens[:, None] + offsets).clamp_(0, last_rotary), rotary_interleaved)
-    # 3. Attention: the split-KV kernel, or the varlen forward kernel with cache rows read as pages.
+    # 3. Attention: the split-KV kernel, or the varlen forward kernel with cache rows read as pages
+    # (a negative scale as in _attention: on -q).
+    if softmax_scale < 0:
+        q, softmax_scale = -q, -softmax_scale
     if decode:
         dense = [None if t is None else t.contiguous() for t in (cache_batch_idx, cache_leftpad, block_table)]
         out, lse = (_ops.decode if tracing else _ops.decode_eager)(
