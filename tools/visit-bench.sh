@@ -5,6 +5,7 @@
 #   varlen-decode  the varlen and decode sections
 #   bwd            the backward grid with the GQA and peak-memory sections
 #   fwdbwd         the forward+backward grid
+#   options        the options section (softcap, windows, ALiBi, dropout; bf16 d128 4k)
 # Each part is one benchmark/run.py command; its outputs come back as $OUT/<part>.tar (the device
 # tool returns at most 8 files). At a part's time limit SIGINT makes run.py write what it measured.
 parts=("$@"); [ ${#parts[@]} -gt 0 ] || parts=(fwd varlen-decode bwd fwdbwd)
@@ -17,6 +18,7 @@ for part in "${parts[@]}"; do
     varlen-decode) args=(--varlen --decode); limit=60 ;;
     bwd) args=(--pass bwd --no-varlen --no-decode); limit=200 ;;
     fwdbwd) args=(--pass fwdbwd --no-varlen --no-decode --no-memory); limit=180 ;;
+    options) args=(--options); limit=150 ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
   echo "+ python3 benchmark/run.py ${args[*]} --out /tmp/bench/$part"
