@@ -163,14 +163,13 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   const float slope = alibi_slope<kOptions>(p.opt, batch, head);
   const bool softcap = softcap_on<kOptions>(p.opt), alibi = alibi_on<kOptions>(slope);
   const MaskFreeBlocks mask_free(row0, kBlockM, seqlen_k, diagonal, p.opt, kBlockN);
-  // The softmax's maximum may lag by 2^8 (OnlineSoftmax::update), except where S_dmask is
-  // returned: its encoding (the official one) is relative to the exact running maximum.
-  const float lazy_limit = kDropout && p.s_dmask != nullptr ? 0.f : 8.f;
   // softcap bounds the scores: tanh in [-1, 1], logits in [-c, c] log2 units, c = scale_log2 (=
   // softcap * log2 e). Without ALiBi, bf16 P can then be taken against a fixed maximum, m (in tanh
   // units) with c - m c = max(0, 2c - 120), which puts every exp2 in [2^-120, 2^(2c - 120)]:
   // normal floats, for c <= 75 (softcap <= 52; Gemma 2's 50 included) at most 2^30, and no running
   // maximum at all (the max over each row and its rescale were about half softcap's cost at d128).
+  // The largest probability is then not exactly 1 and rounds in bf16 P (see OnlineSoftmax::update),
+  // but tanh.approx's error, c * 2^-11 in the logit, is ten times that rounding.
   // fp16 P would lose the small ones (f16 stops at 2^-24). The softcap kernel only: in the dropout
   // kernel the extra branch cost more than it saved (forward with dropout 1.33x -> 1.39x plain).
   constexpr bool kMayFixMax = kOptions == kSoftcap && !kDropout && std::is_same_v<Element, cute::bfloat16_t>;
@@ -205,7 +204,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
       cp_async_fence();
     }
 
-    softmax.update</*kLazy=*/true>(scores, acc_o_rc, p.scale_log2, lazy_limit, fixed_max);
+    softmax.update(scores, acc_o_rc, p.scale_log2, fixed_max);
     if (kDropout && p.s_dmask != nullptr) {
       store_s_dmask(acc_s, tScS, row0, n * kBlockN, dropout,
                     static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride + head * p.s_dmask_head_stride,

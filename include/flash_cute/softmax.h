@@ -32,50 +32,32 @@ struct OnlineSoftmax {
   }
 
   // scores, acc_o: (rows, cols) views of the S and O accumulators. Overwrites scores with the
-  // unnormalised probabilities exp(scale * (s - m)) and rescales acc_o to the new maximum.
-  //
-  // kLazy: m may stay below the row's true maximum by up to lazy_limit (in log2 units: the
-  // probabilities then reach 2^lazy_limit, which 16-bit P, the fp32 sums and O take in their
-  // stride). The warp rescales only when one of its rows' maximum rose by more than that, which
-  // after the first key blocks is rare; the rescale is a multiply per O element (d of them per row
-  // and block, against block_n exponentials), the largest part of the softmax's arithmetic at d128.
-  // The result is the same function of the scores as with the exact maximum, finalize() taking the
-  // m that was used. lazy_limit 0: the exact running maximum (skipping only blocks that raise no
-  // row's), which the return_attn_probs matrix needs. Every lane of the warp must call it.
+  // unnormalised probabilities exp(scale * (s - m)) and rescales acc_o to the new maximum. The
+  // maximum is the exact running one: the largest probability is then exactly 1, which 16-bit P
+  // holds without rounding. (A maximum allowed to lag by up to 2^8, rescaling O only when a row's
+  // maximum rose by more, made the d128 forward 4% faster but doubled the error of rows that one
+  // key dominates, past the tests' bound; rescaling only when some row's maximum rose at all saved
+  // nothing. performance-log.md has the numbers.)
   //
   // fixed: the maximum was set by fix_max() and stays; scores are only exponentiated and summed.
-  template <bool kLazy = false, class S, class O>
-  CUTE_DEVICE void update(S& scores, O& acc_o, float scale_log2, float lazy_limit = 0.f, bool fixed = false) {
+  template <class S, class O>
+  CUTE_DEVICE void update(S& scores, O& acc_o, float scale_log2, bool fixed = false) {
     static_assert(decltype(size<0>(scores))::value == kRows);
-    float new_max[kRows];
-    bool rescale = !kLazy;
-    if (!fixed) {
-      CUTE_UNROLL
-      for (int r = 0; r < kRows; ++r) {
+    CUTE_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      float correction = 1.f;
+      if (!fixed) {
         float m = row_max[r];
         CUTE_UNROLL
         for (int c = 0; c < size<1>(scores); ++c) m = fmaxf(m, scores(r, c));
-        new_max[r] = quad_max(m);
-        // -inf - -inf (a row that has seen no key yet) is NaN and compares false.
-        if constexpr (kLazy) rescale |= (new_max[r] - row_max[r]) * scale_log2 > lazy_limit;
-      }
-      if constexpr (kLazy) rescale = __any_sync(0xffffffffu, rescale);
-    }
-    if (rescale && !fixed) {
-      CUTE_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        const float m_scaled = new_max[r] == -INFINITY ? 0.f : new_max[r] * scale_log2;
-        // row_max[r] <= new_max[r], so the factor is in [0, 1]; exp2(-inf) = 0 for a row that had
-        // no key yet.
-        const float correction = exp2f(row_max[r] * scale_log2 - m_scaled);
-        row_max[r] = new_max[r];
-        row_sum[r] *= correction;
+        m = quad_max(m);
+        const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
+        // row_max[r] <= m, so the factor is in [0, 1]; exp2(-inf) = 0 for a row that had no key yet.
+        correction = exp2f(row_max[r] * scale_log2 - m_scaled);
+        row_max[r] = m;
         CUTE_UNROLL
         for (int c = 0; c < size<1>(acc_o); ++c) acc_o(r, c) *= correction;
       }
-    }
-    CUTE_UNROLL
-    for (int r = 0; r < kRows; ++r) {
       const float m_scaled = row_max[r] == -INFINITY ? 0.f : row_max[r] * scale_log2;
       float sum = 0.f;
       CUTE_UNROLL
@@ -84,7 +66,7 @@ struct OnlineSoftmax {
         scores(r, c) = p;
         sum += p;
       }
-      row_sum[r] += sum;
+      row_sum[r] = row_sum[r] * correction + sum;
     }
   }
 
