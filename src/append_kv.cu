@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kAppendThreads) append_kv_kernel(const DecodeP
   int64_t cache_row = span.cache_row, row = position;
   if (p.block_table != nullptr) {
     cache_row = p.block_table[batch * p.block_table_batch_stride + position / p.page_size];
-    if (cache_row < 0 || cache_row >= p.cache_batch) return;
+    if (!is_page(cache_row, p.cache_batch)) return;
     row = position % p.page_size;
   }
   auto k_dst = static_cast<uint16_t*>(const_cast<void*>(p.k)) + cache_row * p.k_batch_stride + row * p.k_row_stride;

@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
     if (!paged || t >= steps) return;
     const int key = step_key(t);
     const int64_t page = p.block_table[batch * p.block_table_batch_stride + key / p.page_size];
-    if (page < 0 || page >= p.cache_batch) {
+    if (!is_page(page, p.cache_batch)) {
       k_off = v_off = -1;
       return;
     }
@@ -339,12 +339,8 @@ __global__ void __launch_bounds__(Traits::kThreads) decode_kernel(const __grid_c
   // window's), so that a row with a block-table entry that is not a page is NaN in every tile.
   if (paged && split == 0) {
     const int* table_row = p.block_table + batch * p.block_table_batch_stride;
-    auto check_pages = [&](int key_begin, int key_end) {
-      for (int j = key_begin / p.page_size + int(threadIdx.x); j * p.page_size < key_end; j += Traits::kThreads)
-        page_bad |= table_row[j] < 0 || table_row[j] >= p.cache_batch;
-    };
-    check_pages(0, min(block0 * kBlockN, len_k));
-    check_pages(keys, len_k);
+    page_bad |= !thread_pages_ok(table_row, p.page_size, p.cache_batch, 0, min(block0 * kBlockN, len_k)) ||
+                !thread_pages_ok(table_row, p.page_size, p.cache_batch, keys, len_k);
   }
 
   // ------------------------------------------------------------------------------------------

@@ -46,16 +46,26 @@ __device__ __forceinline__ SeqSpan seq_span(const FwdParams& p, int batch) {
   return s;
 }
 
+// Whether a block-table entry names one of the cache's `pages` pages.
+__device__ __forceinline__ bool is_page(int64_t entry, int pages) { return entry >= 0 && entry < pages; }
+
+// Whether the entries of block-table row `table_row` that hold keys [key_begin, key_end) (pages of
+// page_size keys) are pages: this thread's share of them, the CTA's threads taking every
+// blockDim.x-th entry.
+__device__ inline bool thread_pages_ok(const int* table_row, int page_size, int pages, int key_begin, int key_end) {
+  bool ok = true;
+  if (key_end > key_begin) {
+    for (int j = key_begin / page_size + int(threadIdx.x); j <= (key_end - 1) / page_size; j += blockDim.x)
+      ok &= is_page(table_row[j], pages);
+  }
+  return ok;
+}
+
 // Paged K/V: whether the block-table entries that hold keys [key_begin, key_end) of sequence
 // `batch` are pages of k and v. The CTA's threads share the reads; every thread must call it.
 __device__ inline bool pages_in_bounds(const FwdParams& p, int batch, int key_begin, int key_end) {
-  bool ok = true;
-  if (key_end > key_begin) {
-    const int* row = p.block_table + batch * p.block_table_batch_stride;
-    for (int j = key_begin / p.page_size + int(threadIdx.x); j <= (key_end - 1) / p.page_size; j += blockDim.x)
-      ok &= row[j] >= 0 && row[j] < p.total_k;
-  }
-  return __syncthreads_and(ok);
+  return __syncthreads_and(
+      thread_pages_ok(p.block_table + batch * p.block_table_batch_stride, p.page_size, p.total_k, key_begin, key_end));
 }
 
 // flash_attn_with_kvcache: batch row `batch` of a decoding call (DecodeParams) has `cached` rows
