@@ -689,6 +689,20 @@ _MAX_GRID_X = 2**31 - 1  # CUDA's limit on the grid's x dimension
 
 
 @functools.lru_cache(maxsize=256)
+def _cache_layout(k_cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> tuple[int, int]:
+    """(page_size, capacity) of a K/V cache: (0, its length) for contiguous cache rows; paged, the
+    page size and the positions a block-table row holds."""
+    if block_table is None:
+        return 0, k_cache.shape[1]
+    return k_cache.shape[1], block_table.shape[1] * k_cache.shape[1]
+
+
+def _cache_bounds(k_cache: torch.Tensor, capacity: int) -> tuple[int, int]:
+    """What the kernels hold the cache index values to (DecodeParams::cache_batch, capacity): the
+    cache rows or pages, and the positions of one batch row (capped to int32)."""
+    return k_cache.shape[0], min(capacity, 2**31 - 1)
+
+
 def decode_splits(batch: int, nheads_k: int, packed_rows: int, capacity: int, head_dim: int, device: int) -> int:
     """The split count of num_splits=0: a function of shapes that stay fixed while a model decodes
     (never of the current lengths), so a CUDA graph captured for one step is right for the next."""
@@ -735,10 +749,7 @@ def decode_eager(
     if out.numel() == 0:
         return out, lse
     packed_rows = seqlen_q * (nheads // nheads_k)
-    if block_table is None:
-        capacity, page_size = k_cache.shape[1], 0
-    else:
-        capacity, page_size = block_table.shape[1] * k_cache.shape[1], k_cache.shape[1]
+    page_size, capacity = _cache_layout(k_cache, block_table)
     if num_splits == 0:
         num_splits = decode_splits(batch, nheads_k, packed_rows, capacity, d, device.index)
     num_splits = max(1, min(num_splits, MAX_DECODE_SPLITS))
@@ -763,7 +774,7 @@ def decode_eager(
         out.stride()[:3], lse.stride()[:2],
         _ptr(cache_seqlens), _ptr(cache_batch_idx), _ptr(cache_leftpad),
         _ptr(block_table), 0 if block_table is None else block_table.stride(0), page_size,
-        (k_cache.shape[0], min(capacity, 2**31 - 1)), softmax_scale, causal, softcap, window_left, window_right, _ptr(alibi_slopes),
+        _cache_bounds(k_cache, capacity), softmax_scale, causal, softcap, window_left, window_right, _ptr(alibi_slopes),
         0 if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes.stride(0),
         num_splits, _dtype_code(q.dtype), device.index, _stream(device.index),
     )
@@ -874,15 +885,12 @@ def append_kv_eager(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
     k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in (k_new, v_new))
     index = [None if t is None else t.to(torch.int32).contiguous()
              for t in (cache_seqlens, cache_batch_idx, cache_leftpad, block_table)]
-    if block_table is None:
-        page_size, capacity = 0, k_cache.shape[1]
-    else:
-        page_size, capacity = k_cache.shape[1], block_table.shape[1] * k_cache.shape[1]
+    page_size, capacity = _cache_layout(k_cache, block_table)
     device = k_cache.device.index
     _C().append_kv(
         k_cache.data_ptr(), v_cache.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), batch, nheads_k, d, 0, seqlen_new,
         k_cache.stride()[:3], v_cache.stride()[:3], k_new.stride()[:3], v_new.stride()[:3], *map(_ptr, index),
-        0 if block_table is None else index[3].stride(0), page_size, (k_cache.shape[0], min(capacity, 2**31 - 1)),
+        0 if block_table is None else index[3].stride(0), page_size, _cache_bounds(k_cache, capacity),
         device, _stream(device),
     )
 
