@@ -780,6 +780,36 @@ def test_dropout_seed_reproducible(dtype):
     assert not torch.equal(first[0], other[0]), "another seed gave the same output (the same mask)"
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dropout_alibi_branch_same_mask(dtype, head_dim, causal):
+    """Dropout with alibi_slopes of 0 (which change no score) takes the dropout kernel's ALiBi
+    branch, dropout alone does not: after the same torch.manual_seed both draw the same mask
+    (S_dmask's signs equal; the random numbers are a function of the coordinates only) and give the
+    same out, lse and gradients up to rounding."""
+    _require(dtype, head_dim, backward=True)
+    q, k, v = make_qkv(2, 300, 257, NHEADS, NHEADS_K, head_dim, dtype, "cuda")
+    dout = _randn(q.shape, dtype)
+    seed = _fresh_seed()
+
+    def run(**kwargs):
+        torch.manual_seed(seed)
+        out, lse, s_dmask, _ = _run(flash_cute.flash_attn_func, (q, k, v), dropout_p=0.3, causal=causal, **kwargs)
+        torch.manual_seed(seed)
+        _, _, _, grads = _run(flash_cute.flash_attn_func, (q, k, v), dout=dout, probs=False, dropout_p=0.3,
+                              causal=causal, **kwargs)
+        return out, lse, _keep_mask(s_dmask, 2, NHEADS, 300, 257, dtype), grads
+
+    alone = run()
+    with_alibi = run(alibi_slopes=torch.zeros(NHEADS, device="cuda"))
+    assert torch.equal(alone[2], with_alibi[2]), "dropout with zero ALiBi slopes drew another mask"
+    torch.testing.assert_close(alone[0], with_alibi[0])
+    torch.testing.assert_close(alone[1], with_alibi[1])
+    for name, a, b in zip(("dq", "dk", "dv"), alone[3], with_alibi[3]):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("opts", [PLAIN, CAUSAL, _opt("window_64_64", window=(64, 64)), ALL_CAUSAL, ALL])
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(113, 257), (1000, 1000)])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)

@@ -70,6 +70,24 @@ CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, Sme
   copy_predicated</*kZeroFill=*/false>(store_copy, tR, tG, tC, max_rows, d);
 }
 
+// P in 16 bits for dV += P^T dO: with dropout, relu zeroes the dropped entries (negated, see
+// Dropout::negate_dropped).
+template <class Element, bool kDropout, class Acc>
+CUTE_DEVICE auto converted_p(Acc const& acc_s) {
+  if constexpr (kDropout) return make_converted_relu<Element>(acc_s);
+  else return make_converted<Element>(acc_s);
+}
+
+// dS of one score: P * dz/ds (a; with dropout P / keep * dz/ds, negated where dropped) times
+// (dropout(dP) - D), d = D (with dropout D * keep). Dropout: dropout(dP) = kept dP / keep, so
+// dS = a * (dP - d) where kept and -|a| * d = a * d where dropped, no per-score scaling. (A score
+// with P = 0 has dS = 0 either way.)
+template <bool kDropout>
+CUTE_DEVICE float dscore(float a, float dp, float d) {
+  if constexpr (kDropout) return a * (a >= 0.f ? dp - d : d);
+  else return a * (dp - d);
+}
+
 // P and dS with flash_attn's options (kOptions kernels), in two steps around dP = dO V^T, as the
 // plain kernel computes P before that GEMM (its exponentials then overlap the GEMM's MMAs).
 //
@@ -77,14 +95,14 @@ CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, Sme
 // the tile's rows in shared memory), P = exp(z - lse) with z the score after softcap, ALiBi and the
 // mask (kDropout: P / keep). Stores the P that multiplies dO into dV (kDropout: dropped 0, kept ones
 // P / keep) to shared memory through copy_pds / tPsP, and leaves in acc_s P * dz/ds (softcap: dz/ds =
-// 1 - tanh^2, computed into acc_dp, which the dP GEMM then overwrites). Returns the keep bits, bit
-// 4 * (fragment index) + value.
+// 1 - tanh^2, computed into acc_dp, which the dP GEMM then overwrites). With dropout, a dropped
+// score's entry is negated (flash_attn's encoding): the sign carries the decision to options_ds
+// and the conversion of P for dV (relu) zeroes it, at no register and one FSEL per score.
 template <int kOptions, int kBlockM, int kBlockN, bool kDropout, bool kRuns32, class Element, class Acc, class Coords, class CoordsRC,
           class CopyPdS, class SmemP>
-CUTE_DEVICE uint64_t options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coords const& coords,
-                               CoordsRC const& coords_rc, int row0, int col0, int seqlen_k, int diagonal,
-                               const float* lse_log2, float slope, const Dropout& dropout, CopyPdS const& copy_pds,
-                               SmemP& tPsP) {
+CUTE_DEVICE void options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coords const& coords, CoordsRC const& coords_rc,
+                           int row0, int col0, int seqlen_k, int diagonal, const float* lse_log2, float slope,
+                           const Dropout& dropout, CopyPdS const& copy_pds, SmemP& tPsP) {
   constexpr int kRows = decltype(size<0>(coords_rc))::value;
   Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
   const bool softcap = softcap_on<kOptions>(p.opt);
@@ -93,7 +111,7 @@ CUTE_DEVICE uint64_t options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coo
     for (int i = 0; i < size(acc_s); ++i) {
       const float t = tanh_approx(acc_s(i) * p.opt.softcap_pre);
       acc_s(i) = t;
-      scratch(i) = 1.f - t * t;
+      scratch(i) = 1.f - t * t;  // >= 0: the sign of P * dz/ds is P's
     }
   }
   apply_bias_and_mask(
@@ -107,55 +125,28 @@ CUTE_DEVICE uint64_t options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coo
     CUTE_UNROLL
     for (int c = 0; c < size<1>(s); ++c) s(r, c) = exp2f(s(r, c) * p.scale_log2 - lse);
   }
-  static_assert(decltype(size(acc_s))::value <= 64, "one keep bit per score in a 64-bit mask");
-  uint64_t keep = 0;
-  if constexpr (kDropout) {
-    Tensor dropped = make_tensor<float>(acc_s.layout());
-    dropout.template for_each_fragment<kRuns32>(acc_s, coords, row0, col0, [&](int m, int n, uint32_t w) {
-      CUTE_UNROLL
-      for (int v = 0; v < 4; ++v) {
-        const bool kept = dropout.kept(w, v);
-        keep |= uint64_t(kept) << (4 * (m * size<2>(acc_s) + n) + v);
-        dropped(v, m, n) = kept ? acc_s(v, m, n) : 0.f;
-      }
-    });
-    Tensor rP = make_converted<Element>(dropped);
-    copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
-  } else {
-    Tensor rP = make_converted<Element>(acc_s);
-    copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
-  }
+  if constexpr (kDropout)
+    dropout.template negate_dropped<kRuns32>(acc_s, coords, col0, dropout.draw_tile(acc_s, coords, row0, col0));
+  Tensor rP = converted_p<Element, kDropout>(acc_s);
+  copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
   if (softcap) {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scratch(i);
   }
-  return keep;
 }
 
-// options_ds: dS = (P * dz/ds, in acc_s) * (dropout(dP) - D) into acc_dp (dP = dO V^T; D of the
-// tile's rows in shared memory; keep: options_p's bits). With dropout, dropout(dP) = kept dP / keep
-// and acc_s holds P / keep * dz/ds: dS = acc_s * (kept dP - D * keep), no per-score scaling.
+// options_ds: dS = dscore(P * dz/ds in acc_s, dP, D) into acc_dp (dP = dO V^T; D of the tile's
+// rows in shared memory).
 template <bool kDropout, class Acc, class CoordsRC>
 CUTE_DEVICE void options_ds(const BwdParams& p, Acc const& acc_s, Acc& acc_dp, CoordsRC const& coords_rc,
-                            const float* dsum, uint64_t keep) {
-  if constexpr (kDropout) {
-    CUTE_UNROLL
-    for (int m = 0; m < size<1>(acc_dp); ++m) {
-      CUTE_UNROLL
-      for (int n = 0; n < size<2>(acc_dp); ++n) {
-        const int f = m * size<2>(acc_dp) + n;
-        CUTE_UNROLL
-        for (int v = 0; v < 4; ++v) acc_dp(v, m, n) = (keep >> (4 * f + v)) & 1 ? acc_dp(v, m, n) : 0.f;
-      }
-    }
-  }
+                            const float* dsum) {
   Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
   Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
   CUTE_UNROLL
   for (int r = 0; r < size<0>(dp); ++r) {
     const float d = dsum[get<0>(coords_rc(r, 0))] * (kDropout ? p.keep_prob : 1.f);
     CUTE_UNROLL
-    for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = s(r, c) * (dp(r, c) - d);
+    for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = dscore<kDropout>(s(r, c), dp(r, c), d);
   }
 }
 
@@ -295,6 +286,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   // Softcap and dropout take options_p / options_ds (P stored before dP = dO V^T); ALiBi alone
   // is the plain kernel's path with the bias added (1.10x -> 1.06x the plain backward, H200 bf16 d128 4k).
   constexpr bool kOptionsPath = kOptions == kSoftcap || kOptions == kAnyOptions;
+  static_assert(!kDropout || kOptionsPath, "dropout runs in the kernel with options");
   int head = head_begin, m_block = m_begin;  // the current step
   Dropout dropout;  // with_head() gives each step's query head its numbers
   if constexpr (kDropout) dropout = Dropout(p, batch, head);
@@ -387,9 +379,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
                    copy_sdp_a, copy_sdp_b);
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});
-    uint64_t keep = 0;
     if constexpr (kOptionsPath) {
-      keep = options_p<kOptions, kBlockM, kBlockN, kDropout, Traits::kSdpWarpCols == 32, Element>(
+      options_p<kOptions, kBlockM, kBlockN, kDropout, Traits::kSdpWarpCols == 32, Element>(
           p, acc_s, acc_dp, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, smem.lse_log2[stage],
           slope, dropout.with_head(batch, p.heads, head), copy_pds, tPsP);
     } else {
@@ -413,14 +404,14 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
 
     // P (the options: stored already) and dS = P * (dP - D) to shared memory, in the input dtype.
     if constexpr (kOptionsPath) {
-      options_ds<kDropout>(p, acc_s, acc_dp, tScS_rc, smem.dsum[stage], keep);
+      options_ds<kDropout>(p, acc_s, acc_dp, tScS_rc, smem.dsum[stage]);
     } else {
       Tensor rP = make_converted<Element>(acc_s);
       copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         CUTE_UNROLL
-        for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = scores(r, c) * (dp(r, c) - dsum[r]);
+        for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = dscore</*kDropout=*/false>(scores(r, c), dp(r, c), dsum[r]);
       }
     }
     Tensor rdS = make_converted<Element>(acc_dp);

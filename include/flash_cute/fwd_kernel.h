@@ -204,14 +204,21 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
       cp_async_fence();
     }
 
+    // Dropout's random words, drawn here: their integer work fills the softmax's latencies.
+    const auto words = [&] {
+      if constexpr (kDropout) return dropout.draw_tile(acc_s, tScS, row0, n * kBlockN);
+      else return 0;
+    }();
     softmax.update(scores, acc_o_rc, p.scale_log2, fixed_max);
-    if (kDropout && p.s_dmask != nullptr) {
-      store_s_dmask(acc_s, tScS, row0, n * kBlockN, dropout,
-                    static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride + head * p.s_dmask_head_stride,
-                    p.s_dmask_row_stride, p.s_dmask_rows, p.s_dmask_cols);
+    if constexpr (kDropout) {
+      if (p.s_dmask != nullptr) {
+        store_s_dmask(acc_s, tScS, row0, n * kBlockN, dropout, words,
+                      static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride + head * p.s_dmask_head_stride,
+                      p.s_dmask_row_stride, p.s_dmask_rows, p.s_dmask_cols);
+      }
     }
     Tensor rP = make_converted<Element>(acc_s);
-    if constexpr (kDropout) apply_dropout(rP, tScS, row0, n * kBlockN, dropout);
+    if constexpr (kDropout) apply_dropout(rP, tScS, n * kBlockN, dropout, words);
     Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a_layout(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
     gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, mma, smem_copy_v);
   }

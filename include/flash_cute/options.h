@@ -34,9 +34,10 @@ CUTE_DEVICE float alibi_slope(const ScoreOptions& o, int batch, int head) {
 // What a forward or backward kernel applies beyond the window that every kernel takes (the
 // kOptions template argument). ALiBi alone runs a kernel made for it; softcap runs one with ALiBi
 // read at run time (a kernel for softcap alone measured no faster: 1.135x vs 1.143x the plain
-// forward); dropout one with both at run time (kDropout). The kernel that read softcap and ALiBi at
-// run time cost 7% (forward) and 11% (backward) with neither on, its uniform branches splitting the
-// loop body; the ALiBi kernel costs 5% / 7% with slopes of 0 (H200, bf16 d128 4k).
+// forward); dropout one with both at run time (kDropout: a kernel for dropout alone measured no
+// faster, 2.114 vs 2.101 ms forward, 5.624 vs 5.599 ms backward). The kernel that read softcap and
+// ALiBi at run time cost 7% (forward) and 11% (backward) with neither on, its uniform branches
+// splitting the loop body; the ALiBi kernel costs 5% / 7% with slopes of 0 (H200, bf16 d128 4k).
 enum OptionKind : int { kNoOptions = 0, kSoftcap = 1, kAlibiOnly = 2, kAnyOptions = 3 };
 
 template <int kOptions>
@@ -188,40 +189,65 @@ struct Dropout {
   // Whether value v of a fragment whose random word is w is kept.
   CUTE_DEVICE bool kept(uint32_t w, int v) const { return ((w >> (8 * v)) & 0xffu) <= keep_byte; }
 
-  // Calls f(m, n, w) for every fragment (m, n) of an (MMA = 4, MMA_M, MMA_N) accumulator of
-  // m16n8 fragments, w: its random word (see kept()). coords: the accumulator's identity partition, the
-  // tile at (row0, col0) of the sequence. One Philox call serves fragments n = 4g .. 4g + 3: the
-  // kernels' layouts put a thread's fragments of a row 8 keys apart, in runs of 32 aligned keys
-  // (the forward's: all of the tile's; the backward's with dropout: BwdTraits::kSdpWarpCols), and
-  // the tests against the forward's S_dmask would catch a layout that did not.
-  // kRuns32: the thread holds every fragment of its rows in runs of 32 keys (the forward, the
-  // backward where BwdTraits::kSdpWarpCols is 32): fragment n takes word n % 4, known at compile time.
-  template <bool kRuns32, class Acc, class Coords, class F>
-  CUTE_DEVICE void for_each_fragment(Acc const& acc, Coords const& coords, int row0, int col0, F&& f) const {
+  // The random words of an (MMA = 4, MMA_M, MMA_N) accumulator of m16n8 fragments, one Philox call
+  // per fragments n = 4g .. 4g + 3 of each m: the kernels' layouts put a thread's fragments of a
+  // row 8 keys apart, in runs of 32 aligned keys (the forward's: all of the tile's; the
+  // backward's with dropout: BwdTraits::kSdpWarpCols), and the tests against the forward's
+  // S_dmask would catch a layout that did not. coords: the accumulator's identity partition, the
+  // tile at (row0, col0) of the sequence. Drawn apart from their use (for_each_fragment), the
+  // integer work can go where the scheduler finds room.
+  template <class Acc, class Coords>
+  CUTE_DEVICE auto draw_tile(Acc const& acc, Coords const& coords, int row0, int col0) const {
     static_assert(decltype(size<0>(acc))::value == 4, "m16n8 accumulator fragments");
-    constexpr int kFragments = decltype(size<2>(acc))::value;
+    constexpr int kM = decltype(size<1>(acc))::value, kCalls = (decltype(size<2>(acc))::value + 3) / 4;
+    cute::array<uint4, kM * kCalls> words;
+    CUTE_UNROLL
+    for (int m = 0; m < kM; ++m) {
+      CUTE_UNROLL
+      for (int g = 0; g < kCalls; ++g)
+        words[m * kCalls + g] = draw(row0 + get<0>(coords(0, m, 4 * g)), col0 + get<1>(coords(0, m, 4 * g)));
+    }
+    return words;
+  }
+
+  // Calls f(m, n, w) for every fragment (m, n) of the accumulator, w: its random word from
+  // draw_tile's words (see kept()). kRuns32: the thread holds every fragment of its rows in runs of
+  // 32 keys (the forward, the backward where BwdTraits::kSdpWarpCols is 32): fragment n takes word
+  // n % 4, known at compile time; else word (col % 32) / 8 of its call.
+  template <bool kRuns32, class Acc, class Coords, class Words, class F>
+  CUTE_DEVICE void for_each_fragment(Acc const& acc, Coords const& coords, int col0, Words const& words, F&& f) const {
+    constexpr int kFragments = decltype(size<2>(acc))::value, kCalls = (kFragments + 3) / 4;
     CUTE_UNROLL
     for (int m = 0; m < size<1>(acc); ++m) {
-      uint4 words;
       CUTE_UNROLL
       for (int n = 0; n < kFragments; ++n) {
-        const int col = col0 + get<1>(coords(0, m, n));
-        if (n % 4 == 0) words = draw(row0 + get<0>(coords(0, m, n)), col);
-        const int sub = kRuns32 ? n % 4 : (col % 32) / 8;
-        f(m, n, sub == 0 ? words.x : sub == 1 ? words.y : sub == 2 ? words.z : words.w);
+        const uint4 w = words[m * kCalls + n / 4];
+        const int sub = kRuns32 ? n % 4 : ((col0 + get<1>(coords(0, m, n))) % 32) / 8;
+        f(m, n, sub == 0 ? w.x : sub == 1 ? w.y : sub == 2 ? w.z : w.w);
       }
     }
+  }
+
+  // Negates the entries of an accumulator of P (as for draw_tile) that dropout drops (flash_attn's
+  // encoding in the sign: a 16-bit conversion with relu then zeroes them, and the backward reads
+  // the decision back in dS).
+  template <bool kRuns32, class Acc, class Coords, class Words>
+  CUTE_DEVICE void negate_dropped(Acc& acc, Coords const& coords, int col0, Words const& words) const {
+    for_each_fragment<kRuns32>(acc, coords, col0, words, [&](int m, int n, uint32_t w) {
+      CUTE_UNROLL
+      for (int v = 0; v < 4; ++v) acc(v, m, n) = kept(w, v) ? acc(v, m, n) : -acc(v, m, n);
+    });
   }
 };
 
 // Stores the return_attn_probs matrix of one tile (a debugging aid, kept out of the normal path):
 // P (acc: an (MMA = 4, MMA_M, MMA_N) accumulator of m16n8 fragments, coords its identity
-// partition, (row0, col0) the tile's origin in the sequence) into s_dmask (this (sequence, head)'s
+// partition, (row0, col0) the tile's origin in the sequence, words its draw_tile) into s_dmask (this (sequence, head)'s
 // matrix, row stride `ld`, rows x cols of it exist), negated where dropout drops it.
-template <class Element, class Acc, class Coords>
+template <class Element, class Acc, class Coords, class Words>
 CUTE_DEVICE void store_s_dmask(Acc const& acc, Coords const& coords, int row0, int col0, const Dropout& dropout,
-                               Element* s_dmask, int64_t ld, int rows, int cols) {
-  dropout.for_each_fragment<true>(acc, coords, row0, col0, [&](int m, int n, uint32_t w) {
+                               Words const& words, Element* s_dmask, int64_t ld, int rows, int cols) {
+  dropout.for_each_fragment<true>(acc, coords, col0, words, [&](int m, int n, uint32_t w) {
     const int row = row0 + get<0>(coords(0, m, n)), col = col0 + get<1>(coords(0, m, n));
     CUTE_UNROLL
     for (int v = 0; v < 4; ++v) {
@@ -241,13 +267,13 @@ CUTE_DEVICE uint32_t le_mask_u16x2(uint32_t a, uint32_t b) {
 }
 
 // Applies dropout to P converted to 16 bits (rP: (MMA = 4, MMA_M, MMA_N) fragments, values (0, 1)
-// and (2, 3) of a fragment one 32-bit pair each; coords, row0, col0 as for store_s_dmask): dropped
+// and (2, 3) of a fragment one 32-bit pair each; coords, col0, words as for store_s_dmask): dropped
 // entries become 0, by masks on the pairs (the 1 / keep scaling is left to the epilogue).
-template <class Frag, class Coords>
-CUTE_DEVICE void apply_dropout(Frag& rP, Coords const& coords, int row0, int col0, const Dropout& dropout) {
+template <class Frag, class Coords, class Words>
+CUTE_DEVICE void apply_dropout(Frag& rP, Coords const& coords, int col0, const Dropout& dropout, Words const& words) {
   static_assert(sizeof(typename Frag::value_type) == 2, "16-bit P");
   const uint32_t keep2 = dropout.keep_byte * 0x10001u;
-  dropout.for_each_fragment<true>(rP, coords, row0, col0, [&](int m, int n, uint32_t w) {
+  dropout.for_each_fragment<true>(rP, coords, col0, words, [&](int m, int n, uint32_t w) {
     uint32_t* lo = reinterpret_cast<uint32_t*>(&rP(0, m, n));  // values 0, 1: bytes 0, 1 of w
     uint32_t* hi = reinterpret_cast<uint32_t*>(&rP(2, m, n));  // values 2, 3: bytes 2, 3
     *lo &= le_mask_u16x2(__byte_perm(w, 0, 0x4140), keep2);   // (byte 0, byte 1) as two u16

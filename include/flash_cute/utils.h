@@ -41,6 +41,23 @@ CUTE_DEVICE auto make_converted(Tensor<Engine, Layout> const& src) {
   return dst;
 }
 
+// make_converted to 16 bits with negative values made 0 (cvt's .relu: one instruction per pair,
+// as the plain conversion).
+template <class To, class Engine, class Layout>
+CUTE_DEVICE auto make_converted_relu(Tensor<Engine, Layout> const& src) {
+  static_assert(std::is_same_v<typename Engine::value_type, float> && decltype(size(src))::value % 2 == 0);
+  Tensor dst = make_tensor<To>(src.layout());
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(dst.data());
+  CUTE_UNROLL
+  for (int i = 0; i < size(src) / 2; ++i) {
+    if constexpr (std::is_same_v<To, cute::bfloat16_t>)
+      asm("cvt.rn.relu.bf16x2.f32 %0, %1, %2;" : "=r"(pairs[i]) : "f"(src(2 * i + 1)), "f"(src(2 * i)));
+    else
+      asm("cvt.rn.relu.f16x2.f32 %0, %1, %2;" : "=r"(pairs[i]) : "f"(src(2 * i + 1)), "f"(src(2 * i)));
+  }
+  return dst;
+}
+
 // ---------------------------------------------------------------------------------------------
 // GEMMs. Operands are copied from shared memory one k16 slice ahead of the MMAs that use them,
 // so the LDSM of slice k+1 is in flight while the tensor cores work on slice k.
