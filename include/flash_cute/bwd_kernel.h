@@ -111,7 +111,7 @@ CUTE_DEVICE void options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coords 
     for (int i = 0; i < size(acc_s); ++i) {
       const float t = tanh_approx(acc_s(i) * p.opt.softcap_pre);
       acc_s(i) = t;
-      scratch(i) = 1.f - t * t;  // >= 0: the sign of P * dz/ds is P's
+      scratch(i) = 1.f - t * t;  // >= 0 (|t| <= 1), so P * dz/ds keeps P's sign (dropout's mark)
     }
   }
   apply_bias_and_mask(
