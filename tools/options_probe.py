@@ -2,7 +2,8 @@
 (bf16, d128, seqlen 4k, batch 4, 16 heads by default), for kernel work on issue 6. 'options-base'
 is the ALiBi kernel running with nothing to do (slopes of 0): its cost over plain is the price of
 the kernel itself; 'softcap-any' runs softcap in the kernel that takes both softcap and ALiBi at run
-time (slopes 0), against 'softcap' in the kernel made for softcap alone. The numbers that count come from benchmark/run.py --options.
+time (slopes 0), against 'softcap' in the kernel made for softcap alone; 'dropout-any' runs the
+dropout kernel through its run-time ALiBi branch (slopes 0). The numbers that count come from benchmark/run.py --options.
 
     PYTHONPATH=.gpu/site python3 tools/options_probe.py [seqlen] [head_dim] [variant,...]
 """
@@ -26,6 +27,7 @@ variants = {
     "softcap-any": dict(softcap=30.0, alibi_slopes=torch.zeros(heads, device="cuda")),  # the kernel for both
     "alibi": dict(alibi_slopes=slopes),
     "dropout": dict(dropout_p=0.1),
+    "dropout-any": dict(dropout_p=0.1, alibi_slopes=torch.zeros(heads, device="cuda")),  # dropout's ALiBi branch
     "window": dict(window_size=(1024, 1024)),
     "causal": dict(causal=True),
     "causal-window": dict(causal=True, window_size=(4095, 0)),  # the options kernel doing plain causal

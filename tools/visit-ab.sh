@@ -1,5 +1,5 @@
 # One device visit comparing development wheels on issue 6's options: tools/options_probe.py on each
-# wheel directory given (each holds site/), then the dropout and softcap option tests and
+# wheel directory given (each holds site/), then tests/test_options_kernels.py (d128) and
 # benchmark/run.py --options on the first. Device tool, carry the wheel dirs; logs in $OUT.
 #   bash tools/visit-ab.sh .gpu .gpuA      (PROBE_ONLY=1: the probes only; PROBE_VARIANTS=a,b: which)
 set -x

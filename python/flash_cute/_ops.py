@@ -688,7 +688,6 @@ MAX_DECODE_SPLITS = 128
 _MAX_GRID_X = 2**31 - 1  # CUDA's limit on the grid's x dimension
 
 
-@functools.lru_cache(maxsize=256)
 def _cache_layout(k_cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> tuple[int, int]:
     """(page_size, capacity) of a K/V cache: (0, its length) for contiguous cache rows; paged, the
     page size and the positions a block-table row holds."""
@@ -703,6 +702,7 @@ def _cache_bounds(k_cache: torch.Tensor, capacity: int) -> tuple[int, int]:
     return k_cache.shape[0], min(capacity, 2**31 - 1)
 
 
+@functools.lru_cache(maxsize=256)
 def decode_splits(batch: int, nheads_k: int, packed_rows: int, capacity: int, head_dim: int, device: int) -> int:
     """The split count of num_splits=0: a function of shapes that stay fixed while a model decodes
     (never of the current lengths), so a CUDA graph captured for one step is right for the next."""
