@@ -88,31 +88,39 @@ CUTE_DEVICE float dscore(float a, float dp, float d) {
   else return a * (dp - d);
 }
 
-// P and dS with flash_attn's options (kOptions kernels), in two steps around dP = dO V^T, as the
-// plain kernel computes P before that GEMM (its exponentials then overlap the GEMM's MMAs).
+// P and dS with flash_attn's options (kOptions kernels). The plain kernel computes P before
+// dP = dO V^T and stores it after, so its exponentials overlap the GEMM's MMAs. Here:
+// - softcap (kernel kSoftcap): t = tanh(S * softcap_pre) before the GEMM (options_s), the rest
+//   after it, when the GEMM's operand registers are free. Computing P before the GEMM too spilled
+//   (25 reloads) and ran slower: 1.14x the plain backward against 1.12x (H200, bf16 d128 4k).
+// - dropout (kDropout): all of P and its stores before the GEMM, whose loads then wait for the
+//   stores (they may alias): 1.19x plain, against 1.23x with P after the GEMM (more spills).
 //
-// options_p: from S = Q K^T in acc_s (the tile at (row0, col0) of a query head; lse * log2(e) of
-// the tile's rows in shared memory), P = exp(z - lse) with z the score after softcap, ALiBi and the
-// mask (kDropout: P / keep). Stores the P that multiplies dO into dV (kDropout: dropped 0, kept ones
-// P / keep) to shared memory through copy_pds / tPsP, and leaves in acc_s P * dz/ds (softcap: dz/ds =
-// 1 - tanh^2, computed into acc_dp, which the dP GEMM then overwrites). With dropout, a dropped
-// score's entry is negated (flash_attn's encoding): the sign carries the decision to options_ds
-// and the conversion of P for dV (relu) zeroes it, at no register and one FSEL per score.
-template <int kOptions, int kBlockM, int kBlockN, bool kDropout, bool kRuns32, class Element, class Acc, class Coords, class CoordsRC,
-          class CopyPdS, class SmemP>
-CUTE_DEVICE void options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coords const& coords, CoordsRC const& coords_rc,
+// options_s: softcap's t = tanh(S * softcap_pre), in place of S = Q K^T in acc_s.
+template <int kOptions, class Acc>
+CUTE_DEVICE void options_s(const BwdParams& p, Acc& acc_s) {
+  if (softcap_on<kOptions>(p.opt)) apply_softcap(acc_s, p.opt.softcap_pre);
+}
+
+// options_p: from options_s's acc_s (the tile at (row0, col0) of a query head; lse * log2(e) of
+// the tile's rows in shared memory), P = exp(z - lse) with z the score after softcap, ALiBi and
+// the mask (kDropout: P / keep). Returns the P that multiplies dO into dV in 16 bits (kDropout:
+// dropped 0, kept ones P / keep) and leaves in acc_s P * dz/ds (softcap: dz/ds = 1 - t^2). With
+// dropout, a dropped score's entry is negated (flash_attn's encoding): the sign carries the
+// decision to options_ds and the conversion of P for dV (relu) zeroes it, at no register and one
+// FSEL per score.
+template <int kOptions, int kBlockM, int kBlockN, bool kDropout, bool kRuns32, class Element, class Acc, class Coords,
+          class CoordsRC>
+CUTE_DEVICE auto options_p(const BwdParams& p, Acc& acc_s, Coords const& coords, CoordsRC const& coords_rc,
                            int row0, int col0, int seqlen_k, int diagonal, const float* lse_log2, float slope,
-                           const Dropout& dropout, CopyPdS const& copy_pds, SmemP& tPsP) {
+                           const Dropout& dropout) {
   constexpr int kRows = decltype(size<0>(coords_rc))::value;
   Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
   const bool softcap = softcap_on<kOptions>(p.opt);
+  Tensor dz = make_fragment_like(acc_s);  // softcap's dz/ds = 1 - t^2
   if (softcap) {
     CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) {
-      const float t = tanh_approx(acc_s(i) * p.opt.softcap_pre);
-      acc_s(i) = t;
-      scratch(i) = 1.f - t * t;  // >= 0 (|t| <= 1), so P * dz/ds keeps P's sign (dropout's mark)
-    }
+    for (int i = 0; i < size(acc_s); ++i) dz(i) = 1.f - acc_s(i) * acc_s(i);  // >= 0: P * dz/ds keeps P's sign
   }
   apply_bias_and_mask(
       s, coords_rc, [&](int r) { return row0 + get<0>(coords_rc(r, 0)); }, [&](int) { return slope; }, col0,
@@ -128,11 +136,11 @@ CUTE_DEVICE void options_p(const BwdParams& p, Acc& acc_s, Acc& scratch, Coords 
   if constexpr (kDropout)
     dropout.template negate_dropped<kRuns32>(acc_s, coords, col0, dropout.draw_tile(acc_s, coords, row0, col0));
   Tensor rP = converted_p<Element, kDropout>(acc_s);
-  copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
   if (softcap) {
     CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scratch(i);
+    for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= dz(i);
   }
+  return rP;
 }
 
 // options_ds: dS = dscore(P * dz/ds in acc_s, dP, D) into acc_dp (dP = dO V^T; D of the tile's
@@ -379,10 +387,29 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
                    copy_sdp_a, copy_sdp_b);
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});
+    Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
+    auto dp_gemm = [&] {  // dP = dO V^T
+      clear(acc_dp);
+      gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
+                     copy_sdp_a, copy_sdp_b);
+    };
+    // P and dS = P * (dP - D) to shared memory, in the input dtype.
     if constexpr (kOptionsPath) {
-      options_p<kOptions, kBlockM, kBlockN, kDropout, Traits::kSdpWarpCols == 32, Element>(
-          p, acc_s, acc_dp, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, smem.lse_log2[stage],
-          slope, dropout.with_head(batch, p.heads, head), copy_pds, tPsP);
+      options_s<kOptions>(p, acc_s);
+      auto p_tile = [&] {
+        return options_p<kOptions, kBlockM, kBlockN, kDropout, Traits::kSdpWarpCols == 32, Element>(
+            p, acc_s, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, smem.lse_log2[stage], slope,
+            dropout.with_head(batch, p.heads, head));
+      };
+      auto store_p = [&](auto const& rP) { copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP); };
+      if constexpr (kDropout) {
+        store_p(p_tile());
+        dp_gemm();
+      } else {
+        dp_gemm();
+        store_p(p_tile());
+      }
+      options_ds<kDropout>(p, acc_s, acc_dp, tScS_rc, smem.dsum[stage]);
     } else {
       const bool mask = tile_needs_mask(row0, kBlockM, col0, kBlockN, seqlen_k, diagonal, p.opt);
       if (kOptions == kAlibiOnly || mask)
@@ -394,18 +421,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
         CUTE_UNROLL
         for (int c = 0; c < size<1>(scores); ++c) scores(r, c) = exp2f(scores(r, c) * p.scale_log2 - lse_log2[r]);
       }
-    }
-
-    // dP = dO V^T
-    clear(acc_dp);
-    gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
-                   copy_sdp_a, copy_sdp_b);
-    Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
-
-    // P (the options: stored already) and dS = P * (dP - D) to shared memory, in the input dtype.
-    if constexpr (kOptionsPath) {
-      options_ds<kDropout>(p, acc_s, acc_dp, tScS_rc, smem.dsum[stage]);
-    } else {
+      dp_gemm();
       Tensor rP = make_converted<Element>(acc_s);
       copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
       CUTE_UNROLL

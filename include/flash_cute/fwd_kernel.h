@@ -22,8 +22,9 @@ using namespace cute;
 // One query block (kBlockM rows of query block m_block) of one head of sequence `seq`. Every
 // kernel takes the local window of p.opt (causal: its right side is 0). kOptions (an OptionKind):
 // also softcap and/or ALiBi; kDropout: and dropout (its own kernel: the code for it costs the
-// others registers and scheduling).
-template <class Traits, bool kVarlen, int kOptions, bool kDropout>
+// others registers and scheduling); kSMask: and return_attn_probs's matrix (p.s_dmask), in a kernel
+// of its own too: its branch in the loop cost the forward with dropout 3% (H200, bf16 d128 4k).
+template <class Traits, bool kVarlen, int kOptions, bool kDropout, bool kSMask>
 CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
                            int m_block, int head, int batch) {
   using Element = typename Traits::Element;
@@ -210,12 +211,10 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
       else return 0;
     }();
     softmax.update(scores, acc_o_rc, p.scale_log2, fixed_max);
-    if constexpr (kDropout) {
-      if (p.s_dmask != nullptr) {
-        store_s_dmask(acc_s, tScS, row0, n * kBlockN, dropout, words,
-                      static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride + head * p.s_dmask_head_stride,
-                      p.s_dmask_row_stride, p.s_dmask_rows, p.s_dmask_cols);
-      }
+    if constexpr (kSMask) {
+      store_s_dmask(acc_s, tScS, row0, n * kBlockN, dropout, words,
+                    static_cast<Element*>(p.s_dmask) + batch * p.s_dmask_batch_stride + head * p.s_dmask_head_stride,
+                    p.s_dmask_row_stride, p.s_dmask_rows, p.s_dmask_cols);
     }
     Tensor rP = make_converted<Element>(acc_s);
     if constexpr (kDropout) apply_dropout(rP, tScS, n * kBlockN, dropout, words);
@@ -254,7 +253,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
 // blockIdx.x + gridDim.x, ... of its sequence, so a hint that is too small costs time, never
 // correctness. Causal: the last query blocks see the most keys; launching them first shortens
 // the tail.
-template <class Traits, bool kVarlen, int kOptions, bool kDropout>
+template <class Traits, bool kVarlen, int kOptions, bool kDropout, bool kSMask = false>
 __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
   extern __shared__ __align__(128) char smem_bytes[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_bytes);
@@ -279,7 +278,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) fwd_kernel(const __grid_c
   }
   for (int i = blockIdx.x; i < m_blocks; i += gridDim.x) {
     if (i != int(blockIdx.x)) __syncthreads();  // every thread is done with the previous block's tiles
-    fwd_block<Traits, kVarlen, kOptions, kDropout>(p, smem, seq, Traits::kCausal ? m_blocks - 1 - i : i, blockIdx.y, blockIdx.z);
+    fwd_block<Traits, kVarlen, kOptions, kDropout, kSMask>(p, smem, seq, Traits::kCausal ? m_blocks - 1 - i : i, blockIdx.y, blockIdx.z);
     if constexpr (!kVarlen) break;
   }
 }

@@ -15,6 +15,11 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream, const std::string& name
   constexpr int kSmem = Traits::kSmemBytes;
   auto kernel = p.cu_seqlens_q != nullptr ? &fwd_kernel<Traits, true, kOptions, kDropout>
                                           : &fwd_kernel<Traits, false, kOptions, kDropout>;
+  if constexpr (kDropout) {  // return_attn_probs: the kernel that also stores S_dmask
+    if (p.s_dmask != nullptr)
+      kernel = p.cu_seqlens_q != nullptr ? &fwd_kernel<Traits, true, kOptions, kDropout, true>
+                                         : &fwd_kernel<Traits, false, kOptions, kDropout, true>;
+  }
   allow_dynamic_smem(kernel, kSmem, name);
   // seqlen_q: the longest sequence's (varlen: the max_seqlen_q hint; the kernel loops past it).
   const dim3 grid(std::max(1, ceil_div(p.seqlen_q, Traits::kBlockM)), p.heads, p.batch);
