@@ -810,6 +810,29 @@ def test_dropout_alibi_branch_same_mask(dtype, head_dim, causal):
         torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_dropout_probs_kernel_same_output(dtype, head_dim, varlen):
+    """return_attn_probs=True runs a forward kernel of its own (the one that also stores S_dmask):
+    after the same torch.manual_seed it draws the same mask as the call without, so both outputs
+    are bitwise equal."""
+    _require(dtype, head_dim)
+    if varlen:
+        q, k, v, args, _ = _varlen_inputs(head_dim, dtype)
+        fn = flash_cute.flash_attn_varlen_func
+    else:
+        q, k, v = make_qkv(2, 300, 257, NHEADS, NHEADS_K, head_dim, dtype, "cuda")
+        args, fn = (), flash_cute.flash_attn_func
+    seed = _fresh_seed()
+    outs = []
+    for probs in (False, True):
+        torch.manual_seed(seed)
+        outs.append(_run(fn, (q, k, v), *args, probs=probs, dropout_p=0.3, causal=True, softcap=5.0)[0])
+    assert torch.equal(outs[0], outs[1]), (
+        f"out with and without return_attn_probs differ: max {(outs[0].float() - outs[1].float()).abs().max()}")
+
+
 @pytest.mark.parametrize("opts", [PLAIN, CAUSAL, _opt("window_64_64", window=(64, 64)), ALL_CAUSAL, ALL])
 @pytest.mark.parametrize("seqlen_q,seqlen_k", [(113, 257), (1000, 1000)])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
