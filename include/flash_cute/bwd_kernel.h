@@ -394,6 +394,9 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
                      copy_sdp_a, copy_sdp_b);
     };
     // P and dS = P * (dP - D) to shared memory, in the input dtype.
+    auto store_pds = [&](auto const& r, auto& dst) {  // a 16-bit S/dP-shaped fragment to sP or sdS
+      copy(copy_pds, make_tensor(r.data(), copy_pds.retile(r.layout())), dst);
+    };
     if constexpr (kOptionsPath) {
       options_s<kOptions>(p, acc_s);
       auto p_tile = [&] {
@@ -401,13 +404,12 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
             p, acc_s, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, smem.lse_log2[stage], slope,
             dropout.with_head(batch, p.heads, head));
       };
-      auto store_p = [&](auto const& rP) { copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP); };
       if constexpr (kDropout) {
-        store_p(p_tile());
+        store_pds(p_tile(), tPsP);
         dp_gemm();
       } else {
         dp_gemm();
-        store_p(p_tile());
+        store_pds(p_tile(), tPsP);
       }
       options_ds<kDropout>(p, acc_s, acc_dp, tScS_rc, smem.dsum[stage]);
     } else {
@@ -422,16 +424,14 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
         for (int c = 0; c < size<1>(scores); ++c) scores(r, c) = exp2f(scores(r, c) * p.scale_log2 - lse_log2[r]);
       }
       dp_gemm();
-      Tensor rP = make_converted<Element>(acc_s);
-      copy(copy_pds, make_tensor(rP.data(), copy_pds.retile(rP.layout())), tPsP);
+      store_pds(make_converted<Element>(acc_s), tPsP);
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         CUTE_UNROLL
         for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = dscore</*kDropout=*/false>(scores(r, c), dp(r, c), dsum[r]);
       }
     }
-    Tensor rdS = make_converted<Element>(acc_dp);
-    copy(copy_pds, make_tensor(rdS.data(), copy_pds.retile(rdS.layout())), tdSsdS);
+    store_pds(make_converted<Element>(acc_dp), tdSsdS);
     __syncthreads();
 
     // dV += P^T dO

@@ -27,6 +27,7 @@ using namespace cute;
 template <class Traits, bool kVarlen, int kOptions, bool kDropout, bool kSMask>
 CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& smem, const SeqSpan& seq,
                            int m_block, int head, int batch) {
+  static_assert(!kSMask || kDropout, "S_dmask encodes dropout's decisions");
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 #include "flash_cute/cuda_check.h"
 #include "flash_cute/fwd_kernel.h"
@@ -13,12 +14,13 @@ namespace flash_cute {
 template <class Traits, int kOptions, bool kDropout>
 void launch_fwd(const FwdParams& p, cudaStream_t stream, const std::string& name) {
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = p.cu_seqlens_q != nullptr ? &fwd_kernel<Traits, true, kOptions, kDropout>
-                                          : &fwd_kernel<Traits, false, kOptions, kDropout>;
+  auto kernel_for = [&](auto s_mask) {  // padded or varlen, with or without the S_dmask store
+    return p.cu_seqlens_q != nullptr ? &fwd_kernel<Traits, true, kOptions, kDropout, s_mask()>
+                                     : &fwd_kernel<Traits, false, kOptions, kDropout, s_mask()>;
+  };
+  auto kernel = kernel_for(std::false_type{});
   if constexpr (kDropout) {  // return_attn_probs: the kernel that also stores S_dmask
-    if (p.s_dmask != nullptr)
-      kernel = p.cu_seqlens_q != nullptr ? &fwd_kernel<Traits, true, kOptions, kDropout, true>
-                                         : &fwd_kernel<Traits, false, kOptions, kDropout, true>;
+    if (p.s_dmask != nullptr) kernel = kernel_for(std::true_type{});
   }
   allow_dynamic_smem(kernel, kSmem, name);
   // seqlen_q: the longest sequence's (varlen: the max_seqlen_q hint; the kernel loops past it).
