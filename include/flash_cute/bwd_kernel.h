@@ -93,8 +93,12 @@ CUTE_DEVICE float dscore(float a, float dp, float d) {
 // - softcap (kernel kSoftcap): t = tanh(S * softcap_pre) before the GEMM (options_s), the rest
 //   after it, when the GEMM's operand registers are free. Computing P before the GEMM too spilled
 //   (25 reloads) and ran slower: 1.14x the plain backward against 1.12x (H200, bf16 d128 4k).
-// - dropout (kDropout): all of P and its stores before the GEMM, whose loads then wait for the
-//   stores (they may alias): 1.19x plain, against 1.23x with P after the GEMM (more spills).
+// - dropout (kDropout) without softcap: as the plain kernel, the exponentials before the GEMM
+//   (options_exp), the random words, the drop decisions and P's stores after it
+//   (options_dropout): 1.17x plain, against 1.20x with all of P and its stores before the GEMM,
+//   whose loads then waited for the stores (they may alias) and 1.23x with all of P after it.
+//   With softcap too, all of P before the GEMM (options_p), as dz = 1 - t^2 would stay live
+//   across it.
 //
 // options_s: softcap's t = tanh(S * softcap_pre), in place of S = Q K^T in acc_s.
 template <int kOptions, class Acc>
@@ -102,40 +106,52 @@ CUTE_DEVICE void options_s(const BwdParams& p, Acc& acc_s) {
   if (softcap_on<kOptions>(p.opt)) apply_softcap(acc_s, p.opt.softcap_pre);
 }
 
-// options_p: from options_s's acc_s (the tile at (row0, col0) of a query head; lse * log2(e) of
-// the tile's rows in shared memory), P = exp(z - lse) with z the score after softcap, ALiBi and
-// the mask (kDropout: P / keep). Returns the P that multiplies dO into dV in 16 bits (kDropout:
-// dropped 0, kept ones P / keep) and leaves in acc_s P * dz/ds (softcap: dz/ds = 1 - t^2). With
-// dropout, a dropped score's entry is negated (flash_attn's encoding): the sign carries the
-// decision to options_ds and the conversion of P for dV (relu) zeroes it, at no register and one
-// FSEL per score.
+// options_exp: from options_s's acc_s (the tile at (row0, col0) of a query head; lse * log2(e) of
+// the tile's rows in shared memory), P = exp(z - lse) in place, z the score after softcap, ALiBi
+// and the mask (kDropout: P / keep, what the kept entries weigh).
+template <int kOptions, int kBlockM, int kBlockN, bool kDropout, class Acc, class CoordsRC>
+CUTE_DEVICE void options_exp(const BwdParams& p, Acc& acc_s, CoordsRC const& coords_rc, int row0, int col0,
+                             int seqlen_k, int diagonal, const float* lse_log2, float slope) {
+  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+  apply_bias_and_mask(
+      s, coords_rc, [&](int r) { return row0 + get<0>(coords_rc(r, 0)); }, [&](int) { return slope; }, col0,
+      seqlen_k, diagonal, p.opt, alibi_on<kOptions>(slope),
+      tile_needs_mask(row0, kBlockM, col0, kBlockN, seqlen_k, diagonal, p.opt));
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(s); ++r) {
+    const float lse = lse_log2[get<0>(coords_rc(r, 0))] - (kDropout ? p.log2_rp_dropout : 0.f);
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(s); ++c) s(r, c) = exp2f(s(r, c) * p.scale_log2 - lse);
+  }
+}
+
+// options_dropout: from options_exp's P in acc_s, returns the P that multiplies dO into dV in 16
+// bits (kDropout: dropped 0, kept ones P / keep). With dropout, a dropped score's entry in acc_s
+// is negated (flash_attn's encoding): the sign carries the decision to options_ds and the
+// conversion of P for dV (relu) zeroes it, at no register and one FSEL per score.
+template <bool kDropout, bool kRuns32, class Element, class Acc, class Coords>
+CUTE_DEVICE auto options_dropout(Acc& acc_s, Coords const& coords, int row0, int col0, const Dropout& dropout) {
+  if constexpr (kDropout)
+    dropout.template negate_dropped<kRuns32>(acc_s, coords, col0, dropout.draw_tile(acc_s, coords, row0, col0));
+  return converted_p<Element, kDropout>(acc_s);
+}
+
+// options_p: options_exp and options_dropout, and leaves in acc_s P * dz/ds (softcap: dz/ds =
+// 1 - t^2 from options_s's t).
 template <int kOptions, int kBlockM, int kBlockN, bool kDropout, bool kRuns32, class Element, class Acc, class Coords,
           class CoordsRC>
 CUTE_DEVICE auto options_p(const BwdParams& p, Acc& acc_s, Coords const& coords, CoordsRC const& coords_rc,
                            int row0, int col0, int seqlen_k, int diagonal, const float* lse_log2, float slope,
                            const Dropout& dropout) {
-  constexpr int kRows = decltype(size<0>(coords_rc))::value;
-  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
   const bool softcap = softcap_on<kOptions>(p.opt);
   Tensor dz = make_fragment_like(acc_s);  // softcap's dz/ds = 1 - t^2
   if (softcap) {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) dz(i) = 1.f - acc_s(i) * acc_s(i);  // >= 0: P * dz/ds keeps P's sign
   }
-  apply_bias_and_mask(
-      s, coords_rc, [&](int r) { return row0 + get<0>(coords_rc(r, 0)); }, [&](int) { return slope; }, col0,
-      seqlen_k, diagonal, p.opt, alibi_on<kOptions>(slope),
-      tile_needs_mask(row0, kBlockM, col0, kBlockN, seqlen_k, diagonal, p.opt));
-  // With dropout, P / keep (what the kept entries weigh) straight from the exponential.
-  CUTE_UNROLL
-  for (int r = 0; r < kRows; ++r) {
-    const float lse = lse_log2[get<0>(coords_rc(r, 0))] - (kDropout ? p.log2_rp_dropout : 0.f);
-    CUTE_UNROLL
-    for (int c = 0; c < size<1>(s); ++c) s(r, c) = exp2f(s(r, c) * p.scale_log2 - lse);
-  }
-  if constexpr (kDropout)
-    dropout.template negate_dropped<kRuns32>(acc_s, coords, col0, dropout.draw_tile(acc_s, coords, row0, col0));
-  Tensor rP = converted_p<Element, kDropout>(acc_s);
+  options_exp<kOptions, kBlockM, kBlockN, kDropout>(p, acc_s, coords_rc, row0, col0, seqlen_k, diagonal, lse_log2,
+                                                   slope);
+  Tensor rP = options_dropout<kDropout, kRuns32, Element>(acc_s, coords, row0, col0, dropout);
   if (softcap) {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= dz(i);
@@ -405,8 +421,18 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
             dropout.with_head(batch, p.heads, head));
       };
       if constexpr (kDropout) {
-        store_pds(p_tile(), tPsP);
-        dp_gemm();
+        if (softcap_on<kOptions>(p.opt)) {
+          store_pds(p_tile(), tPsP);
+          dp_gemm();
+        } else {
+          // The exponentials before the GEMM, as in the plain kernel, the random words after it.
+          options_exp<kOptions, kBlockM, kBlockN, kDropout>(p, acc_s, tScS_rc, row0, col0, seqlen_k, diagonal,
+                                                           smem.lse_log2[stage], slope);
+          dp_gemm();
+          store_pds(options_dropout<kDropout, Traits::kSdpWarpCols == 32, Element>(
+                        acc_s, tScS, row0, col0, dropout.with_head(batch, p.heads, head)),
+                    tPsP);
+        }
       } else {
         dp_gemm();
         store_pds(p_tile(), tPsP);
