@@ -194,9 +194,9 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, smem_copy_q, smem_copy_k);
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     // The options; the mask where the block runs past seqlen_k or crosses a window edge.
+    if (softcap) apply_softcap(scores, p.opt.softcap_pre);
     // One branch around ALiBi and the mask: the kernels that read ALiBi at run time ran 1.4-1.7%
     // faster than with a branch for each (softcap, dropout; H200 bf16 d128 4k).
-    if (softcap) apply_softcap(scores, p.opt.softcap_pre);
     if (const bool mask = mask_free.needs_mask(n); alibi || mask)
       apply_bias_and_mask(
           scores, tScS_rc, [&](int r) { return row0 + get<0>(tScS_rc(r, 0)); }, [&](int) { return slope; },
