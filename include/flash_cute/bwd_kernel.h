@@ -113,6 +113,8 @@ template <int kOptions, int kBlockM, int kBlockN, bool kDropout, class Acc, clas
 CUTE_DEVICE void options_exp(const BwdParams& p, Acc& acc_s, CoordsRC const& coords_rc, int row0, int col0,
                              int seqlen_k, int diagonal, const float* lse_log2, float slope) {
   Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
+  // No outer `if (alibi || mask)` as in the forward: here it made the softcap backward 1.5-2%
+  // slower (performance-log.md, 2026-11-30 third session).
   apply_bias_and_mask(
       s, coords_rc, [&](int r) { return row0 + get<0>(coords_rc(r, 0)); }, [&](int) { return slope; }, col0,
       seqlen_k, diagonal, p.opt, alibi_on<kOptions>(slope),
