@@ -47,10 +47,10 @@ CUTE_DEVICE void red_add_dq(Acc const& acc, Coords const& coords, float* base) {
 
 // Stages a (rows, head_dim) accumulator through shared memory (`smem`, a free buffer of that
 // shape) and stores it to global memory with 16-byte stores, rows >= max_rows and columns >= d
-// skipped. Ends with the shared buffer read by every thread.
-template <class Traits, class Acc, class TiledMma, class SmemTensor, class GmemTensor>
-CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, SmemTensor& smem,
-                           GmemTensor& gmem, int max_rows, int d, int tid) {
+// skipped (`coords`: gmem's identity tensor). Ends with the shared buffer read by every thread.
+template <class Traits, class Acc, class TiledMma, class SmemTensor, class GmemTensor, class Coords>
+CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, SmemTensor& smem, GmemTensor& gmem,
+                           Coords const& coords, int max_rows, int d, int tid) {
   using Element = typename Traits::Element;
   Tensor scaled = make_tensor<float>(acc.layout());
   CUTE_UNROLL
@@ -64,28 +64,10 @@ CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, Sme
   auto thr = store_copy.get_thread_slice(tid);
   Tensor tS = thr.partition_S(smem);
   Tensor tG = thr.partition_D(gmem);
-  Tensor tC = thr.partition_D(make_identity_tensor(shape(gmem)));
+  Tensor tC = thr.partition_D(coords);
   Tensor tR = make_tensor<Element>(shape(tS));
   copy(store_copy, tS, tR);
   copy_predicated</*kZeroFill=*/false>(store_copy, tR, tG, tC, max_rows, d);
-}
-
-// P in 16 bits for dV += P^T dO: with dropout, relu zeroes the dropped entries (negated, see
-// Dropout::negate_dropped).
-template <class Element, bool kDropout, class Acc>
-CUTE_DEVICE auto converted_p(Acc const& acc_s) {
-  if constexpr (kDropout) return make_converted_relu<Element>(acc_s);
-  else return make_converted<Element>(acc_s);
-}
-
-// dS of one score: P * dz/ds (a; with dropout P / keep * dz/ds, negated where dropped) times
-// (dropout(dP) - D), d = D (with dropout D * keep). Dropout: dropout(dP) = kept dP / keep, so
-// dS = a * (dP - d) where kept and -|a| * d = a * d where dropped, no per-score scaling. (A score
-// with P = 0 has dS = 0 either way.)
-template <bool kDropout>
-CUTE_DEVICE float dscore(float a, float dp, float d) {
-  if constexpr (kDropout) return a * (a >= 0.f ? dp - d : d);
-  else return a * (dp - d);
 }
 
 // P and dS with flash_attn's options (kOptions kernels). The plain kernel computes P before
@@ -95,8 +77,12 @@ CUTE_DEVICE float dscore(float a, float dp, float d) {
 //   (25 reloads) and ran slower: 1.14x the plain backward against 1.12x (H200, bf16 d128 4k).
 // - dropout (kDropout) without softcap: as the plain kernel, the exponentials before the GEMM
 //   (options_exp), the random words, the drop decisions and P's stores after it
-//   (options_dropout): 1.17x plain, against 1.20x with all of P and its stores before the GEMM,
+//   (options_dropout): 1.16x plain, against 1.20x with all of P and its stores before the GEMM,
 //   whose loads then waited for the stores (they may alias) and 1.23x with all of P after it.
+//   The drop decisions are masks on 16-bit pairs (Dropout::keep_masks), which pick dS between
+//   its value for a kept score and for a dropped one (options_ds). With DropoutKeyOrder, 1%
+//   faster than flash_attn's sign encoding (P negated where dropped, tested per score) on the
+//   permuted TiledMMA; either change alone measured 1-2% slower (performance-log.md).
 //   With softcap too, all of P before the GEMM (options_p), as dz = 1 - t^2 would stay live
 //   across it.
 //
@@ -127,15 +113,22 @@ CUTE_DEVICE void options_exp(const BwdParams& p, Acc& acc_s, CoordsRC const& coo
   }
 }
 
-// options_dropout: from options_exp's P in acc_s, returns the P that multiplies dO into dV in 16
-// bits (kDropout: dropped 0, kept ones P / keep). With dropout, a dropped score's entry in acc_s
-// is negated (flash_attn's encoding): the sign carries the decision to options_ds and the
-// conversion of P for dV (relu) zeroes it, at no register and one FSEL per score.
+// The dropout decisions of a tile when there are none (kDropout false).
+struct NoDropout {};
+
+// options_dropout: from options_exp's P in acc_s, returns P in 16 bits for dV += P^T dO and
+// dropout's keep masks (Dropout::keep_masks; kDropout: the dropped entries of P are 0, the kept
+// ones P / keep).
 template <bool kDropout, bool kRuns32, class Element, class Acc, class Coords>
-CUTE_DEVICE auto options_dropout(Acc& acc_s, Coords const& coords, int row0, int col0, const Dropout& dropout) {
-  if constexpr (kDropout)
-    dropout.template negate_dropped<kRuns32>(acc_s, coords, col0, dropout.draw_tile(acc_s, coords, row0, col0));
-  return converted_p<Element, kDropout>(acc_s);
+CUTE_DEVICE auto options_dropout(Acc const& acc_s, Coords const& coords, int row0, int col0, const Dropout& dropout) {
+  Tensor rP = make_converted<Element>(acc_s);
+  if constexpr (kDropout) {
+    auto keep = dropout.template keep_masks<kRuns32>(acc_s, coords, col0, dropout.draw_tile(acc_s, coords, row0, col0));
+    apply_keep_masks(rP, keep);
+    return cute::make_tuple(rP, keep);
+  } else {
+    return cute::make_tuple(rP, NoDropout{});
+  }
 }
 
 // options_p: options_exp and options_dropout, and leaves in acc_s P * dz/ds (softcap: dz/ds =
@@ -149,30 +142,50 @@ CUTE_DEVICE auto options_p(const BwdParams& p, Acc& acc_s, Coords const& coords,
   Tensor dz = make_fragment_like(acc_s);  // softcap's dz/ds = 1 - t^2
   if (softcap) {
     CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) dz(i) = 1.f - acc_s(i) * acc_s(i);  // >= 0: P * dz/ds keeps P's sign
+    for (int i = 0; i < size(acc_s); ++i) dz(i) = 1.f - acc_s(i) * acc_s(i);
   }
   options_exp<kOptions, kBlockM, kBlockN, kDropout>(p, acc_s, coords_rc, row0, col0, seqlen_k, diagonal, lse_log2,
                                                    slope);
-  Tensor rP = options_dropout<kDropout, kRuns32, Element>(acc_s, coords, row0, col0, dropout);
+  auto p_and_keep = options_dropout<kDropout, kRuns32, Element>(acc_s, coords, row0, col0, dropout);
   if (softcap) {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= dz(i);
   }
-  return rP;
+  return p_and_keep;
 }
 
-// options_ds: dS = dscore(P * dz/ds in acc_s, dP, D) into acc_dp (dP = dO V^T; D of the tile's
-// rows in shared memory).
-template <bool kDropout, class Acc, class CoordsRC>
-CUTE_DEVICE void options_ds(const BwdParams& p, Acc const& acc_s, Acc& acc_dp, CoordsRC const& coords_rc,
-                            const float* dsum) {
+// options_ds: dS in 16 bits from a = P * dz/ds (acc_s; kDropout: P / keep * dz/ds) and dP = dO V^T
+// (acc_dp, overwritten); D of the tile's rows in shared memory. dS = a * (dP - d), d = D (kDropout:
+// D * keep); where dropout drops the score, dP does not reach it, and dS = -a * d. Both 16-bit
+// pairs are made and the keep masks pick (no per-score branch or test).
+template <bool kDropout, class Element, class Acc, class CoordsRC, class Keep>
+CUTE_DEVICE auto options_ds(const BwdParams& p, Acc const& acc_s, Acc& acc_dp, CoordsRC const& coords_rc,
+                            const float* dsum, Keep const& keep) {
   Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
   Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
-  CUTE_UNROLL
-  for (int r = 0; r < size<0>(dp); ++r) {
-    const float d = dsum[get<0>(coords_rc(r, 0))] * (kDropout ? p.keep_prob : 1.f);
+  if constexpr (!kDropout) {
     CUTE_UNROLL
-    for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = dscore<kDropout>(s(r, c), dp(r, c), d);
+    for (int r = 0; r < size<0>(dp); ++r) {
+      const float d = dsum[get<0>(coords_rc(r, 0))];
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = s(r, c) * (dp(r, c) - d);
+    }
+    return make_converted<Element>(acc_dp);
+  } else {
+    Tensor ds = make_tensor<Element>(acc_dp.layout());
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(ds.data());
+    CUTE_UNROLL
+    for (int r = 0; r < size<0>(dp); ++r) {
+      const float d = dsum[get<0>(coords_rc(r, 0))] * p.keep_prob;
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(dp); c += 2) {  // columns c, c + 1: one 32-bit pair
+        const int pair = dp.layout()(r, c) / 2;
+        const uint32_t kept = pack_pair<Element>(s(r, c) * (dp(r, c) - d), s(r, c + 1) * (dp(r, c + 1) - d));
+        const uint32_t dropped = pack_pair<Element>(-s(r, c) * d, -s(r, c + 1) * d);
+        pairs[pair] = (kept & keep[pair]) | (dropped & ~keep[pair]);
+      }
+    }
+    return ds;
   }
 }
 
@@ -217,14 +230,19 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
                k_row * p.k_row_stride;
   auto v_ptr = static_cast<const Element*>(p.v) + batch * p.v_batch_stride + head_k * p.v_head_stride +
                k_row * p.v_row_stride;
-  Tensor gK = make_tensor(make_gmem_ptr(k_ptr), TileKV{}, make_stride(p.k_row_stride, _1{}));
-  Tensor gV = make_tensor(make_gmem_ptr(v_ptr), TileKV{}, make_stride(p.v_row_stride, _1{}));
-  Tensor gdK = make_tensor(make_gmem_ptr(static_cast<Element*>(p.dk) + batch * p.dk_batch_stride +
-                                         slot * p.dk_head_stride + k_row * p.dk_row_stride),
-                           TileKV{}, make_stride(p.dk_row_stride, _1{}));
-  Tensor gdV = make_tensor(make_gmem_ptr(static_cast<Element*>(p.dv) + batch * p.dv_batch_stride +
-                                         slot * p.dv_head_stride + k_row * p.dv_row_stride),
-                           TileKV{}, make_stride(p.dv_row_stride, _1{}));
+  // Row i of K, V, dK, dV in shared memory holds key KeyOrder(i) of the block (the kernel with
+  // dropout: BwdTraits::DropoutKeyOrder), and so does column i of S, dP, P and dS.
+  using KeyOrder = std::conditional_t<kDropout, typename Traits::DropoutKeyOrder, Layout<Int<kBlockN>>>;
+  auto key_rows = [](auto const& tile) { return composition(tile, make_tile(KeyOrder{}, _)); };
+  Tensor gK = key_rows(make_tensor(make_gmem_ptr(k_ptr), TileKV{}, make_stride(p.k_row_stride, _1{})));
+  Tensor gV = key_rows(make_tensor(make_gmem_ptr(v_ptr), TileKV{}, make_stride(p.v_row_stride, _1{})));
+  Tensor gdK = key_rows(make_tensor(make_gmem_ptr(static_cast<Element*>(p.dk) + batch * p.dk_batch_stride +
+                                                  slot * p.dk_head_stride + k_row * p.dk_row_stride),
+                                    TileKV{}, make_stride(p.dk_row_stride, _1{})));
+  Tensor gdV = key_rows(make_tensor(make_gmem_ptr(static_cast<Element*>(p.dv) + batch * p.dv_batch_stride +
+                                                  slot * p.dv_head_stride + k_row * p.dv_row_stride),
+                                    TileKV{}, make_stride(p.dv_row_stride, _1{})));
+  Tensor cK = key_rows(make_identity_tensor(TileKV{}));  // (key, column) of each element of those tiles
 
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKV{});
   Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutKV{});
@@ -254,8 +272,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
 
   if (steps == 0) {
     // No query row sees these keys (causal): their gradients are zero.
-    store_acc<Traits>(acc_dk, 0.f, mma_dkv, sK, gdK, rows_k, d, tid);
-    store_acc<Traits>(acc_dv, 0.f, mma_dkv, sV, gdV, rows_k, d, tid);
+    store_acc<Traits>(acc_dk, 0.f, mma_dkv, sK, gdK, cK, rows_k, d, tid);
+    store_acc<Traits>(acc_dv, 0.f, mma_dkv, sV, gdV, cK, rows_k, d, tid);
     return;
   }
 
@@ -264,7 +282,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   // ------------------------------------------------------------------------------------------
   typename Traits::GmemTiledCopyAsync load_copy;
   auto load_thr = load_copy.get_thread_slice(tid);
-  Tensor tKcK = load_thr.partition_S(make_identity_tensor(TileKV{}));
+  Tensor tKcK = load_thr.partition_S(cK);
   Tensor tQcQ = load_thr.partition_S(make_identity_tensor(TileQ{}));
   copy_predicated</*kZeroFill=*/true>(load_copy, load_thr.partition_S(gK), load_thr.partition_D(sK), tKcK, rows_k, d);
   copy_predicated</*kZeroFill=*/true>(load_copy, load_thr.partition_S(gV), load_thr.partition_D(sV), tKcK, rows_k, d);
@@ -323,7 +341,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   // ------------------------------------------------------------------------------------------
   // MMA partitions
   // ------------------------------------------------------------------------------------------
-  std::conditional_t<kDropout, typename Traits::TiledMmaSdPDropout, typename Traits::TiledMmaSdP> mma_sdp;
+  typename Traits::TiledMmaSdP mma_sdp;
   typename Traits::TiledMmadQ mma_dq;
   auto thr_sdp = mma_sdp.get_thread_slice(tid);
   auto thr_dkv = mma_dkv.get_thread_slice(tid);
@@ -363,7 +381,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   Tensor tdSsdS = copy_pds.get_thread_slice(tid).partition_D(sdS);
 
   // (row, col) of every S element and every dQ element this thread holds.
-  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(TileS{}));
+  Tensor tScS = thr_sdp.partition_C(composition(make_identity_tensor(TileS{}), make_tile(_, KeyOrder{})));
   Tensor tScS_rc = make_tensor(tScS.data(), rowcol_layout(tScS.layout()));
   Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(TileQ{}));
   Tensor tdQcdQ_rc = make_tensor(tdQcdQ.data(), rowcol_layout(tdQcdQ.layout()));
@@ -417,29 +435,36 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     };
     if constexpr (kOptionsPath) {
       options_s<kOptions>(p, acc_s);
+      const Dropout step_dropout = dropout.with_head(batch, p.heads, head);
       auto p_tile = [&] {
         return options_p<kOptions, kBlockM, kBlockN, kDropout, Traits::kSdpWarpCols == 32, Element>(
-            p, acc_s, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, smem.lse_log2[stage], slope,
-            dropout.with_head(batch, p.heads, head));
+            p, acc_s, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, smem.lse_log2[stage], slope, step_dropout);
+      };
+      auto store_ds = [&](auto const& keep) {
+        store_pds(options_ds<kDropout, Element>(p, acc_s, acc_dp, tScS_rc, smem.dsum[stage], keep), tdSsdS);
       };
       if constexpr (kDropout) {
         if (softcap_on<kOptions>(p.opt)) {
-          store_pds(p_tile(), tPsP);
+          auto [rP, keep] = p_tile();
+          store_pds(rP, tPsP);
           dp_gemm();
+          store_ds(keep);
         } else {
           // The exponentials before the GEMM, as in the plain kernel, the random words after it.
           options_exp<kOptions, kBlockM, kBlockN, kDropout>(p, acc_s, tScS_rc, row0, col0, seqlen_k, diagonal,
                                                            smem.lse_log2[stage], slope);
           dp_gemm();
-          store_pds(options_dropout<kDropout, Traits::kSdpWarpCols == 32, Element>(
-                        acc_s, tScS, row0, col0, dropout.with_head(batch, p.heads, head)),
-                    tPsP);
+          auto [rP, keep] =
+              options_dropout<kDropout, Traits::kSdpWarpCols == 32, Element>(acc_s, tScS, row0, col0, step_dropout);
+          store_pds(rP, tPsP);
+          store_ds(keep);
         }
       } else {
         dp_gemm();
-        store_pds(p_tile(), tPsP);
+        auto [rP, keep] = p_tile();
+        store_pds(rP, tPsP);
+        store_ds(keep);
       }
-      options_ds<kDropout>(p, acc_s, acc_dp, tScS_rc, smem.dsum[stage]);
     } else {
       const bool mask = tile_needs_mask(row0, kBlockM, col0, kBlockN, seqlen_k, diagonal, p.opt);
       if (kOptions == kAlibiOnly || mask)
@@ -456,10 +481,10 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         CUTE_UNROLL
-        for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = dscore</*kDropout=*/false>(scores(r, c), dp(r, c), dsum[r]);
+        for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = scores(r, c) * (dp(r, c) - dsum[r]);  // dS = P * (dP - D)
       }
+      store_pds(make_converted<Element>(acc_dp), tdSsdS);
     }
-    store_pds(make_converted<Element>(acc_dp), tdSsdS);
     __syncthreads();
 
     // dV += P^T dO
@@ -508,8 +533,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   // Epilogue: dK (scaled) and dV through K's and V's buffers to global memory
   // ------------------------------------------------------------------------------------------
   __syncthreads();  // every thread is done reading K and V
-  store_acc<Traits>(acc_dk, p.scale, mma_dkv, sK, gdK, rows_k, d, tid);
-  store_acc<Traits>(acc_dv, 1.f, mma_dkv, sV, gdV, rows_k, d, tid);
+  store_acc<Traits>(acc_dk, p.scale, mma_dkv, sK, gdK, cK, rows_k, d, tid);
+  store_acc<Traits>(acc_dv, 1.f, mma_dkv, sV, gdV, cK, rows_k, d, tid);
 }
 
 // Grid: (key blocks, KV heads (or query heads with expand_gqa), batch). Padded batches: one CTA

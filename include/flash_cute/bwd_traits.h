@@ -26,15 +26,17 @@ struct BwdTraits : TraitsBase<typename ElementOf<kDType>::type, kHeadDim_, bwd_t
                                TiledMMA<MmaAtom, Layout<Shape<Int<wm>, Int<kWarps / wm>, _1>>,
                                         Tile<Int<16 * wm>, Int<16 * (kWarps / wm)>, _16>>>;
   using TiledMmaSdP = Mma<kTile.sdp_warps_m, kBlockM, kBlockN>;  // S, dP: (block_m, block_n)
-  // S, dP of the kernel with dropout: the same warps, but each warp's n8 fragments run over
-  // kSdpWarpCols consecutive keys (32, or its whole share), so one Philox call of dropout serves
-  // four of them (options.h). The N permutation maps (column in fragment, warp, repeat) to keys.
+  // The kernel with dropout keeps TiledMmaSdP but holds the block's keys in another order. In
+  // key order, TiledMmaSdP gives a thread n8 fragments 8 * kSdpWarpsN keys apart; one Philox call
+  // of dropout serves four fragments of a thread in 32 consecutive keys (options.h). So position i
+  // = (column in fragment, warp, repeat) of the rows of K, V, dK, dV in shared memory, and of the
+  // columns of S, dP, P and dS, holds key DropoutKeyOrder(i) of the block: each warp's fragments
+  // cover kSdpWarpCols consecutive keys (32, or its whole share). (Permuting TiledMmaSdP's N axis
+  // instead, as the kernel did before, cost the backward ~6%: performance-log.md.)
   static constexpr int kSdpWarpsN = kWarps / kTile.sdp_warps_m;
   static constexpr int kSdpWarpCols = kBlockN / kSdpWarpsN < 32 ? kBlockN / kSdpWarpsN : 32;
-  using TiledMmaSdPDropout = TiledMMA<
-      MmaAtom, Layout<Shape<Int<kTile.sdp_warps_m>, Int<kSdpWarpsN>, _1>>,
-      Tile<Int<16 * kTile.sdp_warps_m>,
-           Layout<Shape<_8, Int<kSdpWarpsN>, Int<kSdpWarpCols / 8>>, Stride<_1, Int<kSdpWarpCols>, _8>>, _16>>;
+  using DropoutKeyOrder = Layout<Shape<_8, Int<kSdpWarpsN>, Int<kSdpWarpCols / 8>>, Stride<_1, Int<kSdpWarpCols>, _8>>;
+  static_assert(size(DropoutKeyOrder{}) == kBlockN);
   using TiledMmadKV = Mma<kTile.dkv_warps_n, kBlockN, kHeadDim>;  // dK, dV: (block_n, head_dim)
   using TiledMmadQ = Mma<kTile.dq_warps_m, kBlockM, kHeadDim>;    // dQ: (block_m, head_dim)
 

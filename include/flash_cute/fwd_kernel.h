@@ -221,7 +221,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
                     p.s_dmask_row_stride, p.s_dmask_rows, p.s_dmask_cols);
     }
     Tensor rP = make_converted<Element>(acc_s);
-    if constexpr (kDropout) apply_dropout(rP, tScS, n * kBlockN, dropout, words);
+    if constexpr (kDropout) apply_keep_masks(rP, dropout.keep_masks<true>(acc_s, tScS, n * kBlockN, words));
     Tensor tOrP = make_tensor(rP.data(), acc_as_operand_a_layout(rP.layout()));  // (MMA, MMA_M, MMA_N / 2)
     gemm_reg_smem(acc_o, tOrP, tOrVt, tOsVt, mma, smem_copy_v);
   }

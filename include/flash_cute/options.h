@@ -155,6 +155,15 @@ CUTE_DEVICE uint4 philox4x32(uint4 ctr, uint2 key) {
   return ctr;
 }
 
+// 0xffff in each 16-bit half of the result where that half of a <= that half of b, as unsigned
+// integers below 2^10 (compared as the f16 subnormals they are, which order like the integers:
+// one HSET2 for two scores; the integer SIMD compares are emulated on sm_80+).
+CUTE_DEVICE uint32_t le_mask_u16x2(uint32_t a, uint32_t b) {
+  uint32_t mask;
+  asm("set.le.u32.f16x2 %0, %1, %2;" : "=r"(mask) : "r"(a), "r"(b));
+  return mask;
+}
+
 // Dropout's random numbers for one (sequence, head): the key and counter words from the
 // (seed, offset) the caller drew from torch's generator, read from the device once per CTA (a
 // read per tile stalled the warp on its latency every tile).
@@ -192,7 +201,7 @@ struct Dropout {
   // The random words of an (MMA = 4, MMA_M, MMA_N) accumulator of m16n8 fragments, one Philox call
   // per fragments n = 4g .. 4g + 3 of each m: the kernels' layouts put a thread's fragments of a
   // row 8 keys apart, in runs of 32 aligned keys (the forward's: all of the tile's; the
-  // backward's with dropout: BwdTraits::kSdpWarpCols), and the tests against the forward's
+  // backward's with dropout: BwdTraits::DropoutKeyOrder), and the tests against the forward's
   // S_dmask would catch a layout that did not. coords: the accumulator's identity partition, the
   // tile at (row0, col0) of the sequence. Drawn apart from their use (for_each_fragment), the
   // integer work can go where the scheduler finds room.
@@ -228,15 +237,19 @@ struct Dropout {
     }
   }
 
-  // Negates the entries of an accumulator of P (as for draw_tile) that dropout drops (flash_attn's
-  // encoding in the sign: a 16-bit conversion with relu then zeroes them, and the backward reads
-  // the decision back in dS).
+  // Dropout's decisions on an accumulator of P (as for draw_tile), one mask per 32-bit pair of its
+  // values in a 16-bit copy (values 0, 1 and values 2, 3 of each fragment, in the accumulator's
+  // order): 0xffff in each half whose score is kept. One byte permute and one HSET2 per pair.
   template <bool kRuns32, class Acc, class Coords, class Words>
-  CUTE_DEVICE void negate_dropped(Acc& acc, Coords const& coords, int col0, Words const& words) const {
+  CUTE_DEVICE auto keep_masks(Acc const& acc, Coords const& coords, int col0, Words const& words) const {
+    cute::array<uint32_t, decltype(size(acc))::value / 2> masks;
+    const uint32_t keep2 = keep_byte * 0x10001u;
     for_each_fragment<kRuns32>(acc, coords, col0, words, [&](int m, int n, uint32_t w) {
-      CUTE_UNROLL
-      for (int v = 0; v < 4; ++v) acc(v, m, n) = kept(w, v) ? acc(v, m, n) : -acc(v, m, n);
+      const int pair = acc.layout()(0, m, n) / 2;
+      masks[pair] = le_mask_u16x2(__byte_perm(w, 0, 0x4140), keep2);      // values 0, 1: bytes 0, 1 as two u16
+      masks[pair + 1] = le_mask_u16x2(__byte_perm(w, 0, 0x4342), keep2);  // values 2, 3: bytes 2, 3
     });
+    return masks;
   }
 };
 
@@ -257,28 +270,14 @@ CUTE_DEVICE void store_s_dmask(Acc const& acc, Coords const& coords, int row0, i
   });
 }
 
-// 0xffff in each 16-bit half of the result where that half of a <= that half of b, as unsigned
-// integers below 2^10 (compared as the f16 subnormals they are, which order like the integers:
-// one HSET2 for two scores; the integer SIMD compares are emulated on sm_80+).
-CUTE_DEVICE uint32_t le_mask_u16x2(uint32_t a, uint32_t b) {
-  uint32_t mask;
-  asm("set.le.u32.f16x2 %0, %1, %2;" : "=r"(mask) : "r"(a), "r"(b));
-  return mask;
-}
-
-// Applies dropout to P converted to 16 bits (rP: (MMA = 4, MMA_M, MMA_N) fragments, values (0, 1)
-// and (2, 3) of a fragment one 32-bit pair each; coords, col0, words as for store_s_dmask): dropped
-// entries become 0, by masks on the pairs (the 1 / keep scaling is left to the epilogue).
-template <class Frag, class Coords, class Words>
-CUTE_DEVICE void apply_dropout(Frag& rP, Coords const& coords, int col0, const Dropout& dropout, Words const& words) {
+// Applies dropout to P converted to 16 bits (rP, in the layout of the accumulator that keep_masks
+// saw): dropped entries become 0 (the 1 / keep scaling is left to the epilogue or folded into P).
+template <class Frag, class Masks>
+CUTE_DEVICE void apply_keep_masks(Frag& rP, Masks const& masks) {
   static_assert(sizeof(typename Frag::value_type) == 2, "16-bit P");
-  const uint32_t keep2 = dropout.keep_byte * 0x10001u;
-  dropout.for_each_fragment<true>(rP, coords, col0, words, [&](int m, int n, uint32_t w) {
-    uint32_t* lo = reinterpret_cast<uint32_t*>(&rP(0, m, n));  // values 0, 1: bytes 0, 1 of w
-    uint32_t* hi = reinterpret_cast<uint32_t*>(&rP(2, m, n));  // values 2, 3: bytes 2, 3
-    *lo &= le_mask_u16x2(__byte_perm(w, 0, 0x4140), keep2);   // (byte 0, byte 1) as two u16
-    *hi &= le_mask_u16x2(__byte_perm(w, 0, 0x4342), keep2);
-  });
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(rP.data());
+  CUTE_UNROLL
+  for (int i = 0; i < size(rP) / 2; ++i) pairs[i] &= masks[i];
 }
 
 }  // namespace flash_cute

@@ -41,21 +41,15 @@ CUTE_DEVICE auto make_converted(Tensor<Engine, Layout> const& src) {
   return dst;
 }
 
-// make_converted to 16 bits with negative values made 0 (cvt's .relu: one instruction per pair,
-// as the plain conversion).
-template <class To, class Engine, class Layout>
-CUTE_DEVICE auto make_converted_relu(Tensor<Engine, Layout> const& src) {
-  static_assert(std::is_same_v<typename Engine::value_type, float> && decltype(size(src))::value % 2 == 0);
-  Tensor dst = make_tensor<To>(src.layout());
-  uint32_t* pairs = reinterpret_cast<uint32_t*>(dst.data());
-  CUTE_UNROLL
-  for (int i = 0; i < size(src) / 2; ++i) {
-    if constexpr (std::is_same_v<To, cute::bfloat16_t>)
-      asm("cvt.rn.relu.bf16x2.f32 %0, %1, %2;" : "=r"(pairs[i]) : "f"(src(2 * i + 1)), "f"(src(2 * i)));
-    else
-      asm("cvt.rn.relu.f16x2.f32 %0, %1, %2;" : "=r"(pairs[i]) : "f"(src(2 * i + 1)), "f"(src(2 * i)));
-  }
-  return dst;
+// Two floats rounded to nearest into one 32-bit pair of To (bf16 or f16), lo in the low half.
+template <class To>
+CUTE_DEVICE uint32_t pack_pair(float lo, float hi) {
+  uint32_t pair;
+  if constexpr (std::is_same_v<To, cute::bfloat16_t>)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(hi), "f"(lo));
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(hi), "f"(lo));
+  return pair;
 }
 
 // ---------------------------------------------------------------------------------------------
