@@ -71,20 +71,24 @@ CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, Sme
 }
 
 // P and dS with flash_attn's options (kOptions kernels). The plain kernel computes P before
-// dP = dO V^T and stores it after, so its exponentials overlap the GEMM's MMAs. Here:
-// - softcap (kernel kSoftcap): t = tanh(S * softcap_pre) before the GEMM (options_s), the rest
-//   after it, when the GEMM's operand registers are free. Computing P before the GEMM too spilled
-//   (25 reloads) and ran slower: 1.14x the plain backward against 1.12x (H200, bf16 d128 4k).
-// - dropout (kDropout) without softcap: as the plain kernel, the exponentials before the GEMM
-//   (options_exp), the random words, the drop decisions and P's stores after it
-//   (options_dropout): 1.16x plain, against 1.20x with all of P and its stores before the GEMM,
-//   whose loads then waited for the stores (they may alias) and 1.23x with all of P after it.
-//   The drop decisions are masks on 16-bit pairs (Dropout::keep_masks), which pick dS between
-//   its value for a kept score and for a dropped one (options_ds). With DropoutKeyOrder, 1%
-//   faster than flash_attn's sign encoding (P negated where dropped, tested per score) on the
-//   permuted TiledMMA; either change alone measured 1-2% slower (performance-log.md).
-//   With softcap too, all of P before the GEMM (options_p), as dz = 1 - t^2 would stay live
-//   across it.
+// dP = dO V^T and stores it after; ptxas interleaves its exponentials with the GEMM's MMAs. In the
+// options kernels it moved that work after the GEMM instead, where nothing overlaps it. So there,
+// bwd_block places the work on P inside the GEMMs itself ("P inside the GEMMs"): a slice of
+// fragments after each k step's MMAs, P's stores to shared memory a step later, which keep the
+// GEMM's later operand loads (and so the work) in place.
+// - softcap (kernel kSoftcap) without ALiBi and mask: S in two halves of the keys; the tanh,
+//   exponentials and stores of the first half inside the second half's GEMM, the rest inside
+//   dP = dO V^T. 1.13x -> 1.11x the plain backward (H200, bf16 d128 4k); all of it inside
+//   dP = dO V^T: 1.115x.
+// - dropout (kDropout) without softcap, at d128 (kDropoutInGemm): the random words inside
+//   S = Q K^T, the exponentials, drop decisions and P's stores inside dP = dO V^T: 1.16x -> 1.13x
+//   plain; other head dims keep the order before. The drop decisions are masks on 16-bit pairs
+//   (Dropout::fragment_masks, keep_masks), which pick dS between its values for a kept and a
+//   dropped score (options_ds): with DropoutKeyOrder, 1% faster than flash_attn's sign encoding
+//   on the permuted TiledMMA; either change alone measured 1-2% slower (performance-log.md).
+// - softcap with ALiBi or the mask: t = tanh(S * softcap_pre) before the GEMM (options_s), the
+//   rest after it (options_p); with dropout too, all of P before the GEMM, as dz = 1 - t^2 would
+//   stay live across it.
 //
 // options_s: softcap's t = tanh(S * softcap_pre), in place of S = Q K^T in acc_s.
 template <int kOptions, class Acc>
@@ -92,12 +96,10 @@ CUTE_DEVICE void options_s(const BwdParams& p, Acc& acc_s) {
   if (softcap_on<kOptions>(p.opt)) apply_softcap(acc_s, p.opt.softcap_pre);
 }
 
-// options_exp: from options_s's acc_s (the tile at (row0, col0) of a query head; lse * log2(e) of
-// the tile's rows in shared memory), P = exp(z - lse) in place, z the score after softcap, ALiBi
-// and the mask (kDropout: P / keep, what the kept entries weigh).
-template <int kOptions, int kBlockM, int kBlockN, bool kDropout, class Acc, class CoordsRC>
-CUTE_DEVICE void options_exp(const BwdParams& p, Acc& acc_s, CoordsRC const& coords_rc, int row0, int col0,
-                             int seqlen_k, int diagonal, const float* lse_log2, float slope) {
+// options_bias: ALiBi and the mask on options_s's acc_s (the tile at (row0, col0) of a query head).
+template <int kOptions, int kBlockM, int kBlockN, class Acc, class CoordsRC>
+CUTE_DEVICE void options_bias(const BwdParams& p, Acc& acc_s, CoordsRC const& coords_rc, int row0, int col0,
+                              int seqlen_k, int diagonal, float slope) {
   Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
   // No outer `if (alibi || mask)` as in the forward: here it made the softcap backward 1.5-2%
   // slower (performance-log.md, 2026-11-30 third session).
@@ -105,6 +107,16 @@ CUTE_DEVICE void options_exp(const BwdParams& p, Acc& acc_s, CoordsRC const& coo
       s, coords_rc, [&](int r) { return row0 + get<0>(coords_rc(r, 0)); }, [&](int) { return slope; }, col0,
       seqlen_k, diagonal, p.opt, alibi_on<kOptions>(slope),
       tile_needs_mask(row0, kBlockM, col0, kBlockN, seqlen_k, diagonal, p.opt));
+}
+
+// options_exp: options_bias, then P = exp(z - lse) in place (lse * log2(e) of the tile's rows in
+// shared memory), z the score after softcap, ALiBi and the mask (kDropout: P / keep, what the
+// kept entries weigh).
+template <int kOptions, int kBlockM, int kBlockN, bool kDropout, class Acc, class CoordsRC>
+CUTE_DEVICE void options_exp(const BwdParams& p, Acc& acc_s, CoordsRC const& coords_rc, int row0, int col0,
+                             int seqlen_k, int diagonal, const float* lse_log2, float slope) {
+  options_bias<kOptions, kBlockM, kBlockN>(p, acc_s, coords_rc, row0, col0, seqlen_k, diagonal, slope);
+  Tensor s = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
   CUTE_UNROLL
   for (int r = 0; r < size<0>(s); ++r) {
     const float lse = lse_log2[get<0>(coords_rc(r, 0))] - (kDropout ? p.log2_rp_dropout : 0.f);
@@ -118,12 +130,14 @@ struct NoDropout {};
 
 // options_dropout: from options_exp's P in acc_s, returns P in 16 bits for dV += P^T dO and
 // dropout's keep masks (Dropout::keep_masks; kDropout: the dropped entries of P are 0, the kept
-// ones P / keep).
-template <bool kDropout, bool kRuns32, class Element, class Acc, class Coords>
-CUTE_DEVICE auto options_dropout(Acc const& acc_s, Coords const& coords, int row0, int col0, const Dropout& dropout) {
+// ones P / keep). The tile's random words: `words` if kDrawn, else drawn here.
+template <bool kDropout, bool kRuns32, bool kDrawn, class Element, class Acc, class Coords, class Words>
+CUTE_DEVICE auto options_dropout(Acc const& acc_s, Coords const& coords, int row0, int col0, const Dropout& dropout,
+                                 Words const& words) {
   Tensor rP = make_converted<Element>(acc_s);
   if constexpr (kDropout) {
-    auto keep = dropout.template keep_masks<kRuns32>(acc_s, coords, col0, dropout.draw_tile(acc_s, coords, row0, col0));
+    auto keep = dropout.template keep_masks<kRuns32>(acc_s, coords, col0,
+                                                     kDrawn ? words : dropout.draw_tile(acc_s, coords, row0, col0));
     apply_keep_masks(rP, keep);
     return cute::make_tuple(rP, keep);
   } else {
@@ -133,11 +147,11 @@ CUTE_DEVICE auto options_dropout(Acc const& acc_s, Coords const& coords, int row
 
 // options_p: options_exp and options_dropout, and leaves in acc_s P * dz/ds (softcap: dz/ds =
 // 1 - t^2 from options_s's t).
-template <int kOptions, int kBlockM, int kBlockN, bool kDropout, bool kRuns32, class Element, class Acc, class Coords,
-          class CoordsRC>
+template <int kOptions, int kBlockM, int kBlockN, bool kDropout, bool kRuns32, bool kDrawn, class Element, class Acc,
+          class Coords, class CoordsRC, class Words>
 CUTE_DEVICE auto options_p(const BwdParams& p, Acc& acc_s, Coords const& coords, CoordsRC const& coords_rc,
                            int row0, int col0, int seqlen_k, int diagonal, const float* lse_log2, float slope,
-                           const Dropout& dropout) {
+                           const Dropout& dropout, Words const& words) {
   const bool softcap = softcap_on<kOptions>(p.opt);
   Tensor dz = make_fragment_like(acc_s);  // softcap's dz/ds = 1 - t^2
   if (softcap) {
@@ -146,7 +160,7 @@ CUTE_DEVICE auto options_p(const BwdParams& p, Acc& acc_s, Coords const& coords,
   }
   options_exp<kOptions, kBlockM, kBlockN, kDropout>(p, acc_s, coords_rc, row0, col0, seqlen_k, diagonal, lse_log2,
                                                    slope);
-  auto p_and_keep = options_dropout<kDropout, kRuns32, Element>(acc_s, coords, row0, col0, dropout);
+  auto p_and_keep = options_dropout<kDropout, kRuns32, kDrawn, Element>(acc_s, coords, row0, col0, dropout, words);
   if (softcap) {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= dz(i);
@@ -187,6 +201,30 @@ CUTE_DEVICE auto options_ds(const BwdParams& p, Acc const& acc_s, Acc& acc_dp, C
     }
     return ds;
   }
+}
+
+// The backward's P inside the GEMMs takes the m16n8 fragments of a thread's S accumulator (acc:
+// ((2, 2), MMA_M, MMA_N), compact) in the order of copy_pds's view of it (copy: the view's flat
+// index -> the register). These hold for every head dim's layouts: fragment f is the view's
+// elements 4f .. 4f + 3, registers 4 (m + MMA_M n) .. + 3 for one (m, n) in value order ...
+template <class CopyView, class AccLayout>
+constexpr bool p_fragments_in_copy_order(CopyView copy, AccLayout acc) {
+  constexpr int kM = decltype(size<1>(acc))::value, kValues = decltype(size(acc))::value;
+  for (int f = 0; f < kValues / 4; ++f) {
+    const int base = copy(4 * f), m = base / 4 % kM, n = base / 4 / kM;
+    if (base % 4 != 0) return false;
+    for (int v = 0; v < 4; ++v)
+      if (int(copy(4 * f + v)) != base + v || int(acc(v, m, n)) != base + v) return false;
+  }
+  return true;
+}
+// ... and, where S is computed in two halves of the keys, the first half of the fragments are the
+// registers of the first half's accumulator (acc_s's first half: its MMA_N is the outer mode).
+template <class CopyView>
+constexpr bool p_fragments_split(CopyView copy, int frags) {
+  for (int f = 0; f < frags / 2; ++f)
+    if (int(copy(4 * f)) >= 2 * frags) return false;
+  return true;
 }
 
 // Key block n_block (kBlockN keys) of KV head `slot` (with expand_gqa: query head `slot`) of
@@ -419,8 +457,35 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     // S = Q K^T, masked, and P = exp(scale * S - lse), in registers.
     Tensor acc_s = partition_fragment_C(mma_sdp, TileS{});  // (MMA, MMA_M, MMA_N) fp32
     clear(acc_s);
-    gemm_smem_smem(acc_s, tSrQ, tSrK, copy_sdp_a.get_thread_slice(tid).partition_S(sQ), tSsK, mma_sdp,
-                   copy_sdp_a, copy_sdp_b);
+    // The softcap kernel puts P inside the GEMMs (below) on tiles without ALiBi and mask; the
+    // dropout kernel without softcap, on every tile.
+    bool softcap_in_gemm = false;
+    if constexpr (kOptions == kSoftcap && !kDropout)
+      softcap_in_gemm =
+          !alibi_on<kOptions>(slope) && !tile_needs_mask(row0, kBlockM, col0, kBlockN, seqlen_k, diagonal, p.opt);
+    constexpr int kFragM = decltype(size<1>(acc_s))::value, kFragN = decltype(size<2>(acc_s))::value;
+    constexpr int kFrags = kFragM * kFragN;
+    // S in two halves of the keys: where the half tile's accumulator is half of acc_s (not d160,
+    // d224, whose TiledMMA spans all 64 keys of the tile).
+    using TileHalfS = Shape<Int<kBlockM>, Int<kBlockN / 2>>;
+    constexpr int kHalf = decltype(size(partition_fragment_C(mma_sdp, TileHalfS{})))::value;
+    constexpr bool kSplitS = kOptions == kSoftcap && !kDropout && 2 * kHalf == kFrags * 4;
+    // The kernel with dropout puts P inside the GEMMs where each k step of dP = dO V^T gets one
+    // fragment (d128): there the backward with dropout went from 1.16x to 1.13x the plain one;
+    // with 4 fragments per step (d64) it went from 1.15x to 1.55x, with 4/3 (d96) from 1.10x to
+    // 1.125x, with 1/4 (d256) from 1.00x to 1.01x (H200, bf16, seqlen 4k). Its random words are
+    // then drawn inside S = Q K^T, whose MMAs they do not need.
+    constexpr int kSteps = decltype(size<2>(tdPrdO))::value;
+    constexpr bool kDropoutInGemm = kDropout && kFrags == kSteps;
+    Dropout step_dropout;  // dropout with this step's query head: set before its first use
+    if constexpr (kDropoutInGemm) step_dropout = dropout.with_head(batch, p.heads, head);
+    decltype(dropout.draw_tile(acc_s, tScS, 0, 0)) words;
+    if (!(kSplitS && softcap_in_gemm))
+      gemm_smem_smem(acc_s, tSrQ, tSrK, copy_sdp_a.get_thread_slice(tid).partition_S(sQ), tSsK, mma_sdp,
+                     copy_sdp_a, copy_sdp_b, [&](int k) {
+                       if constexpr (kDropoutInGemm)
+                         if (k == 0) words = step_dropout.draw_tile(acc_s, tScS, row0, col0);
+                     });
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});
     Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
@@ -433,12 +498,96 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     auto store_pds = [&](auto const& r, auto& dst) {  // a 16-bit S/dP-shaped fragment to sP or sdS
       copy(copy_pds, make_tensor(r.data(), copy_pds.retile(r.layout())), dst);
     };
-    if constexpr (kOptionsPath) {
+    // P inside the GEMMs: the element-wise work on P of each m16n8 fragment (m, n) of acc_s goes
+    // between the MMAs of a GEMM's k steps (work(k) of gemm_smem_smem), a slice of fragments per
+    // step, and each slice's 16-bit P goes to shared memory one step later: those stores keep the
+    // GEMM's later operand loads behind them (they might alias), so the work cannot drift past
+    // the MMAs, as ptxas otherwise schedules it.
+    Tensor rP = make_tensor<Element>(acc_s.layout());
+    uint32_t* p_pairs = reinterpret_cast<uint32_t*>(rP.data());
+    // Fragments are taken in the order of copy_pds's view of P (kCopyView: its flat index -> the
+    // register): fragment f is the view's elements 4f .. 4f + 3, registers fragment_base(f) ..
+    // + 3 of acc_s, so its rows h and h + 8 are the 32-bit pairs at 4f + 2h (checked at compile
+    // time, PFragments).
+    constexpr auto kCopyView = decltype(copy_pds.retile(rP.layout())){};
+    static_assert(p_fragments_in_copy_order(kCopyView, acc_s.layout()));
+    auto fragment_base = [](int f) { return int(kCopyView(4 * f)); };
+    auto fragment_m = [&](int f) { return fragment_base(f) / 4 % kFragM; };
+    auto fragment_n = [&](int f) { return fragment_base(f) / 4 / kFragM; };
+    auto store_fragment = [&](int f) {
+      CUTE_UNROLL
+      for (int h = 0; h < 2; ++h)
+        *reinterpret_cast<uint32_t*>(raw_pointer_cast(&tPsP(4 * f + 2 * h))) = p_pairs[kCopyView(4 * f + 2 * h) / 2];
+    };
+    // work(k) for a GEMM of k_steps steps over fragments f0 .. f1 - 1: compute(f) on slice k,
+    // finish(f) on slice k - 1 (and the last slice after the last step).
+    auto spread = [&](int f0, int f1, int k_steps, auto& compute, auto& finish) {
+      return [=, &compute, &finish](int k) {
+        auto first = [=](int step) { return f0 + step * (f1 - f0) / k_steps; };
+        CUTE_UNROLL
+        for (int f = first(k); f < first(k + 1); ++f) compute(f);
+        if (k > 0) {
+          CUTE_UNROLL
+          for (int f = first(k - 1); f < first(k); ++f) finish(f);
+        }
+        if (k == k_steps - 1) {
+          CUTE_UNROLL
+          for (int f = first(k); f < f1; ++f) finish(f);
+        }
+      };
+    };
+    if (softcap_in_gemm) {
+      float lse_rows[kRows], dsum_rows[kRows];
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        lse_rows[r] = smem.lse_log2[stage][get<0>(tScS_rc(r, 0))];
+        dsum_rows[r] = smem.dsum[stage][get<0>(tScS_rc(r, 0))];
+      }
+      // t = tanh(S * softcap_pre), P = exp2(t * scale_log2 - lse); acc_s keeps a = P (1 - t^2).
+      auto compute = [&](int f) {
+        const int m = fragment_m(f), n = fragment_n(f);
+        CUTE_UNROLL
+        for (int h = 0; h < 2; ++h) {  // rows h and h + 8 of the fragment
+          float pv[2];
+          CUTE_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            const float tv = tanh_approx(acc_s(2 * h + c, m, n) * p.opt.softcap_pre);
+            pv[c] = exp2f(tv * p.scale_log2 - lse_rows[h + 2 * m]);
+            acc_s(2 * h + c, m, n) = pv[c] * (1.f - tv * tv);
+          }
+          p_pairs[acc_s.layout()(2 * h, m, n) / 2] = pack_pair<Element>(pv[0], pv[1]);
+        }
+      };
+      constexpr int kFirst = kSplitS ? kFrags / 2 : 0;  // fragments done inside S = Q K^T
+      if constexpr (kSplitS) {
+        // S in two halves of the keys; the first half's P inside the second half's GEMM.
+        static_assert(p_fragments_split(kCopyView, kFrags), "the first half of the fragments hold the first keys");
+        auto s_half = [&](int h, auto&& work) {
+          Tensor sK_h = local_tile(sK, Shape<Int<kBlockN / 2>, Int<kHeadDim>>{}, make_coord(h, 0));
+          Tensor rK_h = thr_sdp.partition_fragment_B(sK_h);
+          Tensor acc_h = make_tensor(acc_s.data() + h * kHalf, partition_fragment_C(mma_sdp, TileHalfS{}).layout());
+          gemm_smem_smem(acc_h, tSrQ, rK_h, copy_sdp_a.get_thread_slice(tid).partition_S(sQ),
+                         copy_sdp_b.get_thread_slice(tid).partition_S(sK_h), mma_sdp, copy_sdp_a, copy_sdp_b, work);
+        };
+        s_half(0, [](int) {});
+        s_half(1, spread(0, kFirst, decltype(size<2>(tSrQ))::value, compute, store_fragment));
+      }
+      clear(acc_dp);
+      gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
+                     copy_sdp_a, copy_sdp_b, spread(kFirst, kFrags, decltype(size<2>(tdPrdO))::value, compute, store_fragment));
+      CUTE_UNROLL
+      for (int r = 0; r < kRows; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(dp); ++c) dp(r, c) = scores(r, c) * (dp(r, c) - dsum_rows[r]);
+      }
+      store_pds(make_converted<Element>(acc_dp), tdSsdS);
+    } else if constexpr (kOptionsPath) {
       options_s<kOptions>(p, acc_s);
-      const Dropout step_dropout = dropout.with_head(batch, p.heads, head);
+      if constexpr (!kDropoutInGemm) step_dropout = dropout.with_head(batch, p.heads, head);
       auto p_tile = [&] {
-        return options_p<kOptions, kBlockM, kBlockN, kDropout, Traits::kSdpWarpCols == 32, Element>(
-            p, acc_s, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, smem.lse_log2[stage], slope, step_dropout);
+        return options_p<kOptions, kBlockM, kBlockN, kDropout, Traits::kSdpWarpCols == 32, kDropoutInGemm, Element>(
+            p, acc_s, tScS, tScS_rc, row0, col0, seqlen_k, diagonal, smem.lse_log2[stage], slope, step_dropout,
+            words);
       };
       auto store_ds = [&](auto const& keep) {
         store_pds(options_ds<kDropout, Element>(p, acc_s, acc_dp, tScS_rc, smem.dsum[stage], keep), tdSsdS);
@@ -449,14 +598,43 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
           store_pds(rP, tPsP);
           dp_gemm();
           store_ds(keep);
-        } else {
-          // The exponentials before the GEMM, as in the plain kernel, the random words after it.
+        } else if constexpr (!kDropoutInGemm) {
+          // The exponentials before the GEMM, as in the plain kernel (ptxas moves them after it),
+          // the random words, decisions and P's stores after it.
           options_exp<kOptions, kBlockM, kBlockN, kDropout>(p, acc_s, tScS_rc, row0, col0, seqlen_k, diagonal,
                                                            smem.lse_log2[stage], slope);
           dp_gemm();
-          auto [rP, keep] =
-              options_dropout<kDropout, Traits::kSdpWarpCols == 32, Element>(acc_s, tScS, row0, col0, step_dropout);
+          auto [rP, keep] = options_dropout<kDropout, Traits::kSdpWarpCols == 32, false, Element>(
+              acc_s, tScS, row0, col0, step_dropout, words);
           store_pds(rP, tPsP);
+          store_ds(keep);
+        } else {
+          // ALiBi and the mask before dP = dO V^T; inside it, the exponentials (P / keep) of a
+          // slice of fragments per step and, a step later, their drop decisions, 16-bit P and stores.
+          options_bias<kOptions, kBlockM, kBlockN>(p, acc_s, tScS_rc, row0, col0, seqlen_k, diagonal, slope);
+          float lse_rows[kRows];
+          CUTE_UNROLL
+          for (int r = 0; r < kRows; ++r) lse_rows[r] = smem.lse_log2[stage][get<0>(tScS_rc(r, 0))] - p.log2_rp_dropout;
+          cute::array<uint32_t, kFrags * 2> keep;
+          auto compute = [&](int f) {
+            const int m = fragment_m(f), n = fragment_n(f);
+            CUTE_UNROLL
+            for (int v = 0; v < 4; ++v) acc_s(v, m, n) = exp2f(acc_s(v, m, n) * p.scale_log2 - lse_rows[v / 2 + 2 * m]);
+          };
+          auto finish = [&](int f) {
+            const int m = fragment_m(f), n = fragment_n(f);
+            const uint2 mask = step_dropout.fragment_masks(
+                step_dropout.word<Traits::kSdpWarpCols == 32>(acc_s, tScS, col0, words, m, n));
+            const int pair = acc_s.layout()(0, m, n) / 2;
+            keep[pair] = mask.x;
+            keep[pair + 1] = mask.y;
+            p_pairs[pair] = pack_pair<Element>(acc_s(0, m, n), acc_s(1, m, n)) & mask.x;
+            p_pairs[pair + 1] = pack_pair<Element>(acc_s(2, m, n), acc_s(3, m, n)) & mask.y;
+            store_fragment(f);
+          };
+          clear(acc_dp);
+          gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
+                         copy_sdp_a, copy_sdp_b, spread(0, kFrags, decltype(size<2>(tdPrdO))::value, compute, finish));
           store_ds(keep);
         }
       } else {

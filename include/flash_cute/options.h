@@ -219,35 +219,47 @@ struct Dropout {
     return words;
   }
 
-  // Calls f(m, n, w) for every fragment (m, n) of the accumulator, w: its random word from
-  // draw_tile's words (see kept()). kRuns32: the thread holds every fragment of its rows in runs of
-  // 32 keys (the forward, the backward where BwdTraits::kSdpWarpCols is 32): fragment n takes word
-  // n % 4, known at compile time; else word (col % 32) / 8 of its call.
+  // The random word of fragment (m, n) of an accumulator (see kept()), from draw_tile's words.
+  // kRuns32: the thread holds every fragment of its rows in runs of 32 keys (the forward, the
+  // backward where BwdTraits::kSdpWarpCols is 32): fragment n takes word n % 4, known at compile
+  // time; else word (col % 32) / 8 of its call.
+  template <bool kRuns32, class Acc, class Coords, class Words>
+  CUTE_DEVICE uint32_t word(Acc const& acc, Coords const& coords, int col0, Words const& words, int m, int n) const {
+    constexpr int kCalls = (decltype(size<2>(acc))::value + 3) / 4;
+    const uint4 w = words[m * kCalls + n / 4];
+    const int sub = kRuns32 ? n % 4 : ((col0 + get<1>(coords(0, m, n))) % 32) / 8;
+    return sub == 0 ? w.x : sub == 1 ? w.y : sub == 2 ? w.z : w.w;
+  }
+
+  // Calls f(m, n, w) for every fragment (m, n) of the accumulator, w its word().
   template <bool kRuns32, class Acc, class Coords, class Words, class F>
   CUTE_DEVICE void for_each_fragment(Acc const& acc, Coords const& coords, int col0, Words const& words, F&& f) const {
-    constexpr int kFragments = decltype(size<2>(acc))::value, kCalls = (kFragments + 3) / 4;
     CUTE_UNROLL
     for (int m = 0; m < size<1>(acc); ++m) {
       CUTE_UNROLL
-      for (int n = 0; n < kFragments; ++n) {
-        const uint4 w = words[m * kCalls + n / 4];
-        const int sub = kRuns32 ? n % 4 : ((col0 + get<1>(coords(0, m, n))) % 32) / 8;
-        f(m, n, sub == 0 ? w.x : sub == 1 ? w.y : sub == 2 ? w.z : w.w);
-      }
+      for (int n = 0; n < size<2>(acc); ++n) f(m, n, word<kRuns32>(acc, coords, col0, words, m, n));
     }
   }
 
-  // Dropout's decisions on an accumulator of P (as for draw_tile), one mask per 32-bit pair of its
-  // values in a 16-bit copy (values 0, 1 and values 2, 3 of each fragment, in the accumulator's
-  // order): 0xffff in each half whose score is kept. One byte permute and one HSET2 per pair.
+  // Dropout's decisions on the four values of a fragment whose word is w, as masks on 32-bit pairs
+  // of their 16-bit copies (values 0, 1 and values 2, 3): 0xffff in each half whose score is kept.
+  // One byte permute and one HSET2 per pair.
+  CUTE_DEVICE uint2 fragment_masks(uint32_t w) const {
+    const uint32_t keep2 = keep_byte * 0x10001u;
+    return make_uint2(le_mask_u16x2(__byte_perm(w, 0, 0x4140), keep2),   // values 0, 1: bytes 0, 1 as two u16
+                      le_mask_u16x2(__byte_perm(w, 0, 0x4342), keep2));  // values 2, 3: bytes 2, 3
+  }
+
+  // fragment_masks of every fragment of an accumulator of P (as for draw_tile), in the
+  // accumulator's order of pairs.
   template <bool kRuns32, class Acc, class Coords, class Words>
   CUTE_DEVICE auto keep_masks(Acc const& acc, Coords const& coords, int col0, Words const& words) const {
     cute::array<uint32_t, decltype(size(acc))::value / 2> masks;
-    const uint32_t keep2 = keep_byte * 0x10001u;
     for_each_fragment<kRuns32>(acc, coords, col0, words, [&](int m, int n, uint32_t w) {
       const int pair = acc.layout()(0, m, n) / 2;
-      masks[pair] = le_mask_u16x2(__byte_perm(w, 0, 0x4140), keep2);      // values 0, 1: bytes 0, 1 as two u16
-      masks[pair + 1] = le_mask_u16x2(__byte_perm(w, 0, 0x4342), keep2);  // values 2, 3: bytes 2, 3
+      const uint2 mask = fragment_masks(w);
+      masks[pair] = mask.x;
+      masks[pair + 1] = mask.y;
     });
     return masks;
   }

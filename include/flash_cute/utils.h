@@ -57,10 +57,12 @@ CUTE_DEVICE uint32_t pack_pair(float lo, float hi) {
 // so the LDSM of slice k+1 is in flight while the tensor cores work on slice k.
 // ---------------------------------------------------------------------------------------------
 
-// acc += A B^T with A and B in shared memory.
-template <class Acc, class RA, class RB, class SA, class SB, class TiledMma, class CopyA, class CopyB>
-CUTE_DEVICE void gemm_smem_smem(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB,
-                                TiledMma const& mma, CopyA const& copy_a, CopyB const& copy_b) {
+// acc += A B^T with A and B in shared memory. work(k) runs after the MMAs of slice k are issued:
+// element-wise work placed there interleaves with the GEMM's MMAs in program order.
+template <class Acc, class RA, class RB, class SA, class SB, class TiledMma, class CopyA, class CopyB,
+          class Work>
+CUTE_DEVICE void gemm_smem_smem(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB, TiledMma const& mma,
+                                CopyA const& copy_a, CopyB const& copy_b, Work&& work) {
   Tensor rA_view = make_tensor(rA.data(), copy_a.retile(rA.layout()));  // (CPY, MMA_M, MMA_K)
   Tensor rB_view = make_tensor(rB.data(), copy_b.retile(rB.layout()));  // (CPY, MMA_N, MMA_K)
   CUTE_STATIC_ASSERT_V(size<1>(sA) == size<1>(rA_view));
@@ -74,7 +76,13 @@ CUTE_DEVICE void gemm_smem_smem(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const
       copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
     }
     gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+    work(k);
   }
+}
+template <class Acc, class RA, class RB, class SA, class SB, class TiledMma, class CopyA, class CopyB>
+CUTE_DEVICE void gemm_smem_smem(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB,
+                                TiledMma const& mma, CopyA const& copy_a, CopyB const& copy_b) {
+  gemm_smem_smem(acc, rA, rB, sA, sB, mma, copy_a, copy_b, [](int) {});
 }
 
 // acc += A B^T with A already in registers (P) and B in shared memory (V^T).
