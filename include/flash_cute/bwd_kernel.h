@@ -78,7 +78,7 @@ CUTE_DEVICE void store_acc(Acc const& acc, float scale, TiledMma const& mma, Sme
 // GEMM's later operand loads (and so the work) in place.
 // - softcap (kernel kSoftcap) without ALiBi and mask: S in two halves of the keys; the tanh,
 //   exponentials and stores of the first half inside the second half's GEMM, the rest inside
-//   dP = dO V^T. 1.13x -> 1.11x the plain backward (H200, bf16 d128 4k); all of it inside
+//   dP = dO V^T. 1.13x -> 1.11-1.12x the plain backward (H200, bf16 d128 4k); all inside
 //   dP = dO V^T: 1.115x.
 // - dropout (kDropout) without softcap, at d128 (kDropoutInGemm): the random words inside
 //   S = Q K^T, the exponentials, drop decisions and P's stores inside dP = dO V^T: 1.16x -> 1.13x
