@@ -458,7 +458,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     Tensor acc_s = partition_fragment_C(mma_sdp, TileS{});  // (MMA, MMA_M, MMA_N) fp32
     clear(acc_s);
     // The softcap kernel puts P inside the GEMMs (below) on tiles without ALiBi and mask; the
-    // dropout kernel without softcap, on every tile.
+    // dropout kernel without softcap on every tile, where kDropoutInGemm.
     bool softcap_in_gemm = false;
     if constexpr (kOptions == kSoftcap && !kDropout)
       softcap_in_gemm =
@@ -475,7 +475,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     // with 4 fragments per step (d64) it went from 1.15x to 1.55x, with 4/3 (d96) from 1.10x to
     // 1.125x, with 1/4 (d256) from 1.00x to 1.01x (H200, bf16, seqlen 4k). Its random words are
     // then drawn inside S = Q K^T, whose MMAs they do not need.
-    constexpr int kSteps = decltype(size<2>(tdPrdO))::value;
+    constexpr int kSteps = decltype(size<2>(tdPrdO))::value;  // k steps of S = Q K^T and dP = dO V^T
+    static_assert(kSteps == decltype(size<2>(tSrQ))::value);
     constexpr bool kDropoutInGemm = kDropout && kFrags == kSteps;
     Dropout step_dropout;  // dropout with this step's query head: set before its first use
     if constexpr (kDropoutInGemm) step_dropout = dropout.with_head(batch, p.heads, head);
@@ -508,7 +509,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     // Fragments are taken in the order of copy_pds's view of P (kCopyView: its flat index -> the
     // register): fragment f is the view's elements 4f .. 4f + 3, registers fragment_base(f) ..
     // + 3 of acc_s, so its rows h and h + 8 are the 32-bit pairs at 4f + 2h (checked at compile
-    // time, PFragments).
+    // time by p_fragments_in_copy_order).
     constexpr auto kCopyView = decltype(copy_pds.retile(rP.layout())){};
     static_assert(p_fragments_in_copy_order(kCopyView, acc_s.layout()));
     auto fragment_base = [](int f) { return int(kCopyView(4 * f)); };
@@ -570,11 +571,11 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
                          copy_sdp_b.get_thread_slice(tid).partition_S(sK_h), mma_sdp, copy_sdp_a, copy_sdp_b, work);
         };
         s_half(0, [](int) {});
-        s_half(1, spread(0, kFirst, decltype(size<2>(tSrQ))::value, compute, store_fragment));
+        s_half(1, spread(0, kFirst, kSteps, compute, store_fragment));
       }
       clear(acc_dp);
       gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
-                     copy_sdp_a, copy_sdp_b, spread(kFirst, kFrags, decltype(size<2>(tdPrdO))::value, compute, store_fragment));
+                     copy_sdp_a, copy_sdp_b, spread(kFirst, kFrags, kSteps, compute, store_fragment));
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         CUTE_UNROLL
@@ -634,7 +635,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
           };
           clear(acc_dp);
           gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
-                         copy_sdp_a, copy_sdp_b, spread(0, kFrags, decltype(size<2>(tdPrdO))::value, compute, finish));
+                         copy_sdp_a, copy_sdp_b, spread(0, kFrags, kSteps, compute, finish));
           store_ds(keep);
         }
       } else {
