@@ -576,6 +576,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
       clear(acc_dp);
       gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
                      copy_sdp_a, copy_sdp_b, spread(kFirst, kFrags, kSteps, compute, store_fragment));
+      // dS with D held in registers since before the GEMMs: options_ds, which reads D from shared
+      // memory here, measured 0.5% slower (performance-log.md, 2026-11-30 sixth session).
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
         CUTE_UNROLL
