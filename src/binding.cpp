@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "dispatch.h"
+#include "flash_cute/cuda_check.h"
 #include "flash_cute/launch.h"
 
 namespace py = pybind11;
@@ -244,10 +245,20 @@ PYBIND11_MODULE(_C, m) {
         "(dtype, head-dim bucket) of each forward/backward kernel pair with options in this build");
   m.def("built_bwd_kernels", &flash_cute::built_bwd_kernels,
         "(dtype, head-dim bucket) of each backward kernel in this build");
-  m.def("bwd_tile", [](int head_dim) {
-    const flash_cute::BwdTile t = flash_cute::bwd_tile(flash_cute::head_dim_bucket(head_dim));
+  m.def("bwd_tile", [](int head_dim, int device) {
+    const int bucket = flash_cute::head_dim_bucket(head_dim);
+    bool small = false;
+    if (device >= 0) {
+      int bytes = 0;
+      flash_cute::check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                             "reading the shared-memory limit");
+      small = flash_cute::bwd_runs_small_tile(bucket, bytes);
+    }
+    const flash_cute::BwdTile t = flash_cute::bwd_tile(bucket, small);
     return py::make_tuple(t.block_m, t.block_n, t.warps);
-  }, "(block_m, block_n, warps) of the backward kernel for this head dim");
+  }, py::arg("head_dim"), py::arg("device") = -1,
+        "(block_m, block_n, warps) of the backward kernel for this head dim: the tile it runs on CUDA device "
+        "`device` (the small-shared-memory one where that GPU needs it), or its default tile (device -1)");
   m.def("built_fwd_kernels", &flash_cute::built_fwd_kernels,
         "(dtype, head-dim bucket, causal) of each forward kernel in this build");
   m.def("head_dim_bucket", &flash_cute::head_dim_bucket, "head dim -> the kernel head dim that runs it");

@@ -253,6 +253,13 @@ def built_bwd_kernels():
     return frozenset(tuple(entry) for entry in _C.built_bwd_kernels())
 
 
+def require_small_smem_tiles():
+    """Skips the test, naming the build option, in a build made without the tiles for GPUs with
+    99 KB of shared memory per block (FLASH_CUTE_SMALL_SMEM_TILES=OFF)."""
+    if flash_cute.build_info().get("small_smem_tiles", "ON") != "ON":
+        pytest.skip("this build has no small-shared-memory tiles: FLASH_CUTE_SMALL_SMEM_TILES=OFF")
+
+
 def require_bwd_kernel(dtype, head_dim, causal=None):
     """Skips the test, naming the kernel, when this build lacks the backward kernel for the case;
     with ``causal`` given, also the forward kernel that the test runs first (require_kernel)."""

@@ -19,6 +19,7 @@ from helpers import (
     make_qkv,
     poison_allocator,
     require_kernel,
+    require_small_smem_tiles,
     run_poisoned,
 )
 
@@ -75,6 +76,7 @@ def test_forward_small_smem_tile(monkeypatch, head_dim, seqlen_q, seqlen_k, caus
     """The tile that GPUs with 99 KB of shared memory per block (sm_86, sm_89) run for head dims
     above 192, forced on this GPU through the kernels' testing hook."""
     require_kernel(torch.bfloat16, head_dim, causal)
+    require_small_smem_tiles()
     monkeypatch.setenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE", "1")
     q, k, v = make_qkv(2, seqlen_q, seqlen_k, 4, 2, head_dim, torch.bfloat16, "cuda")
     _check(q, k, v, causal=causal)
@@ -83,6 +85,7 @@ def test_forward_small_smem_tile(monkeypatch, head_dim, seqlen_q, seqlen_k, caus
 def test_small_smem_tile_hook_selects_that_kernel(monkeypatch):
     """The hook above really launches the other kernel: the profiler sees its template name."""
     require_kernel(torch.bfloat16, 256, False)
+    require_small_smem_tiles()
     q, k, v = make_qkv(1, 128, 128, 2, 2, 256, torch.bfloat16, "cuda")
 
     def launched_kernels():

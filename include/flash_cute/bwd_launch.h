@@ -2,6 +2,7 @@
 #pragma once
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include "flash_cute/bwd_kernel.h"
 #include "flash_cute/cuda_check.h"
@@ -9,32 +10,47 @@
 
 namespace flash_cute {
 
-// kOptions (an OptionKind): the kernel with softcap and/or ALiBi (and the window every kernel
-// takes); kDropout: and dropout.
-template <DType kDType, int kHeadDim, int kOptions, bool kDropout>
-void run_bwd_variant(const BwdParams& params, cudaStream_t stream) {
-  using Traits = BwdTraits<kDType, kHeadDim>;
+template <DType kDType, class Traits, int kOptions, bool kDropout>
+void launch_bwd(const BwdParams& params, cudaStream_t stream, const std::string& name) {
   constexpr int kSmem = Traits::kSmemBytes;
-  const std::string name = std::string("backward kernel (") + dtype_name(kDType) + ", head dim " +
-                           std::to_string(kHeadDim) + option_kernel_name(kOptions, kDropout) + ")";
-  const int smem_optin = max_smem_per_block(name);
-  if (kSmem > smem_optin) {
-    throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(kSmem) +
-                             " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin));
-  }
   auto kernel = params.cu_seqlens_q != nullptr ? &bwd_kernel<Traits, true, kOptions, kDropout>
                                                : &bwd_kernel<Traits, false, kOptions, kDropout>;
   allow_dynamic_smem(kernel, kSmem, name);
-  // The workspace is padded to this kernel's tiles (the caller sized it, ws_rows, with bwd_tile()).
+  // The workspace is padded to this kernel's tiles (the caller sized it, ws_rows, with the tile
+  // that bwd_runs_small_tile picks).
   BwdParams p = params;
   p.ws_block_m = Traits::kBlockM;
-  p.accum_cols = kHeadDim;
+  p.accum_cols = Traits::kHeadDim;
   run_bwd_dot_do_o(p, kDType, stream);
   // seqlen_k: the longest sequence's (varlen: the max_seqlen_k hint; the kernel loops past it).
   const dim3 grid(std::max(1, ceil_div(p.seqlen_k, Traits::kBlockN)), p.expand_gqa ? p.heads : p.heads_k, p.batch);
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
   check_cuda(cudaGetLastError(), name + " launch");
   run_bwd_convert_dq(p, kDType, stream);
+}
+
+// kOptions (an OptionKind): the kernel with softcap and/or ALiBi (and the window every kernel
+// takes); kDropout: and dropout. GPUs with less shared memory than the tile needs (sm_86, sm_89,
+// sm_120: 99 KB) run the small-shared-memory tile, where the head dim has one.
+template <DType kDType, int kHeadDim, int kOptions, bool kDropout>
+void run_bwd_variant(const BwdParams& params, cudaStream_t stream) {
+  using Traits = BwdTraits<kDType, kHeadDim>;
+  constexpr bool kHasSmallTile = !(bwd_tile(kHeadDim) == bwd_tile(kHeadDim, true));
+  using SmallTraits = std::conditional_t<kHasSmallTile, BwdTraits<kDType, kHeadDim, /*kSmallSmem=*/true>, Traits>;
+  const std::string name = std::string("backward kernel (") + dtype_name(kDType) + ", head dim " +
+                           std::to_string(kHeadDim) + option_kernel_name(kOptions, kDropout) + ")";
+  const int smem_optin = max_smem_per_block(name);
+  const bool small = bwd_runs_small_tile(kHeadDim, smem_optin);
+  const int bytes = small ? SmallTraits::kSmemBytes : Traits::kSmemBytes;
+  if (bytes > smem_optin) {
+    throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(bytes) +
+                             " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin) +
+                             (kHasSmallTile ? "" : " (this head dim has no backward tile for less)"));
+  }
+  if constexpr (kHasSmallTile) {
+    if (small) return launch_bwd<kDType, SmallTraits, kOptions, kDropout>(params, stream, name);
+  }
+  launch_bwd<kDType, Traits, kOptions, kDropout>(params, stream, name);
 }
 
 template <DType kDType, int kHeadDim>

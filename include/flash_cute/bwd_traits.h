@@ -1,17 +1,20 @@
-// Every CuTe type the backward kernel uses, derived from (element type, head dim) and bwd_tile().
+// Every CuTe type the backward kernel uses, derived from (element type, head dim) and bwd_tile()
+// (kSmallSmem: its tile for GPUs with 99 KB of shared memory per block).
 #pragma once
 #include "flash_cute/fwd_traits.h"
 
 namespace flash_cute {
 using namespace cute;
 
-template <DType kDType, int kHeadDim_>
-struct BwdTraits : TraitsBase<typename ElementOf<kDType>::type, kHeadDim_, bwd_tile(kHeadDim_).warps> {
-  using Base = TraitsBase<typename ElementOf<kDType>::type, kHeadDim_, bwd_tile(kHeadDim_).warps>;
+template <DType kDType, int kHeadDim_, bool kSmallSmem_ = false>
+struct BwdTraits
+    : TraitsBase<typename ElementOf<kDType>::type, kHeadDim_, bwd_tile(kHeadDim_, kSmallSmem_).warps> {
+  using Base = TraitsBase<typename ElementOf<kDType>::type, kHeadDim_, bwd_tile(kHeadDim_, kSmallSmem_).warps>;
   using typename Base::Element;
   using typename Base::MmaAtom;
   using typename Base::SmemLayoutAtom;
-  static constexpr BwdTile kTile = bwd_tile(kHeadDim_);
+  static constexpr bool kSmallSmem = kSmallSmem_;
+  static constexpr BwdTile kTile = bwd_tile(kHeadDim_, kSmallSmem);
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
@@ -72,7 +75,9 @@ struct BwdTraits : TraitsBase<typename ElementOf<kDType>::type, kHeadDim_, bwd_t
     alignas(16) float dsum[kStages][kBlockM];      // rowsum(dO * O)
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
-  static_assert(kSmemBytes <= 163 * 1024, "the backward tile must fit an A100's shared memory");
+  static_assert(kSmemBytes == bwd_smem_bytes(kTile, kHeadDim), "the host's count (launch.h) is this struct's size");
+  static_assert(kSmemBytes <= (kSmallSmem ? kSmallSmemBytes : 163 * 1024),
+                "the backward tile must fit the shared memory of the GPUs it is for (A100: 163 KB)");
 };
 
 }  // namespace flash_cute

@@ -1,7 +1,6 @@
 // Host-side launch of the forward kernel; included by the generated instantiation units only.
 #pragma once
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 #include <type_traits>
 
@@ -40,9 +39,7 @@ void run_fwd_variant(const FwdParams& p, cudaStream_t stream) {
   const std::string name = std::string("forward kernel (") + dtype_name(kDType) + ", head dim " +
                            std::to_string(kHeadDim) + (kCausal ? ", causal" : "") + option_kernel_name(kOptions, kDropout) + ")";
   const int smem_optin = max_smem_per_block(name);
-  // Testing hook: run the small-shared-memory tile on any GPU, so the H100 covers it too.
-  const bool force_small = std::getenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE") != nullptr;
-  if (Traits::kSmemBytes <= smem_optin && !(kHasSmallTile && force_small))
+  if (Traits::kSmemBytes <= smem_optin && !(kHasSmallTile && force_small_smem_tile()))
     return launch_fwd<Traits, kOptions, kDropout>(p, stream, name);
   if constexpr (kHasSmallTile) {
     if (SmallTraits::kSmemBytes <= smem_optin) return launch_fwd<SmallTraits, kOptions, kDropout>(p, stream, name);

@@ -2,6 +2,8 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
+
 #include "flash_cute/params.h"
 
 namespace flash_cute {
@@ -51,20 +53,48 @@ constexpr FwdTile fwd_tile(int head_dim, bool /*causal*/, bool small_smem = fals
 // `stages`: Q and dO buffers (2: the next block loads during the whole iteration).
 struct BwdTile {
   int block_m, block_n, warps, sdp_warps_m, dkv_warps_n, dq_warps_m, stages;
+  constexpr bool operator==(const BwdTile& o) const {
+    return block_m == o.block_m && block_n == o.block_n && warps == o.warps && sdp_warps_m == o.sdp_warps_m &&
+           dkv_warps_n == o.dkv_warps_n && dq_warps_m == o.dq_warps_m && stages == o.stages;
+  }
 };
 
-constexpr BwdTile bwd_tile(int head_dim) {
+constexpr BwdTile bwd_tile(int head_dim, bool small_smem = false) {
   // A warp's share of each GEMM must tile it: 16 * (warps / dkv_warps_n) and
   // 16 * (warps / dq_warps_m) divide the head dim. Shared memory: 112 KB (d32), 160 KB (d64,
   // d128), 144 KB (d256), within the 163 KB of an A100.
-  if (head_dim <= 64) return {128, 128, 8, 2, 4, 4, 2};
-  if (head_dim <= 96) return {64, 128, 8, 2, 4, 4, 2};
-  if (head_dim <= 128) return {64, 128, 8, 2, 4, 2, 2};
+  // `small_smem`: the tile for GPUs with kSmallSmemBytes per block (sm_86, sm_89, sm_120), where
+  // the default needs more: the same warps on fewer rows, and one Q/dO buffer where two do not
+  // fit (d32 64 KB, d64 97 KB, d96 88 KB, d128 80 KB, d192 80 KB). d160's default fits already;
+  // d224 and d256 have none (S/dP and dK/dV alone outgrow 99 KB at 32 x 64, and fewer keys per
+  // block break P's 64-element rows): their backward needs 163 KB.
+  if (head_dim <= 64) return small_smem ? BwdTile{64, 128, 8, 2, 4, 4, 2} : BwdTile{128, 128, 8, 2, 4, 4, 2};
+  if (head_dim <= 96) return small_smem ? BwdTile{64, 64, 8, 2, 4, 4, 2} : BwdTile{64, 128, 8, 2, 4, 4, 2};
+  if (head_dim <= 128) return small_smem ? BwdTile{64, 64, 8, 2, 4, 2, 1} : BwdTile{64, 128, 8, 2, 4, 2, 2};
   // d192, d256: S/dP on 4 x 2 warps, dK/dV and dQ on 2 x 4 (bf16, seqlen 512..16k, geomean over
   // torch's flash backend): d256 0.81x where 2 x 4 / 4 x 2 / 4 x 2 ran 0.76x; d192 0.79x vs 0.76x.
   // d160 and d224 need 16 x 2 warps across the head dim.
+  if (head_dim == 192 && small_smem) return {32, 64, 8, 2, 4, 2, 1};
   if (head_dim % 64 == 0) return {64, 64, 8, 4, 2, 2, 1};
   return {64, 64, 8, 2, 4, 4, 1};
+}
+
+// Shared memory of the backward tile (BwdTraits::SharedStorage, checked there): Q and dO
+// (`stages` buffers each), K, V, P, dS in 16 bits; lse and D of each buffer's rows in fp32.
+constexpr int bwd_smem_bytes(const BwdTile& t, int head_dim) {
+  return 2 * (2 * t.stages * t.block_m * head_dim + 2 * t.block_n * head_dim + 2 * t.block_m * t.block_n) +
+         4 * 2 * t.stages * t.block_m;
+}
+
+// FLASH_CUTE_FORCE_SMALL_SMEM_TILE (testing hook): run the small-shared-memory tiles on any GPU,
+// so an H100 tests the kernels that sm_86 and sm_89 run.
+inline bool force_small_smem_tile() { return std::getenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE") != nullptr; }
+
+// Whether the backward for this head-dim bucket runs its small-shared-memory tile on a GPU that
+// allows `smem_optin` bytes per block (the launcher and the workspace's padding both ask this).
+inline bool bwd_runs_small_tile(int head_dim, int smem_optin) {
+  if (bwd_tile(head_dim, true) == bwd_tile(head_dim)) return false;
+  return force_small_smem_tile() || bwd_smem_bytes(bwd_tile(head_dim), head_dim) > smem_optin;
 }
 
 // The decode tile (flash_attn_with_kvcache). A CTA owns 16 packed query rows of one KV head (the

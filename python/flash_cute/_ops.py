@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from typing import NamedTuple, Optional
 
@@ -446,7 +447,7 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     # head-dim bucket; see workspace_row0 in include/flash_cute/seqlen.h), filled by the kernels:
     # the fp32 dQ accumulator, rowsum(dout * out) and lse * log2(e). Padding spares the main loop
     # every bounds check on them.
-    block_m, bucket = _bwd_tile_rows_cols(d)
+    block_m, bucket = _bwd_tile_rows_cols(d, q.device.index, os.environ.get("FLASH_CUTE_FORCE_SMALL_SMEM_TILE"))
     if varlen is None:
         ws_rows = batch * (-(-seqlen_q // block_m) * block_m)
     else:
@@ -509,9 +510,11 @@ def _attention_bwd_into(dout, q, k, v, out, lse, softmax_scale, causal, determin
 
 
 @functools.cache
-def _bwd_tile_rows_cols(head_dim: int) -> tuple[int, int]:
-    """(block_m, head-dim bucket) of the backward kernel: the padding of its workspace."""
-    return _C().bwd_tile(head_dim)[0], _C().head_dim_bucket(head_dim)
+def _bwd_tile_rows_cols(head_dim: int, device: int, _force_small_tile: str | None) -> tuple[int, int]:
+    """(block_m, head-dim bucket) of the backward kernel that runs on `device`: the padding of its
+    workspace. The small-shared-memory tile's testing hook (the environment variable) picks the
+    tile too, so it is part of the cache's key."""
+    return _C().bwd_tile(head_dim, device)[0], _C().head_dim_bucket(head_dim)
 
 
 def _bwd_impl(

@@ -1,0 +1,36 @@
+# One device visit for the small-shared-memory tiles (what sm_86, sm_89 and sm_120 run), forced on
+# this GPU by FLASH_CUTE_FORCE_SMALL_SMEM_TILE: compute-sanitizer memcheck and racecheck of
+# tools/device-check.sh's sweep plus the buckets it leaves out (d32, d192, with options and dropout),
+# then the backward on the benchmark's grid (bf16, seqlen 2k and 8k) with the default and the
+# small tiles, each against torch's flash backend in the same run. Full wheel in .gpu/site; device
+# tool, carry .gpu/site:
+#   bash tools/visit-small-smem.sh            (logs in $OUT)
+cp python/flash_cute/*.py .gpu/site/flash_cute/
+export PYTHONPATH=$PWD/.gpu/site PYTHONUNBUFFERED=1
+out=${OUT:-device-out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu-small.txt"
+export FLASH_CUTE_FORCE_SMALL_SMEM_TILE=1
+SANITIZER_TOOLS=${SANITIZER_TOOLS:-memcheck racecheck} OUT=$out/small timeout 220 bash tools/device-check.sh sanitize \
+  2>&1 | grep compute-sanitizer
+for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
+  timeout 120 compute-sanitizer --tool $tool --error-exitcode 1 python3 - > "$out/sanitizer-small-$tool.log" 2>&1 <<'PY'
+import torch, flash_cute
+torch.manual_seed(0)
+for d in (32, 192):
+    q = torch.randn(2, 113, 4, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 203, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    for kw in (dict(causal=True), dict(deterministic=True), dict(window_size=(40, 7), softcap=5.0),
+               dict(dropout_p=0.2, alibi_slopes=torch.rand(4, device="cuda"))):
+        out = flash_cute.flash_attn_func(q, k, v, **kw)
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+print("done")
+PY
+  echo "compute-sanitizer $tool (d32, d192 with options): rc $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer-small-$tool.log" | tail -1)"
+done
+unset FLASH_CUTE_FORCE_SMALL_SMEM_TILE
+args="--pass bwd --dtype bf16 --hdim 64,128,192 --seqlen 2048,8192 --no-varlen --no-decode --only flash_cute,torch-flash --no-plot"
+timeout 100 python3 benchmark/run.py $args --out "$out/bwd-default" > "$out/bwd-default.txt" 2>&1
+FLASH_CUTE_FORCE_SMALL_SMEM_TILE=1 timeout 100 python3 benchmark/run.py $args --out "$out/bwd-small" > "$out/bwd-small.txt" 2>&1
+for f in default small; do echo "== backward, $f tiles"; grep -E 'bwd|fc/tf|seqlen' "$out/bwd-$f.txt" | tail -14; done
