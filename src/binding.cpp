@@ -271,6 +271,7 @@ PYBIND11_MODULE(_C, m) {
   build["head_dims"] = FLASH_CUTE_HEAD_DIMS_STR;
   build["dtypes"] = FLASH_CUTE_DTYPES_STR;
   build["option_kernels"] = FLASH_CUTE_OPTION_KERNELS_STR;
+  build["small_smem_tiles"] = FLASH_CUTE_SMALL_SMEM_TILES_STR;
   build["cutlass"] = FLASH_CUTE_CUTLASS_STR;
   build["cuda_runtime"] = CUDART_VERSION;
   m.attr("build_config") = build;

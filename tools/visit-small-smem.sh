@@ -11,10 +11,10 @@ out=${OUT:-device-out}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu-small.txt"
 export FLASH_CUTE_FORCE_SMALL_SMEM_TILE=1
-SANITIZER_TOOLS=${SANITIZER_TOOLS:-memcheck racecheck} OUT=$out/small timeout 220 bash tools/device-check.sh sanitize \
+SANITIZER_TOOLS=${SANITIZER_TOOLS:-memcheck racecheck} OUT=$out/small timeout 200 bash tools/device-check.sh sanitize \
   2>&1 | grep compute-sanitizer
 for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
-  timeout 120 compute-sanitizer --tool $tool --error-exitcode 1 python3 - > "$out/sanitizer-small-$tool.log" 2>&1 <<'PY'
+  timeout 90 compute-sanitizer --tool $tool --error-exitcode 1 python3 - > "$out/sanitizer-small-$tool.log" 2>&1 <<'PY'
 import torch, flash_cute
 torch.manual_seed(0)
 for d in (32, 192):
@@ -31,6 +31,6 @@ PY
 done
 unset FLASH_CUTE_FORCE_SMALL_SMEM_TILE
 args="--pass bwd --dtype bf16 --hdim 64,128,192 --seqlen 2048,8192 --no-varlen --no-decode --only flash_cute,torch-flash --no-plot"
-timeout 100 python3 benchmark/run.py $args --out "$out/bwd-default" > "$out/bwd-default.txt" 2>&1
-FLASH_CUTE_FORCE_SMALL_SMEM_TILE=1 timeout 100 python3 benchmark/run.py $args --out "$out/bwd-small" > "$out/bwd-small.txt" 2>&1
+timeout 80 python3 benchmark/run.py $args --out "$out/bwd-default" > "$out/bwd-default.txt" 2>&1
+FLASH_CUTE_FORCE_SMALL_SMEM_TILE=1 timeout 80 python3 benchmark/run.py $args --out "$out/bwd-small" > "$out/bwd-small.txt" 2>&1
 for f in default small; do echo "== backward, $f tiles"; grep -E 'bwd|fc/tf|seqlen' "$out/bwd-$f.txt" | tail -14; done

@@ -35,7 +35,7 @@ void launch_bwd(const BwdParams& params, cudaStream_t stream, const std::string&
 template <DType kDType, int kHeadDim, int kOptions, bool kDropout>
 void run_bwd_variant(const BwdParams& params, cudaStream_t stream) {
   using Traits = BwdTraits<kDType, kHeadDim>;
-  constexpr bool kHasSmallTile = !(bwd_tile(kHeadDim) == bwd_tile(kHeadDim, true));
+  constexpr bool kHasSmallTile = kSmallSmemTiles && !(bwd_tile(kHeadDim) == bwd_tile(kHeadDim, true));
   using SmallTraits = std::conditional_t<kHasSmallTile, BwdTraits<kDType, kHeadDim, /*kSmallSmem=*/true>, Traits>;
   const std::string name = std::string("backward kernel (") + dtype_name(kDType) + ", head dim " +
                            std::to_string(kHeadDim) + option_kernel_name(kOptions, kDropout) + ")";
@@ -45,7 +45,7 @@ void run_bwd_variant(const BwdParams& params, cudaStream_t stream) {
   if (bytes > smem_optin) {
     throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(bytes) +
                              " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin) +
-                             (kHasSmallTile ? "" : " (this head dim has no backward tile for less)"));
+                             small_smem_tile_hint(kHasSmallTile));
   }
   if constexpr (kHasSmallTile) {
     if (small) return launch_bwd<kDType, SmallTraits, kOptions, kDropout>(params, stream, name);

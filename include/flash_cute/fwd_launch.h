@@ -34,18 +34,22 @@ void launch_fwd(const FwdParams& p, cudaStream_t stream, const std::string& name
 template <DType kDType, int kHeadDim, bool kCausal, int kOptions, bool kDropout>
 void run_fwd_variant(const FwdParams& p, cudaStream_t stream) {
   using Traits = FwdTraits<kDType, kHeadDim, kCausal>;
-  using SmallTraits = FwdTraits<kDType, kHeadDim, kCausal, /*kSmallSmem=*/true>;
-  constexpr bool kHasSmallTile = !(fwd_tile(kHeadDim, kCausal) == fwd_tile(kHeadDim, kCausal, true));
+  constexpr bool kHasSmallTile = kSmallSmemTiles && !(fwd_tile(kHeadDim, kCausal) == fwd_tile(kHeadDim, kCausal, true));
+  using SmallTraits = std::conditional_t<kHasSmallTile, FwdTraits<kDType, kHeadDim, kCausal, /*kSmallSmem=*/true>, Traits>;
   const std::string name = std::string("forward kernel (") + dtype_name(kDType) + ", head dim " +
                            std::to_string(kHeadDim) + (kCausal ? ", causal" : "") + option_kernel_name(kOptions, kDropout) + ")";
   const int smem_optin = max_smem_per_block(name);
-  if (Traits::kSmemBytes <= smem_optin && !(kHasSmallTile && force_small_smem_tile()))
-    return launch_fwd<Traits, kOptions, kDropout>(p, stream, name);
-  if constexpr (kHasSmallTile) {
-    if (SmallTraits::kSmemBytes <= smem_optin) return launch_fwd<SmallTraits, kOptions, kDropout>(p, stream, name);
+  const bool small = kHasSmallTile && (force_small_smem_tile() || Traits::kSmemBytes > smem_optin);
+  const int bytes = small ? SmallTraits::kSmemBytes : Traits::kSmemBytes;
+  if (bytes > smem_optin) {
+    throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(bytes) +
+                             " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin) +
+                             small_smem_tile_hint(kHasSmallTile));
   }
-  throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(SmallTraits::kSmemBytes) +
-                           " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin));
+  if constexpr (kHasSmallTile) {
+    if (small) return launch_fwd<SmallTraits, kOptions, kDropout>(p, stream, name);
+  }
+  launch_fwd<Traits, kOptions, kDropout>(p, stream, name);
 }
 
 template <DType kDType, int kHeadDim, bool kCausal>

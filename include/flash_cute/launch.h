@@ -28,8 +28,15 @@ struct FwdTile {
   }
 };
 
-// Shared memory per block on the Ampere-or-newer GPUs with the least of it (sm_86, sm_89).
+// Shared memory per block on the Ampere-or-newer GPUs with the least of it (sm_86, sm_89, sm_120).
 inline constexpr int kSmallSmemBytes = 99 * 1024;
+
+// Whether the build has the second tiles for those GPUs, where the default tiles need more (the
+// forward at d224/d256, the backward at d32..d192): FLASH_CUTE_SMALL_SMEM_TILES (CMakeLists.txt).
+#ifndef FLASH_CUTE_SMALL_SMEM_TILES
+#define FLASH_CUTE_SMALL_SMEM_TILES 1
+#endif
+inline constexpr bool kSmallSmemTiles = FLASH_CUTE_SMALL_SMEM_TILES;
 
 // `small_smem`: the tile for GPUs with only kSmallSmemBytes per block; it differs from the
 // default where the default needs more (d224, d256), and run_fwd picks it at run time.
@@ -90,10 +97,18 @@ constexpr int bwd_smem_bytes(const BwdTile& t, int head_dim) {
 // so an H100 tests the kernels that sm_86 and sm_89 run.
 inline bool force_small_smem_tile() { return std::getenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE") != nullptr; }
 
+// What a launcher adds to "needs N bytes of shared memory" when its kernel has no tile that fits.
+inline const char* small_smem_tile_hint(bool has_small_tile) {
+  if (has_small_tile) return "";
+  return kSmallSmemTiles ? " (this head dim has no tile for less)"
+                         : " (this build was made with FLASH_CUTE_SMALL_SMEM_TILES=OFF: rebuild with it ON for the "
+                           "tiles of GPUs with 99 KB per block)";
+}
+
 // Whether the backward for this head-dim bucket runs its small-shared-memory tile on a GPU that
 // allows `smem_optin` bytes per block (the launcher and the workspace's padding both ask this).
 inline bool bwd_runs_small_tile(int head_dim, int smem_optin) {
-  if (bwd_tile(head_dim, true) == bwd_tile(head_dim)) return false;
+  if (!kSmallSmemTiles || bwd_tile(head_dim, true) == bwd_tile(head_dim)) return false;
   return force_small_smem_tile() || bwd_smem_bytes(bwd_tile(head_dim), head_dim) > smem_optin;
 }
 
