@@ -41,11 +41,7 @@ void run_fwd_variant(const FwdParams& p, cudaStream_t stream) {
   const int smem_optin = max_smem_per_block(name);
   const bool small = kHasSmallTile && (force_small_smem_tile() || Traits::kSmemBytes > smem_optin);
   const int bytes = small ? SmallTraits::kSmemBytes : Traits::kSmemBytes;
-  if (bytes > smem_optin) {
-    throw std::runtime_error("flash_cute: " + name + " needs " + std::to_string(bytes) +
-                             " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin) +
-                             small_smem_tile_hint(kHasSmallTile));
-  }
+  require_smem(name, bytes, smem_optin, kHasSmallTile);
   if constexpr (kHasSmallTile) {
     if (small) return launch_fwd<SmallTraits, kOptions, kDropout>(p, stream, name);
   }

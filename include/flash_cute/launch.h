@@ -3,6 +3,8 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdlib>
+#include <stdexcept>
+#include <string>
 
 #include "flash_cute/params.h"
 
@@ -97,12 +99,16 @@ constexpr int bwd_smem_bytes(const BwdTile& t, int head_dim) {
 // so an H100 tests the kernels that sm_86 and sm_89 run.
 inline bool force_small_smem_tile() { return std::getenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE") != nullptr; }
 
-// What a launcher adds to "needs N bytes of shared memory" when its kernel has no tile that fits.
-inline const char* small_smem_tile_hint(bool has_small_tile) {
-  if (has_small_tile) return "";
-  return kSmallSmemTiles ? " (this head dim has no tile for less)"
-                         : " (this build was made with FLASH_CUTE_SMALL_SMEM_TILES=OFF: rebuild with it ON for the "
-                           "tiles of GPUs with 99 KB per block)";
+// A launcher's check that the tile it picked (`bytes` of shared memory) fits the GPU's limit; the
+// error says why no smaller tile ran.
+inline void require_smem(const std::string& kernel, int bytes, int smem_optin, bool has_small_tile) {
+  if (bytes <= smem_optin) return;
+  const char* why = has_small_tile   ? ""
+                    : kSmallSmemTiles ? " (this head dim has no tile for less)"
+                                      : " (this build was made with FLASH_CUTE_SMALL_SMEM_TILES=OFF: rebuild with it ON "
+                                        "for the tiles of GPUs with 99 KB per block)";
+  throw std::runtime_error("flash_cute: " + kernel + " needs " + std::to_string(bytes) +
+                           " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin) + why);
 }
 
 // Whether the backward for this head-dim bucket runs its small-shared-memory tile on a GPU that
