@@ -9,7 +9,7 @@
 //   dQ += dS K                 (fp32 reductions into a global accumulator; other CTAs add theirs)
 // deterministic: the CTAs add into each dQ block in a fixed (descending key block) order.
 // The scale of dK and dQ is applied once at the end. Q and dO of the next block stream in with
-// cp.async while the current one is processed.
+// cp.async during the current one (with one buffer, in the plain kernel: during dQ = dS K).
 #pragma once
 #include <cute/tensor.hpp>
 
