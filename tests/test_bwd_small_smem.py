@@ -76,7 +76,10 @@ def test_hook_picks_the_small_tile(monkeypatch):
         else:
             assert small == default, (bucket, small, default)
     monkeypatch.delenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE")
-    assert _C.bwd_tile(128, device) == _C.bwd_tile(128)  # an H100 or A100 runs the default tile
+    # Without the hook the GPU's limit decides: d128's default tile takes 164,864 bytes (A100,
+    # H100: the default; sm_86, sm_89: the small tile).
+    default_fits = torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= 164864
+    assert (_C.bwd_tile(128, device) == _C.bwd_tile(128)) == default_fits
 
     require_bwd_kernel(torch.bfloat16, 128, causal=False)
     q, k, v = make_qkv(1, 128, 128, 2, 2, 128, torch.bfloat16, "cuda")
@@ -92,7 +95,7 @@ def test_hook_picks_the_small_tile(monkeypatch):
     monkeypatch.setenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE", "1")
     small = launched_kernels()
     assert default and small, (default, small)
-    assert all("128, false>" in name for name in default), default
+    assert all(("128, false>" if default_fits else "128, true>") in name for name in default), default
     assert all("128, true>" in name for name in small), small
 
 
