@@ -35,7 +35,7 @@ void launch_bwd(const BwdParams& params, cudaStream_t stream, const std::string&
 template <DType kDType, int kHeadDim, int kOptions, bool kDropout>
 void run_bwd_variant(const BwdParams& params, cudaStream_t stream) {
   using Traits = BwdTraits<kDType, kHeadDim>;
-  constexpr bool kHasSmallTile = kSmallSmemTiles && !(bwd_tile(kHeadDim) == bwd_tile(kHeadDim, true));
+  constexpr bool kHasSmallTile = bwd_has_small_tile(kHeadDim);
   using SmallTraits = std::conditional_t<kHasSmallTile, BwdTraits<kDType, kHeadDim, /*kSmallSmem=*/true>, Traits>;
   const std::string name = std::string("backward kernel (") + dtype_name(kDType) + ", head dim " +
                            std::to_string(kHeadDim) + option_kernel_name(kOptions, kDropout) + ")";

@@ -39,7 +39,7 @@ void run_fwd_variant(const FwdParams& p, cudaStream_t stream) {
   const std::string name = std::string("forward kernel (") + dtype_name(kDType) + ", head dim " +
                            std::to_string(kHeadDim) + (kCausal ? ", causal" : "") + option_kernel_name(kOptions, kDropout) + ")";
   const int smem_optin = max_smem_per_block(name);
-  const bool small = kHasSmallTile && (force_small_smem_tile() || Traits::kSmemBytes > smem_optin);
+  const bool small = runs_small_tile(kHasSmallTile, Traits::kSmemBytes, smem_optin);
   const int bytes = small ? SmallTraits::kSmemBytes : Traits::kSmemBytes;
   require_smem(name, bytes, smem_optin, kHasSmallTile);
   if constexpr (kHasSmallTile) {

@@ -111,11 +111,21 @@ inline void require_smem(const std::string& kernel, int bytes, int smem_optin, b
                            " bytes of shared memory per block; this GPU allows " + std::to_string(smem_optin) + why);
 }
 
+// Whether a kernel runs its small-shared-memory tile: where the build has one for it, when the
+// testing hook forces it or the default tile (`default_bytes`) needs more than the GPU allows.
+inline bool runs_small_tile(bool has_small_tile, int default_bytes, int smem_optin) {
+  return has_small_tile && (force_small_smem_tile() || default_bytes > smem_optin);
+}
+
+// Whether the build has a small-shared-memory backward tile for this head-dim bucket.
+constexpr bool bwd_has_small_tile(int head_dim) {
+  return kSmallSmemTiles && !(bwd_tile(head_dim, true) == bwd_tile(head_dim));
+}
+
 // Whether the backward for this head-dim bucket runs its small-shared-memory tile on a GPU that
 // allows `smem_optin` bytes per block (the launcher and the workspace's padding both ask this).
 inline bool bwd_runs_small_tile(int head_dim, int smem_optin) {
-  if (!kSmallSmemTiles || bwd_tile(head_dim, true) == bwd_tile(head_dim)) return false;
-  return force_small_smem_tile() || bwd_smem_bytes(bwd_tile(head_dim), head_dim) > smem_optin;
+  return runs_small_tile(bwd_has_small_tile(head_dim), bwd_smem_bytes(bwd_tile(head_dim), head_dim), smem_optin);
 }
 
 // The decode tile (flash_attn_with_kvcache). A CTA owns 16 packed query rows of one KV head (the
