@@ -9,7 +9,8 @@
 //   dQ += dS K                 (fp32 reductions into a global accumulator; other CTAs add theirs)
 // deterministic: the CTAs add into each dQ block in a fixed (descending key block) order.
 // The scale of dK and dQ is applied once at the end. Q and dO of the next block stream in with
-// cp.async during the current one (with one buffer, in the plain kernel: during dQ = dS K).
+// cp.async during the current one (BwdTile's q_stages, do_stages: with one dO buffer, after
+// dV += P^T dO; with one of each, during dQ = dS K).
 #pragma once
 #include <cute/tensor.hpp>
 
@@ -238,7 +239,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kStages = Traits::kStages;
+  constexpr int kQStages = Traits::kQStages;
+  constexpr int kDoStages = Traits::kDoStages;
   using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
   using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
   using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
@@ -332,26 +334,28 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
       ++head;
     }
   };
-  // Q, dO, lse_log2 and D of one step into buffer `stage`.
-  auto load_step = [&](int head, int m_block, int stage) {
-    const int row0 = m_block * kBlockM;
-    const int64_t q_row = seq.q_row0 + row0;
-    auto q_ptr = static_cast<const Element*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
-                 q_row * p.q_row_stride;
-    auto do_ptr = static_cast<const Element*>(p.dout) + batch * p.dout_batch_stride +
-                  head * p.dout_head_stride + q_row * p.dout_row_stride;
-    Tensor gQ = make_tensor(make_gmem_ptr(q_ptr), TileQ{}, make_stride(p.q_row_stride, _1{}));
-    Tensor gdO = make_tensor(make_gmem_ptr(do_ptr), TileQ{}, make_stride(p.dout_row_stride, _1{}));
+  // Rows row0 .. row0 + kBlockM - 1 of query head `head` of Q or dO (at `ptr`, with its strides)
+  // into the (kBlockM, kHeadDim) buffer `dst`.
+  auto load_rows = [&](const void* ptr, int64_t batch_stride, int64_t head_stride, int64_t row_stride, int head,
+                       int row0, auto dst) {
+    auto src = static_cast<const Element*>(ptr) + batch * batch_stride + head * head_stride +
+               (seq.q_row0 + row0) * row_stride;
+    Tensor g = make_tensor(make_gmem_ptr(src), TileQ{}, make_stride(row_stride, _1{}));
     const int rows = seqlen_q - row0;
-    Tensor sQ = sQ_at(stage);
-    Tensor sdO = sdO_at(stage);
-    if (rows >= kBlockM && d == kHeadDim) {
-      copy(load_copy, load_thr.partition_S(gQ), load_thr.partition_D(sQ));
-      copy(load_copy, load_thr.partition_S(gdO), load_thr.partition_D(sdO));
-    } else {
-      copy_predicated<true>(load_copy, load_thr.partition_S(gQ), load_thr.partition_D(sQ), tQcQ, rows, d);
-      copy_predicated<true>(load_copy, load_thr.partition_S(gdO), load_thr.partition_D(sdO), tQcQ, rows, d);
-    }
+    if (rows >= kBlockM && d == kHeadDim)
+      copy(load_copy, load_thr.partition_S(g), load_thr.partition_D(dst));
+    else
+      copy_predicated<true>(load_copy, load_thr.partition_S(g), load_thr.partition_D(dst), tQcQ, rows, d);
+  };
+  // dO of one step into dO's buffer `stage`.
+  auto load_do = [&](int head, int m_block, int stage) {
+    load_rows(p.dout, p.dout_batch_stride, p.dout_head_stride, p.dout_row_stride, head, m_block * kBlockM,
+              sdO_at(stage));
+  };
+  // Q, lse_log2 and D of one step into Q's buffer `stage`.
+  auto load_q = [&](int head, int m_block, int stage) {
+    const int row0 = m_block * kBlockM;
+    load_rows(p.q, p.q_batch_stride, p.q_head_stride, p.q_row_stride, head, row0, sQ_at(stage));
     // The row vectors are padded to whole tiles: 16-byte copies, no predicates.
     constexpr int kChunks = kBlockM / 4;
     static_assert(2 * kChunks <= Traits::kThreads);
@@ -365,6 +369,14 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
                                                         *reinterpret_cast<cute::uint128_t*>(dst));
     }
   };
+  // Q and dO of one step into buffers `stage` and `do_stage`. This form (each tile under its own
+  // test, the row vectors between them) measured best of five in the kernels with options (H200,
+  // bf16 d128 4k): against the one before (both tiles under one test, then the row vectors), the
+  // softcap backward 1.6% and the ALiBi one 1.3% faster, dropout's 0.7% slower (performance-log.md).
+  auto load_step = [&](int head, int m_block, int stage, int do_stage) {
+    load_q(head, m_block, stage);
+    load_do(head, m_block, do_stage);
+  };
   // Softcap and dropout take options_p / options_ds (P stored before dP = dO V^T); ALiBi alone
   // is the plain kernel's path with the bias added (1.10x -> 1.06x the plain backward, H200 bf16 d128 4k).
   constexpr bool kOptionsPath = kOptions == kSoftcap || kOptions == kAnyOptions;
@@ -373,7 +385,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   Dropout dropout;  // with_head() gives each step's query head its numbers
   if constexpr (kDropout) dropout = Dropout(p, batch, head);
   int next_head = head, next_m = m_block;    // the step after it
-  load_step(head, m_block, 0);
+  load_step(head, m_block, 0, 0);
   cp_async_fence();
 
   // ------------------------------------------------------------------------------------------
@@ -429,18 +441,23 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   // Main loop over (query head, query block)
   // ------------------------------------------------------------------------------------------
   for (int t = 0; t < steps; ++t) {
-    const int stage = kStages == 2 ? t % 2 : 0;
+    const int stage = kQStages == 2 ? t % 2 : 0;  // Q's buffer (and lse's, D's)
+    const int do_stage = kDoStages == 2 ? t % 2 : 0;
     const int row0 = m_block * kBlockM;
     advance(next_head, next_m);
 
     cp_async_wait<0>();  // Q, dO, lse, D of this step (and, at t = 0, K and V) have landed ...
     __syncthreads();     // ... for every thread, and nobody still reads the buffers reused below
-    if (kStages == 2 && t + 1 < steps) {
-      load_step(next_head, next_m, stage ^ 1);
+    if (kQStages == 2 && t + 1 < steps) {
+      if constexpr (kDoStages == 2) {
+        load_step(next_head, next_m, stage ^ 1, do_stage ^ 1);
+      } else {
+        load_q(next_head, next_m, stage ^ 1);  // dO after dV += P^T dO
+      }
       cp_async_fence();
     }
     Tensor sQ = sQ_at(stage);
-    Tensor sdO = sdO_at(stage);
+    Tensor sdO = sdO_at(do_stage);
     // ALiBi's slope of this step's head, loaded early: its latency hides behind S = Q K^T.
     const float slope = alibi_slope<kOptions>(p.opt, batch, head);
     // lse (as log2) and D of this thread's rows.
@@ -668,20 +685,27 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     __syncthreads();
 
     // dV += P^T dO
-    gemm_smem_smem(acc_dv, tdVrPt, tdVrdOt, tdVsPt, copy_dkv_b.get_thread_slice(tid).partition_S(sdOt_at(stage)),
+    gemm_smem_smem(acc_dv, tdVrPt, tdVrdOt, tdVsPt, copy_dkv_b.get_thread_slice(tid).partition_S(sdOt_at(do_stage)),
                    mma_dkv, copy_dkv_a, copy_dkv_b);
+    if constexpr (kQStages == 2 && kDoStages == 1) {
+      if (t + 1 < steps) {
+        __syncthreads();  // every thread is done with dO
+        load_do(next_head, next_m, 0);
+        cp_async_fence();
+      }
+    }
 
-    // With one Q/dO buffer, the plain kernel runs dK += dS^T Q before dQ, so that the next block's
+    // With one Q/dO buffer, the kernel runs dK += dS^T Q before dQ, so that the next block's
     // Q and dO load during dQ = dS K and its reductions instead of being waited for at the top of
-    // the loop (H200, bf16, seqlen 2k/8k: d256 4-10% faster, d192 2-4%, the small tiles of d128
-    // 1-3% and of d192 5-13%). The kernels with options keep the order below until measured.
-    constexpr bool kLoadDuringDq = kStages == 1 && kOptions == kNoOptions;
+    // the loop (H200, bf16, seqlen 2k/8k: d256 4-10% faster, d192 2-4%, d192's small tile 5-13%,
+    // d128's 1-3% when it had one Q buffer).
+    constexpr bool kLoadDuringDq = kQStages == 1;
     if constexpr (kLoadDuringDq) {
       gemm_smem_smem(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, copy_dkv_b.get_thread_slice(tid).partition_S(sQt_at(stage)),
                      mma_dkv, copy_dkv_a, copy_dkv_b);
       if (t + 1 < steps) {
         __syncthreads();  // every thread is done with Q and dO
-        load_step(next_head, next_m, 0);
+        load_step(next_head, next_m, 0, 0);
         cp_async_fence();
       }
     }
@@ -713,14 +737,9 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     }
 
     if constexpr (!kLoadDuringDq) {
-      // dK += dS^T Q, while the reductions drain.
+      // dK += dS^T Q, while the reductions drain (two buffers: the next block is loading already).
       gemm_smem_smem(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, copy_dkv_b.get_thread_slice(tid).partition_S(sQt_at(stage)),
                      mma_dkv, copy_dkv_a, copy_dkv_b);
-      if (kStages == 1 && t + 1 < steps) {
-        __syncthreads();  // every thread is done with Q and dO
-        load_step(next_head, next_m, 0);
-        cp_async_fence();
-      }
     }
     head = next_head;
     m_block = next_m;

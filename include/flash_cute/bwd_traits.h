@@ -19,8 +19,9 @@ struct BwdTraits
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
   static constexpr int kWarps = kTile.warps;
-  static constexpr int kStages = kTile.stages;
-  static_assert(kStages == 1 || kStages == 2);
+  static constexpr int kQStages = kTile.q_stages;
+  static constexpr int kDoStages = kTile.do_stages;
+  static_assert((kQStages == 1 || kQStages == 2) && (kDoStages == 1 || kDoStages == 2) && kDoStages <= kQStages);
 
   // A TiledMMA with `wm` x (kWarps / wm) warps, each taking m16 x n16 per step (two n8 atoms, so
   // one LDSM.x4 feeds both), for a GEMM of shape (m, n).
@@ -47,7 +48,7 @@ struct BwdTraits
                 "one pass of the global-memory copy must not cover more rows than a tile has");
   static_assert(kBlockN % 64 == 0, "P and dS rows are cut in 64-element chunks");
 
-  // Q and dO: (block_m, head_dim), kStages buffers each; K and V: (block_n, head_dim).
+  // Q and dO: (block_m, head_dim), kQStages and kDoStages buffers; K and V: (block_n, head_dim).
   using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
   // P and dS: (block_m, block_n), written from the S/dP accumulators, read as they are (dQ = dS K)
@@ -65,14 +66,15 @@ struct BwdTraits
   static constexpr int kQStageElems = cosize_v<SmemLayoutQ>;
 
   struct SharedStorage {
-    cute::array_aligned<Element, kStages * kQStageElems> q;
-    cute::array_aligned<Element, kStages * kQStageElems> dout;
+    cute::array_aligned<Element, kQStages * kQStageElems> q;
+    cute::array_aligned<Element, kDoStages * kQStageElems> dout;
     cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
     cute::array_aligned<Element, cosize_v<SmemLayoutPdS>> p;
     cute::array_aligned<Element, cosize_v<SmemLayoutPdS>> ds;
-    alignas(16) float lse_log2[kStages][kBlockM];  // lse * log2(e) of the block's rows
-    alignas(16) float dsum[kStages][kBlockM];      // rowsum(dO * O)
+    // lse * log2(e) and rowsum(dO * O) of the block's rows, loaded with Q (read before dV += P^T dO)
+    alignas(16) float lse_log2[kQStages][kBlockM];
+    alignas(16) float dsum[kQStages][kBlockM];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes == bwd_smem_bytes(kTile, kHeadDim), "the host's count (launch.h) is this struct's size");

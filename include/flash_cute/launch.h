@@ -59,12 +59,15 @@ constexpr FwdTile fwd_tile(int head_dim, bool /*causal*/, bool small_smem = fals
 //   S = Q K^T and dP = dO V^T   (block_m x block_n): sdp_warps_m warps along M, the rest along N;
 //   dV += P^T dO, dK += dS^T Q  (block_n x head_dim): dkv_warps_n warps along N;
 //   dQ = dS K                   (block_m x head_dim): dq_warps_m warps along M.
-// `stages`: Q and dO buffers (2: the next block loads during the whole iteration).
+// `q_stages`, `do_stages`: Q and dO buffers. Two: the next block's Q (dO) loads during the whole
+// iteration; one dO buffer beside two Q buffers: the next dO loads once dV += P^T dO is done; one
+// of each: both load during dQ = dS K.
 struct BwdTile {
-  int block_m, block_n, warps, sdp_warps_m, dkv_warps_n, dq_warps_m, stages;
+  int block_m, block_n, warps, sdp_warps_m, dkv_warps_n, dq_warps_m, q_stages, do_stages;
   constexpr bool operator==(const BwdTile& o) const {
     return block_m == o.block_m && block_n == o.block_n && warps == o.warps && sdp_warps_m == o.sdp_warps_m &&
-           dkv_warps_n == o.dkv_warps_n && dq_warps_m == o.dq_warps_m && stages == o.stages;
+           dkv_warps_n == o.dkv_warps_n && dq_warps_m == o.dq_warps_m && q_stages == o.q_stages &&
+           do_stages == o.do_stages;
   }
 };
 
@@ -73,26 +76,29 @@ constexpr BwdTile bwd_tile(int head_dim, bool small_smem = false) {
   // 16 * (warps / dq_warps_m) divide the head dim. Shared memory: 112 KB (d32), 160 KB (d64,
   // d128), 144 KB (d256), within the 163 KB of an A100.
   // `small_smem`: the tile for GPUs with kSmallSmemBytes per block (sm_86, sm_89, sm_120), where
-  // the default needs more: the same warps on fewer rows, and one Q/dO buffer where two do not
-  // fit (d32 64 KB, d64 97 KB, d96 88 KB, d128 80 KB, d192 80 KB). d160's default fits already;
-  // d224 and d256 have none (S/dP and dK/dV alone outgrow 99 KB at 32 x 64, and fewer keys per
-  // block break P's 64-element rows): their backward needs 163 KB.
-  if (head_dim <= 64) return small_smem ? BwdTile{64, 128, 8, 2, 4, 4, 2} : BwdTile{128, 128, 8, 2, 4, 4, 2};
-  if (head_dim <= 96) return small_smem ? BwdTile{64, 64, 8, 2, 4, 4, 2} : BwdTile{64, 128, 8, 2, 4, 4, 2};
-  if (head_dim <= 128) return small_smem ? BwdTile{64, 64, 8, 2, 4, 2, 1} : BwdTile{64, 128, 8, 2, 4, 2, 2};
+  // the default needs more: the same warps on fewer rows, and fewer Q/dO buffers where two of each
+  // do not fit (d32 64 KB, d64 97 KB, d96 88 KB, d128 97 KB with one dO buffer, d192 80 KB with one
+  // of each). d160's default fits already; d224 and d256 have none (S/dP and dK/dV alone outgrow
+  // 99 KB at 32 x 64, and fewer keys per block break P's 64-element rows): their backward needs
+  // 163 KB. Measured under the testing hook on an H200 (bf16, seqlen 2k/8k): d128 with S/dP on
+  // 4 x 2 warps ran 3.4-3.8% faster than on 2 x 4; d192 with two Q buffers (92 KB) 1.3-1.7% slower.
+  if (head_dim <= 64) return small_smem ? BwdTile{64, 128, 8, 2, 4, 4, 2, 2} : BwdTile{128, 128, 8, 2, 4, 4, 2, 2};
+  if (head_dim <= 96) return small_smem ? BwdTile{64, 64, 8, 2, 4, 4, 2, 2} : BwdTile{64, 128, 8, 2, 4, 4, 2, 2};
+  if (head_dim <= 128) return small_smem ? BwdTile{64, 64, 8, 4, 2, 2, 2, 1} : BwdTile{64, 128, 8, 2, 4, 2, 2, 2};
   // d192, d256: S/dP on 4 x 2 warps, dK/dV and dQ on 2 x 4 (bf16, seqlen 512..16k, geomean over
   // torch's flash backend): d256 0.81x where 2 x 4 / 4 x 2 / 4 x 2 ran 0.76x; d192 0.79x vs 0.76x.
   // d160 and d224 need 16 x 2 warps across the head dim.
-  if (head_dim == 192 && small_smem) return {32, 64, 8, 2, 4, 2, 1};
-  if (head_dim % 64 == 0) return {64, 64, 8, 4, 2, 2, 1};
-  return {64, 64, 8, 2, 4, 4, 1};
+  if (head_dim == 192 && small_smem) return {32, 64, 8, 2, 4, 2, 1, 1};
+  if (head_dim % 64 == 0) return {64, 64, 8, 4, 2, 2, 1, 1};
+  return {64, 64, 8, 2, 4, 4, 1, 1};
 }
 
 // Shared memory of the backward tile (BwdTraits::SharedStorage, checked there): Q and dO
-// (`stages` buffers each), K, V, P, dS in 16 bits; lse and D of each buffer's rows in fp32.
+// (`q_stages`, `do_stages` buffers), K, V, P, dS in 16 bits; lse and D of each Q buffer's rows in fp32.
 constexpr int bwd_smem_bytes(const BwdTile& t, int head_dim) {
-  return 2 * (2 * t.stages * t.block_m * head_dim + 2 * t.block_n * head_dim + 2 * t.block_m * t.block_n) +
-         4 * 2 * t.stages * t.block_m;
+  return 2 * ((t.q_stages + t.do_stages) * t.block_m * head_dim + 2 * t.block_n * head_dim +
+              2 * t.block_m * t.block_n) +
+         4 * 2 * t.q_stages * t.block_m;
 }
 
 // FLASH_CUTE_FORCE_SMALL_SMEM_TILE (testing hook): run the small-shared-memory tiles on any GPU,
