@@ -27,6 +27,11 @@ GRAD_ROUNDING_TERM = 1e-4
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
+# The GPU tests' parametrizations: the kernels' dtypes and the causal flag, with their ids.
+DTYPES = [torch.float16, torch.bfloat16]
+DTYPE_IDS = [DTYPE_NAMES[t] for t in DTYPES]
+CAUSAL_IDS = ["full", "causal"]
+
 
 def make_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype, device="cpu"):
     """Fresh standard-normal q, k, v in flash_attn's (batch, seqlen, heads, head_dim) layout."""

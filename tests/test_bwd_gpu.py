@@ -16,6 +16,9 @@ import torch
 import flash_cute
 from flash_cute import _ops
 from helpers import (
+    CAUSAL_IDS,
+    DTYPES,
+    DTYPE_IDS,
     DTYPE_NAMES,
     assert_grads_2x_rule,
     built_bwd_kernels,
@@ -30,9 +33,6 @@ from helpers import (
 
 pytestmark = pytest.mark.cuda
 
-DTYPES = [torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp16", "bf16"]
-CAUSAL_IDS = ["full", "causal"]
 HEAD_DIMS = [40, 59, 64, 96, 111, 128, 160, 192, 224, 256]  # 40, 59, 111: padded routes
 SEQLENS = [(1, 1), (97, 113), (113, 97), (512, 1025), (1025, 97)]
 BUCKETS = [32, 64, 96, 128, 160, 192, 224, 256]

@@ -15,7 +15,16 @@ import pytest
 import torch
 
 import flash_cute
-from helpers import assert_grads_2x_rule, make_qkv, require_bwd_kernel, require_small_smem_tiles, run_backward
+from helpers import (
+    CAUSAL_IDS,
+    DTYPES,
+    DTYPE_IDS,
+    assert_grads_2x_rule,
+    make_qkv,
+    require_bwd_kernel,
+    require_small_smem_tiles,
+    run_backward,
+)
 from test_options_kernels import (
     ALL,
     ALL_CAUSAL,
@@ -37,9 +46,6 @@ from test_options_kernels import (
 
 pytestmark = pytest.mark.cuda
 
-DTYPES = [torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp16", "bf16"]
-CAUSAL_IDS = ["full", "causal"]
 # Head dims whose bucket has a small tile (59 and 111: padded routes of the d64 and d128 buckets).
 SMALL_TILE_DIMS = [32, 59, 64, 96, 111, 128, 192]
 BUCKETS_WITH_SMALL_TILE = {32, 64, 96, 128, 192}

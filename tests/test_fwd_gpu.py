@@ -11,6 +11,9 @@ import torch
 
 import flash_cute
 from helpers import (
+    CAUSAL_IDS,
+    DTYPES,
+    DTYPE_IDS,
     DTYPE_NAMES,
     assert_2x_rule,
     assert_lse_matches,
@@ -25,11 +28,8 @@ from helpers import (
 
 pytestmark = pytest.mark.cuda
 
-DTYPES = [torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp16", "bf16"]
 HEAD_DIMS = [32, 40, 59, 64, 96, 111, 128, 160, 192, 224, 256]
 SEQLENS = [(1, 1), (113, 203), (1025, 97), (2048, 2048)]
-CAUSAL_IDS = ["full", "causal"]
 BUCKETS = [32, 64, 96, 128, 160, 192, 224, 256]
 
 

@@ -46,6 +46,8 @@ import torch
 import flash_cute
 from flash_cute import flash_attn_interface
 from helpers import (
+    DTYPES,
+    DTYPE_IDS,
     DTYPE_NAMES,
     ROUNDING_TERM,
     _assert_grads_within_2x,
@@ -63,8 +65,6 @@ from helpers import (
 
 pytestmark = pytest.mark.cuda
 
-DTYPES = [torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp16", "bf16"]
 HEAD_DIMS = [64, 128]
 OTHER_HEAD_DIMS = [32, 40, 59, 96, 111, 160, 192, 224, 256]  # 40, 59, 111: padded routes
 NHEADS, NHEADS_K = 4, 2  # grouped-query attention everywhere

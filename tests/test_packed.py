@@ -10,9 +10,8 @@ import torch
 
 import flash_cute
 import flash_cute.flash_attn_interface
-from helpers import assert_close_to_rounding, cu_seqlens_of, require_bwd_kernel
+from helpers import CAUSAL_IDS, assert_close_to_rounding, cu_seqlens_of, require_bwd_kernel
 
-CAUSAL_IDS = ["full", "causal"]
 
 # --------------------------------------------------------------------------------------------
 # The cases. Each builds the packed leaves and says how to call the packed function, how to

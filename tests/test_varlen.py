@@ -21,6 +21,7 @@ import torch
 import flash_cute
 import flash_cute.flash_attn_interface
 from helpers import (
+    CAUSAL_IDS,
     assert_close_to_rounding,
     assert_lse_matches,
     assert_varlen_2x_rule,
@@ -33,7 +34,6 @@ from helpers import (
     varlen_call_bytes,
 )
 
-CAUSAL_IDS = ["full", "causal"]
 GPU_DTYPES = [torch.float16, torch.bfloat16]
 GPU_DTYPE_IDS = ["fp16", "bf16"]
 CPU_DTYPES = [torch.float32, torch.bfloat16]
