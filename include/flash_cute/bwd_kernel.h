@@ -28,10 +28,11 @@ using namespace cute;
 // (RED): atomicAdd on a float2 compiles to an ATOM whose result the thread waits for, which
 // stalled the loop (ncu: long-scoreboard stalls 1.9 vs 0.8 per instruction); sm_90 adds column
 // pairs with one vector RED.
+// Rows [r_begin, r_end) of the fragment's (rows, cols) view.
 template <int kRowStride, class Acc, class Coords>
-CUTE_DEVICE void red_add_dq(Acc const& acc, Coords const& coords, float* base) {
+CUTE_DEVICE void red_add_dq(Acc const& acc, Coords const& coords, float* base, int r_begin, int r_end) {
   CUTE_UNROLL
-  for (int r = 0; r < size<0>(acc); ++r) {
+  for (int r = r_begin; r < r_end; ++r) {
     CUTE_UNROLL
     for (int c = 0; c < size<1>(acc); c += 2) {
       float* dst = base + get<0>(coords(r, c)) * kRowStride + get<1>(coords(r, c));
@@ -700,9 +701,12 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     // the loop (H200, bf16, seqlen 2k/8k: d256 4-10% faster, d192 2-4%, d192's small tile 5-13%,
     // d128's 1-3% when it had one Q buffer).
     constexpr bool kLoadDuringDq = kQStages == 1;
-    if constexpr (kLoadDuringDq) {
+    auto dk_gemm = [&](auto&& work) {  // dK += dS^T Q, work(k) after its k step's MMAs
       gemm_smem_smem(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, copy_dkv_b.get_thread_slice(tid).partition_S(sQt_at(stage)),
-                     mma_dkv, copy_dkv_a, copy_dkv_b);
+                     mma_dkv, copy_dkv_a, copy_dkv_b, work);
+    };
+    if constexpr (kLoadDuringDq) {
+      dk_gemm([](int) {});
       if (t + 1 < steps) {
         __syncthreads();  // every thread is done with Q and dO
         load_step(next_head, next_m, 0, 0);
@@ -714,6 +718,8 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     Tensor acc_dq = partition_fragment_C(mma_dq, TileQ{});  // (MMA, MMA_M, MMA_D) fp32
     clear(acc_dq);
     gemm_smem_smem(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_dq, copy_dq_a, copy_dq_b);
+    Tensor acc_dq_rc = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
+    constexpr int kDqRows = decltype(size<0>(acc_dq_rc))::value;
     // The accumulator is (heads, ws_rows, kHeadDim): rows and columns padded.
     const int64_t ws_row = head * p.ws_rows + ws_row0 + row0;
     int* semaphore = nullptr;
@@ -729,18 +735,28 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
       __syncthreads();
     }
     float* dq_ptr = p.dq_accum + ws_row * kHeadDim;
-    red_add_dq<kHeadDim>(make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout())), tdQcdQ_rc, dq_ptr);
+    auto red_rows = [&](int r_begin, int r_end) {
+      red_add_dq<kHeadDim>(acc_dq_rc, tdQcdQ_rc, dq_ptr, r_begin, r_end);
+    };
+    // With two buffers dK += dS^T Q comes after dQ = dS K (the next block is loading already).
+    // The kernels with options issue dQ's reductions inside it, a slice of rows after each k
+    // step, rather than all at once before it (H200, bf16, seqlen 4k; performance-log.md): at
+    // d128 the softcap backward 2.4% faster, dropout's 4.8%, ALiBi's 2.8%; at d64 and d96
+    // dropout's and ALiBi's 2-3%, softcap's 0-2%. The plain kernel ran 0.9% slower that way, so
+    // it issues them before.
+    constexpr bool kRedsInDk = !kLoadDuringDq && kOptions != kNoOptions;
+    if constexpr (kRedsInDk) {
+      constexpr int kDkSteps = decltype(size<2>(tdKrdSt))::value;
+      dk_gemm([&](int k) { red_rows(k * kDqRows / kDkSteps, (k + 1) * kDqRows / kDkSteps); });
+    } else {
+      red_rows(0, kDqRows);
+    }
     if (semaphore != nullptr) {
       __threadfence();
       __syncthreads();
       if (tid == 0) atomicAdd(semaphore, 1);
     }
-
-    if constexpr (!kLoadDuringDq) {
-      // dK += dS^T Q, while the reductions drain (two buffers: the next block is loading already).
-      gemm_smem_smem(acc_dk, tdKrdSt, tdKrQt, tdKsdSt, copy_dkv_b.get_thread_slice(tid).partition_S(sQt_at(stage)),
-                     mma_dkv, copy_dkv_a, copy_dkv_b);
-    }
+    if constexpr (!kLoadDuringDq && !kRedsInDk) dk_gemm([](int) {});
     head = next_head;
     m_block = next_m;
   }
