@@ -916,17 +916,26 @@ def test_dropout_cuda_graph(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_deterministic_with_options(dtype, opts, dropout_p):
     """deterministic=True: two backward passes (the same seed for dropout) are bitwise equal, on
-    a shape where several key blocks add into each dQ row."""
+    a shape where several key blocks add into each dQ row, and the first matches the oracle (with
+    dropout, on the mask its S_dmask shows): the kernels with options add dQ inside dK's GEMM,
+    between the semaphore's wait and its release."""
     _require(dtype, 128, backward=True)
-    q, k, v = make_qkv(2, 2048, 2048, NHEADS, NHEADS_K, 128, dtype, "cuda")
+    seqlen = 2048
+    q, k, v = make_qkv(2, seqlen, seqlen, NHEADS, NHEADS_K, 128, dtype, "cuda")
     dout = _randn(q.shape, dtype)
-    kwargs = dict(dropout_p=dropout_p, deterministic=True, **opts.kernel_kwargs(opts.slopes(2)))
+    slopes = opts.slopes(2)
+    kwargs = dict(dropout_p=dropout_p, deterministic=True, **opts.kernel_kwargs(slopes))
     seed = _fresh_seed()
     runs = []
     for _ in range(2):
         torch.manual_seed(seed)
-        _, _, _, grads = _run(flash_cute.flash_attn_func, (q, k, v), dout=dout, probs=False, **kwargs)
-        runs.append(grads)
-    for name, a, b in zip(("dq", "dk", "dv"), *runs):
+        runs.append(_run(flash_cute.flash_attn_func, (q, k, v), dout=dout, **kwargs))
+    for name, a, b in zip(("dq", "dk", "dv"), runs[0][3], runs[1][3]):
         assert not a.isnan().any(), f"{name} has NaN"
         assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+    out, lse, s_dmask, grads = runs[0]
+    keep = None
+    if dropout_p:
+        keep = _keep_mask(s_dmask, 2, NHEADS, seqlen, seqlen, dtype)
+        keep &= _visible(seqlen, seqlen, opts.causal, opts.window, "cuda")
+    _compare(out, lse, grads, q, k, v, dout, keep=keep, dropout_p=dropout_p, **opts.oracle_kwargs(slopes, 128))
