@@ -46,6 +46,7 @@ import torch
 import flash_cute
 from flash_cute import flash_attn_interface
 from helpers import (
+    CAUSAL_IDS,
     DTYPES,
     DTYPE_IDS,
     DTYPE_NAMES,
@@ -782,7 +783,7 @@ def test_dropout_seed_reproducible(dtype):
     assert not torch.equal(first[0], other[0]), "another seed gave the same output (the same mask)"
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dropout_alibi_branch_same_mask(dtype, head_dim, causal):

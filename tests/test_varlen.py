@@ -22,6 +22,8 @@ import flash_cute
 import flash_cute.flash_attn_interface
 from helpers import (
     CAUSAL_IDS,
+    DTYPES,
+    DTYPE_IDS,
     assert_close_to_rounding,
     assert_lse_matches,
     assert_varlen_2x_rule,
@@ -34,8 +36,6 @@ from helpers import (
     varlen_call_bytes,
 )
 
-GPU_DTYPES = [torch.float16, torch.bfloat16]
-GPU_DTYPE_IDS = ["fp16", "bf16"]
 CPU_DTYPES = [torch.float32, torch.bfloat16]
 CPU_DTYPE_IDS = ["fp32", "bf16"]
 
@@ -383,7 +383,7 @@ GPU_EDGES = ([0, 1, 5, 130, 1, 0, 77, 300, 64, 3], [3, 1, 0, 200, 1, 0, 77, 129,
 @pytest.mark.parametrize("case", ["edges", "long"])
 @pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_varlen_gpu(dtype, head_dim, causal, case):
     """out, lse and gradients against the float32 oracle per sequence (2x rule)."""
     require_bwd_kernel(dtype, head_dim, causal)
@@ -399,7 +399,7 @@ def test_varlen_gpu(dtype, head_dim, causal, case):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_varlen_matches_per_sequence_gpu(dtype, causal):
     """The varlen kernels give flash_attn_func's result on each sequence alone (the padded-batch
     kernels), up to rounding: out, lse, dq, dk, dv; GQA, empty and length-1 sequences."""
@@ -418,7 +418,7 @@ def test_varlen_matches_per_sequence_gpu(dtype, causal):
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
 @pytest.mark.parametrize("nheads_k", [8, 2, 1], ids=["group1", "group4", "group8"])
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_varlen_gqa_gpu(dtype, nheads_k, causal):
     """8 query heads over 8, 2 or 1 KV heads; dk, dv summed over each group."""
     require_bwd_kernel(dtype, 128, causal)
@@ -429,7 +429,7 @@ def test_varlen_gqa_gpu(dtype, nheads_k, causal):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("hint", ["half", "one", "zero"])
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_varlen_max_seqlen_too_small_gpu(dtype, hint):
     """max_seqlen_q / max_seqlen_k smaller than the true maxima: the kernels loop over the
     remaining blocks; every row is still written and right, forward and backward (a hint of 0
@@ -468,7 +468,7 @@ def test_deterministic_with_small_hint_and_wide_grid_gpu():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_varlen_deterministic_bitwise_gpu(dtype, causal):
     """deterministic=True: two backward passes give bitwise equal dq, dk, dv, with many key
     blocks adding into each dq row."""
@@ -487,7 +487,7 @@ def test_varlen_deterministic_bitwise_gpu(dtype, causal):
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
 @pytest.mark.parametrize("page_block_size", [256, 16], ids=["page256-kernel", "page16-gather"])
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=GPU_DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_paged_gpu(dtype, page_block_size, causal):
     """Paged caches (random page order, NaN in every slot without a key) give the contiguous
     varlen result (forward on poisoned memory, and gradients w.r.t. the caches); page 256 is a
@@ -504,7 +504,7 @@ def test_paged_gpu(dtype, page_block_size, causal):
     check_paged(q, k, v, cu_q, cu_k, page_block_size, causal, deterministic=True)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
 def test_opcheck_varlen_cpu(causal):
     """torch.library.opcheck of the varlen forms of flash_cute::fwd and flash_cute::bwd and of
     flash_cute::bwd_into (the packed functions' backward): schemas, fake tensors, autograd."""
