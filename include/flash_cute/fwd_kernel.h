@@ -5,7 +5,9 @@
 //   S = Q K^T (tensor cores, operands from swizzled shared memory through LDSM),
 //   mask, online softmax (S becomes P in registers), O += P V (P stays in registers).
 // Global -> shared traffic is cp.async: V of block n streams in while S is computed, K of block n-1
-// while softmax and P V run, so loads overlap the math with one K and one V buffer.
+// while softmax and P V run, so loads overlap the math with one K and one V buffer. At d128 the
+// first block's V comes with Q and its K in the prologue (FwdTraits::kFirstVInPrologue): waiting
+// for it after the first, short S GEMM cost each CTA about one global-memory latency.
 #pragma once
 #include <cute/tensor.hpp>
 
@@ -160,6 +162,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
   auto load_v = [&](int n) { load_kv(kv_block(tVgV, n, p.v_batch_stride, p.v_row_stride), tVsV, n); };
   copy_predicated</*kZeroFill=*/true>(load_copy, tQgQ, tQsQ, tQcQ, rows_q, d);
   load_k(n_blocks - 1);
+  if constexpr (Traits::kFirstVInPrologue) load_v(n_blocks - 1);  // the loop loads V from the second block on
   cp_async_fence();
 
   const float slope = alibi_slope<kOptions>(p.opt, batch, head);
@@ -188,7 +191,7 @@ CUTE_DEVICE void fwd_block(const FwdParams& p, typename Traits::SharedStorage& s
     clear(acc_s);
     cp_async_wait<0>();  // K[n] has landed ...
     __syncthreads();     // ... for every thread, and nobody still reads V[n + 1]
-    load_v(n);
+    if (!Traits::kFirstVInPrologue || n < n_blocks - 1) load_v(n);
     cp_async_fence();
 
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, smem_copy_q, smem_copy_k);
