@@ -354,15 +354,17 @@ def attended_pairs(seqlen_q: int, seqlen_k: int, causal: bool, window: tuple = (
 
 
 @functools.lru_cache(maxsize=None)
-def visited_tiles(seqlen: int, causal: bool, window: tuple, block_m: int, block_n: int) -> int:
-    """The (query block, key block) tiles of block_m x block_n that hold an attended pair (seqlen_q =
-    seqlen_k): those flash_cute's kernels visit; the rest they skip."""
+def visited_tiles(seqlen_q: int, seqlen_k: int, causal: bool, window: tuple, block_m: int, block_n: int) -> int:
+    """The (query block, key block) tiles of block_m x block_n that hold an attended pair (the mask
+    of attended_pairs): those flash_cute's kernels visit, the forward by query block and the
+    backward by key block; the rest they skip."""
     left, right = window[0], 0 if causal else window[1]
+    diag = seqlen_k - seqlen_q
     count = 0
-    for m0 in range(0, seqlen, block_m):
-        first, last = m0, min(seqlen, m0 + block_m) - 1
-        hi = seqlen if right < 0 else min(seqlen, last + right + 1)  # keys < hi
-        lo = 0 if left < 0 else max(0, first - left)
+    for m0 in range(0, seqlen_q, block_m):
+        first, last = m0, min(seqlen_q, m0 + block_m) - 1
+        hi = seqlen_k if right < 0 else min(seqlen_k, last + diag + right + 1)  # keys < hi
+        lo = 0 if left < 0 else max(0, first + diag - left)
         count += max(0, -(-hi // block_n) - lo // block_n)
     return count
 
@@ -399,7 +401,7 @@ class OptionsCase(Case):
     @property
     def tiles(self) -> int:
         """The tiles flash_cute's kernel of this pass visits, per (batch, head)."""
-        return visited_tiles(self.seqlen, self.causal, self.window, *flash_cute_tile(self.pass_name, self.hdim))
+        return visited_tiles(self.seqlen, self.seqlen, self.causal, self.window, *flash_cute_tile(self.pass_name, self.hdim))
 
     @property
     def cost_bar(self) -> float:

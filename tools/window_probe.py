@@ -5,6 +5,7 @@ against causal and windowed attention on the same number of tiles, bf16 d128, 16
     PYTHONPATH=.gpu/site python3 tools/window_probe.py [fwd]     (fwd: the forward only, 5 shapes)
 """
 
+import pathlib
 import sys
 
 import torch
@@ -13,33 +14,12 @@ from triton.testing import do_bench
 import flash_cute
 from flash_cute import _ops
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmark"))
+from run import visited_tiles  # noqa: E402
+
 d, heads = 128, 16
 fwd_tile = _ops._C().fwd_tile(d, False)[:2]
 bwd_tile = _ops._C().bwd_tile(d)[:2]
-
-
-def tiles(sq, sk, causal, window, block_m, block_n, fwd):
-    """Tiles visited: the forward walks key blocks per query block, the backward query blocks per key block."""
-    left, right = window
-    if causal:
-        right = 0
-    diag = sk - sq
-    count = 0
-    if fwd:
-        for m0 in range(0, sq, block_m):
-            first, last = m0, min(sq, m0 + block_m) - 1
-            hi = sk if right < 0 else min(sk, last + diag + right + 1)
-            lo = 0 if left < 0 else max(0, first + diag - left)
-            count += max(0, -(-hi // block_n) - lo // block_n)
-    else:
-        for n0 in range(0, sk, block_n):
-            first, last = n0, min(sk, n0 + block_n) - 1
-            # rows i with i + diag - left <= key <= i + diag + right
-            lo = 0 if right < 0 else max(0, first - diag - right)
-            hi = sq if left < 0 else min(sq, last - diag + left + 1)
-            count += max(0, -(-hi // block_m) - lo // block_m)
-    return count
-
 
 cases = [
     ("plain 4k", 4, 4096, 4096, False, (-1, -1)),
@@ -68,8 +48,8 @@ for name, b, sq, sk, causal, window in cases:
         out = flash_cute.flash_attn_func(q, k, v, **kw)
         dout = torch.randn_like(out)
         bwd = do_bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), warmup=50, rep=300)
-    tf = b * tiles(sq, sk, causal, window, *fwd_tile, True)
-    tb = b * tiles(sq, sk, causal, window, *bwd_tile, False)
+    tf = b * visited_tiles(sq, sk, causal, window, *fwd_tile)
+    tb = b * visited_tiles(sq, sk, causal, window, *bwd_tile)
     base = base or (fwd / tf, bwd / tb)
     print(f"{name:18s} fwd {fwd:7.3f} ms {tf:6d} tiles {fwd / tf / base[0]:6.3f}x/tile   "
           f"bwd {bwd:7.3f} ms {tb:6d} tiles {bwd / tb / base[1]:6.3f}x/tile")
