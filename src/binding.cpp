@@ -255,10 +255,11 @@ PYBIND11_MODULE(_C, m) {
       small = flash_cute::bwd_runs_small_tile(bucket, bytes);
     }
     const flash_cute::BwdTile t = flash_cute::bwd_tile(bucket, small);
-    return py::make_tuple(t.block_m, t.block_n, t.warps);
+    return py::make_tuple(t.block_m, t.block_n, t.warps, flash_cute::bwd_kernel_head_dim(bucket, small));
   }, py::arg("head_dim"), py::arg("device") = -1,
-        "(block_m, block_n, warps) of the backward kernel for this head dim: the tile it runs on CUDA device "
-        "`device` (the small-shared-memory one where that GPU needs it), or its default tile (device -1)");
+        "(block_m, block_n, warps, kernel head dim) of the backward kernel for this head dim: the tile it runs on "
+        "CUDA device `device` (the small-shared-memory one where that GPU needs it), or its default tile "
+        "(device -1); the kernel head dim is the columns of its dQ accumulator");
   m.def("built_fwd_kernels", &flash_cute::built_fwd_kernels,
         "(dtype, head-dim bucket, causal) of each forward kernel in this build");
   m.def("head_dim_bucket", &flash_cute::head_dim_bucket, "head dim -> the kernel head dim that runs it");

@@ -216,7 +216,7 @@ working:
 | `FlashAttnTypeError` | `TypeError`, `RuntimeError` | an argument of the wrong type or dtype |
 | `FlashAttnValueError` | `ValueError`, `RuntimeError` | a wrong shape, size or value |
 | `FlashAttnNotImplementedError` | `NotImplementedError` (a `RuntimeError`) | what this build or flash_cute does not do: softcap, ALiBi or dropout on fp16/bf16 CUDA inputs in a build made with `FLASH_CUTE_OPTION_KERNELS=OFF` (the message names the options and the build option), and the backward of paged K/V through the `flash_cute::fwd` op called directly |
-| `RuntimeError` | | a tensor on another device than q, or on a device that is neither CUDA nor the CPU; a head dim or dtype whose kernel the build lacks (the message names the build option, `FLASH_CUTE_HEAD_DIMS` / `FLASH_CUTE_DTYPES`); the backward at head dims above 192 on a GPU with 99 KB of shared memory per block (sm_86, sm_89, sm_120; the message names the bytes the kernel needs and the GPU's limit) |
+| `RuntimeError` | | a tensor on another device than q, or on a device that is neither CUDA nor the CPU; a head dim or dtype whose kernel the build lacks (the message names the build option, `FLASH_CUTE_HEAD_DIMS` / `FLASH_CUTE_DTYPES`); in a build made with `FLASH_CUTE_SMALL_SMEM_TILES=OFF`, a kernel whose tile needs more shared memory than the GPU allows (sm_86, sm_89, sm_120: 99 KB per block; the message names the bytes the kernel needs, the GPU's limit and the option) |
 
 All the classes are in `flash_cute` (`flash_cute.FlashAttnValueError`, ...). Every check runs
 before anything is allocated or written: a refused `flash_attn_with_kvcache` call leaves the

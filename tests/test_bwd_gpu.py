@@ -361,12 +361,14 @@ def test_build_lists_bwd_kernels():
 
 
 def test_bwd_tile():
-    """bwd_tile(d): (block_m, block_n, warps), positive, the same for every d of a bucket."""
+    """bwd_tile(d): (block_m, block_n, warps, kernel head dim), positive, the same for every d of a
+    bucket, whose default kernel has the bucket's head dim."""
     from flash_cute import _C
 
     for d in range(8, 257, 8):
-        block_m, block_n, warps = _C.bwd_tile(d)
+        block_m, block_n, warps, kernel_dim = _C.bwd_tile(d)
         assert min(block_m, block_n, warps) > 0 and block_m % 16 == 0 and block_n % 16 == 0
+        assert kernel_dim == _C.head_dim_bucket(d)
         assert _C.bwd_tile(d) == _C.bwd_tile(_C.head_dim_bucket(d))
 
 

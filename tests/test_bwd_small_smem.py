@@ -1,6 +1,7 @@
 """The backward's small-shared-memory tiles: what GPUs with 99 KB of shared memory per block
 (sm_86, sm_89, sm_120: RTX 30x0 / 40x0 / 50x0, A10, L4, L40) run where the default backward tile
-needs more (d32, d64, d96, d128, d192; d160's default fits, d224 and d256 have none).
+needs more (d32, d64, d96, d128, d192, d256 with V in registers, and d224 on d256's; d160's
+default fits).
 
 The kernels' testing hook FLASH_CUTE_FORCE_SMALL_SMEM_TILE makes an H100 run them, so these tests
 cover them on any GPU. Every check is against the float32 oracle with the 2x rule of the other
@@ -46,9 +47,10 @@ from test_options_kernels import (
 
 pytestmark = pytest.mark.cuda
 
-# Head dims whose bucket has a small tile (59 and 111: padded routes of the d64 and d128 buckets).
-SMALL_TILE_DIMS = [32, 59, 64, 96, 111, 128, 192]
-BUCKETS_WITH_SMALL_TILE = {32, 64, 96, 128, 192}
+# Head dims whose bucket has a small tile (59, 111, 200, 248: padded routes of the d64, d128,
+# d224 and d256 buckets; d224's run on d256's tile).
+SMALL_TILE_DIMS = [32, 59, 64, 96, 111, 128, 192, 200, 224, 248, 256]
+BUCKETS_WITH_SMALL_TILE = {32, 64, 96, 128, 192, 224, 256}
 SEQLENS = [(1, 1), (97, 113), (113, 97), (300, 300), (1025, 97)]
 
 
@@ -70,8 +72,9 @@ def _check(q, k, v, causal=False, deterministic=False):
 
 def test_hook_picks_the_small_tile(monkeypatch):
     """bwd_tile(d, device) reports the tile that runs (and pads the workspace): the small one
-    under the hook for the buckets that have one, the default otherwise and without the hook;
-    and the kernel launched is the small tile's (its traits' kSmallSmem in the profiler's name)."""
+    under the hook for the buckets that have one, the default otherwise and without the hook, with
+    the kernel's head dim (d224's small tile is d256's); and the kernel launched is the small
+    tile's (its traits' kSmallSmem in the profiler's name)."""
     from flash_cute import _C
 
     device = torch.cuda.current_device()
@@ -81,6 +84,7 @@ def test_hook_picks_the_small_tile(monkeypatch):
             assert small != default and small[0] <= default[0] and small[1] <= default[1], (bucket, small, default)
         else:
             assert small == default, (bucket, small, default)
+        assert default[3] == bucket and small[3] == (256 if bucket == 224 else bucket), (bucket, small, default)
     monkeypatch.delenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE")
     # Without the hook the GPU's limit decides: d128's default tile takes 164,864 bytes (A100,
     # H100: the default; sm_86, sm_89: the small tile).
@@ -105,6 +109,19 @@ def test_hook_picks_the_small_tile(monkeypatch):
     assert all("128, true>" in name for name in small), small
 
 
+def test_d224_runs_d256_small_tile():
+    """On the small tiles, head dims of the d224 bucket run d256's kernel (the profiler's name;
+    its dQ accumulator has the 256 columns that bwd_tile reports), with gradients that pass the
+    2x rule."""
+    require_bwd_kernel(torch.bfloat16, 224, causal=False)
+    q, k, v = make_qkv(1, 130, 100, 2, 2, 216, torch.bfloat16, "cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _check(q, k, v)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "bwd_kernel" in e.name]
+    assert names and all("256, true>" in name for name in names), names
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
 @pytest.mark.parametrize("seqlen_q,seqlen_k", SEQLENS)
 @pytest.mark.parametrize("head_dim", SMALL_TILE_DIMS)
@@ -117,7 +134,7 @@ def test_backward_small_tile(dtype, head_dim, seqlen_q, seqlen_k, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
-@pytest.mark.parametrize("head_dim", [64, 128, 192])
+@pytest.mark.parametrize("head_dim", [64, 128, 192, 256])
 def test_deterministic_small_tile(head_dim, causal):
     """deterministic=True with the small tiles' query blocks (their own dQ semaphores): the 2x
     rule, and two runs bitwise equal on 2048 keys (32 key blocks adding into each dQ row)."""
@@ -145,7 +162,7 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("opts", OPTIONS)
-@pytest.mark.parametrize("head_dim", [64, 96, 128, 192])
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 192, 224, 256])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_options_small_tile(dtype, head_dim, opts):
     """flash_attn's options in the small tiles' kernels (softcap computes P inside the GEMMs on
@@ -156,7 +173,7 @@ def test_options_small_tile(dtype, head_dim, opts):
 
 
 @pytest.mark.parametrize("opts", [_opt("plain"), ALL_CAUSAL])
-@pytest.mark.parametrize("head_dim", [64, 128, 192])
+@pytest.mark.parametrize("head_dim", [64, 128, 192, 256])
 def test_varlen_small_tile(head_dim, opts):
     """flash_attn_varlen_func: sequences with no query, no key, single rows and a long one, each
     padded to the small tile's query blocks in the workspace."""
@@ -170,7 +187,7 @@ def test_varlen_small_tile(head_dim, opts):
 
 
 @pytest.mark.parametrize("opts", [_opt("plain"), _opt("causal", causal=True), ALL])
-@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192])
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 224, 256])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_dropout_small_tile(dtype, head_dim, opts):
     """Dropout: the small tile's backward draws the forward's random numbers (its keep mask, read

@@ -286,12 +286,12 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   Tensor cK = key_rows(make_identity_tensor(TileKV{}));  // (key, column) of each element of those tiles
 
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKV{});
-  Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem.v()), typename Traits::SmemLayoutKV{});
   Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKt{});
-  Tensor sP = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutPdS{});
-  Tensor sPt = make_tensor(make_smem_ptr(smem.p.data()), typename Traits::SmemLayoutPdSt{});
-  Tensor sdS = make_tensor(make_smem_ptr(smem.ds.data()), typename Traits::SmemLayoutPdS{});
-  Tensor sdSt = make_tensor(make_smem_ptr(smem.ds.data()), typename Traits::SmemLayoutPdSt{});
+  Tensor sP = make_tensor(make_smem_ptr(smem.p()), typename Traits::SmemLayoutPdS{});
+  Tensor sPt = make_tensor(make_smem_ptr(smem.p()), typename Traits::SmemLayoutPdSt{});
+  Tensor sdS = make_tensor(make_smem_ptr(smem.ds()), typename Traits::SmemLayoutPdS{});
+  Tensor sdSt = make_tensor(make_smem_ptr(smem.ds()), typename Traits::SmemLayoutPdSt{});
   auto sQ_at = [&](int stage) {
     return make_tensor(make_smem_ptr(smem.q.data() + stage * Traits::kQStageElems), typename Traits::SmemLayoutQ{});
   };
@@ -438,6 +438,14 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   Tensor tdQcdQ_rc = make_tensor(tdQcdQ.data(), rowcol_layout(tdQcdQ.layout()));
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
 
+  if constexpr (Traits::kVInRegs) {
+    // V into registers once; P and dS then overwrite its shared buffer (after the barrier).
+    cp_async_wait<0>();
+    __syncthreads();
+    copy(copy_sdp_b, tdPsV, make_tensor(tdPrV.data(), copy_sdp_b.retile(tdPrV.layout())));
+    __syncthreads();
+  }
+
   // ------------------------------------------------------------------------------------------
   // Main loop over (query head, query block)
   // ------------------------------------------------------------------------------------------
@@ -508,10 +516,17 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     Tensor scores = make_tensor(acc_s.data(), rowcol_layout(acc_s.layout()));
     Tensor acc_dp = partition_fragment_C(mma_sdp, TileS{});
     Tensor dp = make_tensor(acc_dp.data(), rowcol_layout(acc_dp.layout()));
+    auto dp_gemm_with = [&](auto&& work) {  // dP += dO V^T, work(k) after its k step's MMAs
+      if constexpr (Traits::kVInRegs)
+        gemm_smem_reg(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), mma_sdp, copy_sdp_a,
+                      std::forward<decltype(work)>(work));
+      else
+        gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
+                       copy_sdp_a, copy_sdp_b, std::forward<decltype(work)>(work));
+    };
     auto dp_gemm = [&] {  // dP = dO V^T
       clear(acc_dp);
-      gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
-                     copy_sdp_a, copy_sdp_b);
+      dp_gemm_with([](int) {});
     };
     // P and dS = P * (dP - D) to shared memory, in the input dtype.
     auto store_pds = [&](auto const& r, auto& dst) {  // a 16-bit S/dP-shaped fragment to sP or sdS
@@ -592,8 +607,11 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
         s_half(1, spread(0, kFirst, kSteps, compute, store_fragment));
       }
       clear(acc_dp);
-      gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
-                     copy_sdp_a, copy_sdp_b, spread(kFirst, kFrags, kSteps, compute, store_fragment));
+      if constexpr (Traits::kVInRegs)
+        dp_gemm_with(spread(kFirst, kFrags, kSteps, compute, store_fragment));
+      else  // the same GEMM written out: through dp_gemm_with, nvcc emits other PTX for these tuned kernels
+        gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
+                       copy_sdp_a, copy_sdp_b, spread(kFirst, kFrags, kSteps, compute, store_fragment));
       // dS with D held in registers since before the GEMMs: options_ds, which reads D from shared
       // memory here, measured 0.5% slower (performance-log.md, 2026-11-30 sixth session).
       CUTE_UNROLL
@@ -651,8 +669,11 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
             store_fragment(f);
           };
           clear(acc_dp);
-          gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
-                         copy_sdp_a, copy_sdp_b, spread(0, kFrags, kSteps, compute, finish));
+          if constexpr (Traits::kVInRegs)
+            dp_gemm_with(spread(0, kFrags, kSteps, compute, finish));
+          else  // the same GEMM written out: through dp_gemm_with, nvcc emits other PTX for these tuned kernels
+            gemm_smem_smem(acc_dp, tdPrdO, tdPrV, copy_sdp_a.get_thread_slice(tid).partition_S(sdO), tdPsV, mma_sdp,
+                           copy_sdp_a, copy_sdp_b, spread(0, kFrags, kSteps, compute, finish));
           // dS's keep masks made again from the words: held across the GEMM, they cost registers
           // (5.31 -> 5.28 ms without them, H200 bf16 4k).
           store_ds(step_dropout.keep_masks<Traits::kSdpWarpCols == 32>(acc_s, tScS, col0, words));

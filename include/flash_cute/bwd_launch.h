@@ -36,7 +36,8 @@ template <DType kDType, int kHeadDim, int kOptions, bool kDropout>
 void run_bwd_variant(const BwdParams& params, cudaStream_t stream) {
   using Traits = BwdTraits<kDType, kHeadDim>;
   constexpr bool kHasSmallTile = bwd_has_small_tile(kHeadDim);
-  using SmallTraits = std::conditional_t<kHasSmallTile, BwdTraits<kDType, kHeadDim, /*kSmallSmem=*/true>, Traits>;
+  using SmallTraits = std::conditional_t<
+      kHasSmallTile, BwdTraits<kDType, bwd_kernel_head_dim(kHeadDim, true), /*kSmallSmem=*/true>, Traits>;
   const std::string name = std::string("backward kernel (") + dtype_name(kDType) + ", head dim " +
                            std::to_string(kHeadDim) + option_kernel_name(kOptions, kDropout) + ")";
   const int smem_optin = max_smem_per_block(name);

@@ -46,15 +46,19 @@ struct BwdTraits
 
   static_assert(kBlockM % Base::kGmemRowsPerPass == 0 && kBlockN % Base::kGmemRowsPerPass == 0,
                 "one pass of the global-memory copy must not cover more rows than a tile has");
-  static_assert(kBlockN % 64 == 0, "P and dS rows are cut in 64-element chunks");
+  static constexpr bool kVInRegs = kTile.v_in_regs;
 
   // Q and dO: (block_m, head_dim), kQStages and kDoStages buffers; K and V: (block_n, head_dim).
   using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
   // P and dS: (block_m, block_n), written from the S/dP accumulators, read as they are (dQ = dS K)
-  // and transposed (dV += P^T dO, dK += dS^T Q).
+  // and transposed (dV += P^T dO, dK += dS^T Q). Rows cut in 64-element chunks (32 where the
+  // block has 32 keys), swizzled as Q's.
+  static constexpr int kPdSChunk = kBlockN % 64 == 0 ? 64 : 32;
+  static_assert(kBlockN % kPdSChunk == 0);
   using SmemLayoutPdS = decltype(tile_to_shape(
-      composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}),
+      composition(Swizzle<kPdSChunk == 64 ? 3 : 2, 3, 3>{},
+                  Layout<Shape<_8, Int<kPdSChunk>>, Stride<Int<kPdSChunk>, _1>>{}),
       Shape<Int<kBlockM>, Int<kBlockN>>{}));
 
   // Transposed views of the same bytes: T(i, j) = X(j, i).
@@ -65,16 +69,23 @@ struct BwdTraits
   using SmemLayoutQt = Transposed<SmemLayoutQ, kHeadDim, kBlockM>;      // (head_dim, block_m)
   static constexpr int kQStageElems = cosize_v<SmemLayoutQ>;
 
+  static constexpr int kKVElems = cosize_v<SmemLayoutKV>;
+  static constexpr int kPdSElems = cosize_v<SmemLayoutPdS>;
+  // V, then P, then dS; with V in registers (kVInRegs), P and dS take V's bytes once every thread
+  // holds its V.
+  static constexpr int kVPdSElems = kVInRegs ? cute::max(kKVElems, 2 * kPdSElems) : kKVElems + 2 * kPdSElems;
   struct SharedStorage {
     cute::array_aligned<Element, kQStages * kQStageElems> q;
     cute::array_aligned<Element, kDoStages * kQStageElems> dout;
-    cute::array_aligned<Element, cosize_v<SmemLayoutKV>> k;
-    cute::array_aligned<Element, cosize_v<SmemLayoutKV>> v;
-    cute::array_aligned<Element, cosize_v<SmemLayoutPdS>> p;
-    cute::array_aligned<Element, cosize_v<SmemLayoutPdS>> ds;
+    cute::array_aligned<Element, kKVElems> k;
+    cute::array_aligned<Element, kVPdSElems> v_p_ds;
     // lse * log2(e) and rowsum(dO * O) of the block's rows, loaded with Q (read before dV += P^T dO)
     alignas(16) float lse_log2[kQStages][kBlockM];
     alignas(16) float dsum[kQStages][kBlockM];
+
+    CUTE_DEVICE Element* v() { return v_p_ds.data(); }
+    CUTE_DEVICE Element* p() { return v_p_ds.data() + (kVInRegs ? 0 : kKVElems); }
+    CUTE_DEVICE Element* ds() { return p() + kPdSElems; }
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes == bwd_smem_bytes(kTile, kHeadDim), "the host's count (launch.h) is this struct's size");

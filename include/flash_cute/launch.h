@@ -34,7 +34,7 @@ struct FwdTile {
 inline constexpr int kSmallSmemBytes = 99 * 1024;
 
 // Whether the build has the second tiles for those GPUs, where the default tiles need more (the
-// forward at d224/d256, the backward at d32..d192): FLASH_CUTE_SMALL_SMEM_TILES (CMakeLists.txt).
+// forward at d224/d256, the backward at every head dim but d160): FLASH_CUTE_SMALL_SMEM_TILES (CMakeLists.txt).
 #ifndef FLASH_CUTE_SMALL_SMEM_TILES
 #define FLASH_CUTE_SMALL_SMEM_TILES 1
 #endif
@@ -62,12 +62,15 @@ constexpr FwdTile fwd_tile(int head_dim, bool /*causal*/, bool small_smem = fals
 // `q_stages`, `do_stages`: Q and dO buffers. Two: the next block's Q (dO) loads during the whole
 // iteration; one dO buffer beside two Q buffers: the next dO loads once dV += P^T dO is done; one
 // of each: both load during dQ = dS K.
+// `v_in_regs`: each thread loads its share of V (the B operand of dP = dO V^T) into registers once,
+// and P and dS take V's shared buffer for the rest of the CTA's life.
 struct BwdTile {
   int block_m, block_n, warps, sdp_warps_m, dkv_warps_n, dq_warps_m, q_stages, do_stages;
+  bool v_in_regs = false;
   constexpr bool operator==(const BwdTile& o) const {
     return block_m == o.block_m && block_n == o.block_n && warps == o.warps && sdp_warps_m == o.sdp_warps_m &&
            dkv_warps_n == o.dkv_warps_n && dq_warps_m == o.dq_warps_m && q_stages == o.q_stages &&
-           do_stages == o.do_stages;
+           do_stages == o.do_stages && v_in_regs == o.v_in_regs;
   }
 };
 
@@ -78,10 +81,12 @@ constexpr BwdTile bwd_tile(int head_dim, bool small_smem = false) {
   // `small_smem`: the tile for GPUs with kSmallSmemBytes per block (sm_86, sm_89, sm_120), where
   // the default needs more: the same warps on fewer rows, and fewer Q/dO buffers where two of each
   // do not fit (d32 64 KB, d64 97 KB, d96 88 KB, d128 97 KB with one dO buffer, d192 80 KB with one
-  // of each). d160's default fits already; d224 and d256 have none (S/dP and dK/dV alone outgrow
-  // 99 KB at 32 x 64, and fewer keys per block break P's 64-element rows): their backward needs
-  // 163 KB. Measured under the testing hook on an H200 (bf16, seqlen 2k/8k): d128 with S/dP on
-  // 4 x 2 warps ran 3.4-3.8% faster than on 2 x 4; d192 with two Q buffers (92 KB) 1.3-1.7% slower.
+  // of each). d160's default fits already. d256 (97 KB) runs 32 keys per block with V in registers,
+  // P and dS in V's buffer: at 32 x 64 with one buffer of each, Q, dO, K and V alone take 96 KB.
+  // d224 runs d256's small tile (bwd_kernel_head_dim): 8 warps cannot tile its dK/dV on 32 keys.
+  // Measured under the testing hook on an H200 (bf16, seqlen 2k/8k): d128 with S/dP on 4 x 2 warps
+  // ran 3.4-3.8% faster than on 2 x 4; d192 with two Q buffers (92 KB) 1.3-1.7% slower; d256's
+  // small tile 0.68-0.72x its default's speed (performance-log.md, eleventh session).
   if (head_dim <= 64) return small_smem ? BwdTile{64, 128, 8, 2, 4, 4, 2, 2} : BwdTile{128, 128, 8, 2, 4, 4, 2, 2};
   if (head_dim <= 96) return small_smem ? BwdTile{64, 64, 8, 2, 4, 4, 2, 2} : BwdTile{64, 128, 8, 2, 4, 4, 2, 2};
   if (head_dim <= 128) return small_smem ? BwdTile{64, 64, 8, 4, 2, 2, 2, 1} : BwdTile{64, 128, 8, 2, 4, 2, 2, 2};
@@ -89,15 +94,26 @@ constexpr BwdTile bwd_tile(int head_dim, bool small_smem = false) {
   // torch's flash backend): d256 0.81x where 2 x 4 / 4 x 2 / 4 x 2 ran 0.76x; d192 0.79x vs 0.76x.
   // d160 and d224 need 16 x 2 warps across the head dim.
   if (head_dim == 192 && small_smem) return {32, 64, 8, 2, 4, 2, 1, 1};
+  if (head_dim >= 224 && small_smem) return {64, 32, 8, 4, 2, 2, 1, 1, /*v_in_regs=*/true};
   if (head_dim % 64 == 0) return {64, 64, 8, 4, 2, 2, 1, 1};
   return {64, 64, 8, 2, 4, 4, 1, 1};
 }
 
+// The head dim of the backward kernel that runs a bucket (`small_smem`: its tile for GPUs with
+// kSmallSmemBytes): the bucket's, but d224 there runs d256's small tile on zero-padded columns, as
+// flash_attn runs every head dim above 192 on its d256 kernels. The workspace's dQ accumulator has
+// this many columns.
+constexpr int bwd_kernel_head_dim(int head_dim, bool small_smem) {
+  return small_smem && head_dim == 224 ? 256 : head_dim;
+}
+
 // Shared memory of the backward tile (BwdTraits::SharedStorage, checked there): Q and dO
-// (`q_stages`, `do_stages` buffers), K, V, P, dS in 16 bits; lse and D of each Q buffer's rows in fp32.
+// (`q_stages`, `do_stages` buffers), K, V, P, dS in 16 bits (v_in_regs: P and dS in V's buffer);
+// lse and D of each Q buffer's rows in fp32.
 constexpr int bwd_smem_bytes(const BwdTile& t, int head_dim) {
-  return 2 * ((t.q_stages + t.do_stages) * t.block_m * head_dim + 2 * t.block_n * head_dim +
-              2 * t.block_m * t.block_n) +
+  const int v = t.block_n * head_dim, pds = 2 * t.block_m * t.block_n;
+  return 2 * ((t.q_stages + t.do_stages) * t.block_m * head_dim + t.block_n * head_dim +
+              (t.v_in_regs ? (v > pds ? v : pds) : v + pds)) +
          4 * 2 * t.q_stages * t.block_m;
 }
 

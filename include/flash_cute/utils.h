@@ -85,6 +85,21 @@ CUTE_DEVICE void gemm_smem_smem(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const
   gemm_smem_smem(acc, rA, rB, sA, sB, mma, copy_a, copy_b, [](int) {});
 }
 
+// acc += A B^T with A in shared memory and B already in registers (the backward's V, kVInRegs).
+template <class Acc, class RA, class RB, class SA, class TiledMma, class CopyA, class Work>
+CUTE_DEVICE void gemm_smem_reg(Acc& acc, RA& rA, RB const& rB, SA const& sA, TiledMma const& mma,
+                               CopyA const& copy_a, Work&& work) {
+  Tensor rA_view = make_tensor(rA.data(), copy_a.retile(rA.layout()));
+  CUTE_STATIC_ASSERT_V(size<1>(sA) == size<1>(rA_view));
+  copy(copy_a, sA(_, _, _0{}), rA_view(_, _, _0{}));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(rA); ++k) {
+    if (k + 1 < size<2>(rA)) copy(copy_a, sA(_, _, k + 1), rA_view(_, _, k + 1));
+    gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+    work(k);
+  }
+}
+
 // acc += A B^T with A already in registers (P) and B in shared memory (V^T).
 template <class Acc, class RA, class RB, class SB, class TiledMma, class CopyB>
 CUTE_DEVICE void gemm_reg_smem(Acc& acc, RA const& rA, RB& rB, SB const& sB, TiledMma const& mma,

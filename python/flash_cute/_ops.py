@@ -444,15 +444,15 @@ def _cuda_bwd(dout, q, k, v, out, lse, softmax_scale: float, causal: bool, deter
     dq_k, dk_k, dv_k = (_kernel_ready(t) for t in (dq, dk_buf, dv_buf))  # copies only for odd strides
     lse = lse.contiguous()
     # Workspace with every sequence padded to whole tiles of the kernel (block_m rows, the
-    # head-dim bucket; see workspace_row0 in include/flash_cute/seqlen.h), filled by the kernels:
+    # kernel's head dim; see workspace_row0 in include/flash_cute/seqlen.h), filled by the kernels:
     # the fp32 dQ accumulator, rowsum(dout * out) and lse * log2(e). Padding spares the main loop
     # every bounds check on them.
-    block_m, bucket = _bwd_tile_rows_cols(d, q.device.index, os.environ.get("FLASH_CUTE_FORCE_SMALL_SMEM_TILE"))
+    block_m, cols = _bwd_tile_rows_cols(d, q.device.index, os.environ.get("FLASH_CUTE_FORCE_SMALL_SMEM_TILE"))
     if varlen is None:
         ws_rows = batch * (-(-seqlen_q // block_m) * block_m)
     else:
         ws_rows = -(-(q.shape[0] + batch * block_m) // block_m) * block_m
-    dq_accum = torch.empty((nheads, ws_rows, bucket), dtype=torch.float32, device=q.device)
+    dq_accum = torch.empty((nheads, ws_rows, cols), dtype=torch.float32, device=q.device)
     row_stats = torch.empty((2, nheads, ws_rows), dtype=torch.float32, device=q.device)  # D, lse*log2(e)
     semaphore = (
         torch.zeros((nheads * ws_rows // block_m,), dtype=torch.int32, device=q.device) if deterministic else None
@@ -511,10 +511,12 @@ def _attention_bwd_into(dout, q, k, v, out, lse, softmax_scale, causal, determin
 
 @functools.cache
 def _bwd_tile_rows_cols(head_dim: int, device: int, _force_small_tile: str | None) -> tuple[int, int]:
-    """(block_m, head-dim bucket) of the backward kernel that runs on `device`: the padding of its
-    workspace. The small-shared-memory tile's testing hook (the environment variable) picks the
-    tile too, so it is part of the cache's key."""
-    return _C().bwd_tile(head_dim, device)[0], _C().head_dim_bucket(head_dim)
+    """(block_m, kernel head dim) of the backward kernel that runs on `device`: the padding of its
+    workspace (the head dim is the bucket's, or 256 where d224 runs d256's small tile). The
+    small-shared-memory tile's testing hook (the environment variable) picks the tile too, so it
+    is part of the cache's key."""
+    tile = _C().bwd_tile(head_dim, device)
+    return tile[0], tile[3]
 
 
 def _bwd_impl(
