@@ -74,6 +74,14 @@ struct BwdTile {
   }
 };
 
+// The head dim of the backward kernel that runs a bucket (`small_smem`: its tile for GPUs with
+// kSmallSmemBytes): the bucket's, but d224 there runs d256's small tile on zero-padded columns, as
+// flash_attn runs every head dim above 192 on its d256 kernels. The workspace's dQ accumulator has
+// this many columns.
+constexpr int bwd_kernel_head_dim(int head_dim, bool small_smem) {
+  return small_smem && head_dim == 224 ? 256 : head_dim;
+}
+
 constexpr BwdTile bwd_tile(int head_dim, bool small_smem = false) {
   // A warp's share of each GEMM must tile it: 16 * (warps / dkv_warps_n) and
   // 16 * (warps / dq_warps_m) divide the head dim. Shared memory: 112 KB (d32), 160 KB (d64,
@@ -94,17 +102,9 @@ constexpr BwdTile bwd_tile(int head_dim, bool small_smem = false) {
   // torch's flash backend): d256 0.81x where 2 x 4 / 4 x 2 / 4 x 2 ran 0.76x; d192 0.79x vs 0.76x.
   // d160 and d224 need 16 x 2 warps across the head dim.
   if (head_dim == 192 && small_smem) return {32, 64, 8, 2, 4, 2, 1, 1};
-  if (head_dim >= 224 && small_smem) return {64, 32, 8, 4, 2, 2, 1, 1, /*v_in_regs=*/true};
+  if (small_smem && bwd_kernel_head_dim(head_dim, true) == 256) return {64, 32, 8, 4, 2, 2, 1, 1, /*v_in_regs=*/true};
   if (head_dim % 64 == 0) return {64, 64, 8, 4, 2, 2, 1, 1};
   return {64, 64, 8, 2, 4, 4, 1, 1};
-}
-
-// The head dim of the backward kernel that runs a bucket (`small_smem`: its tile for GPUs with
-// kSmallSmemBytes): the bucket's, but d224 there runs d256's small tile on zero-padded columns, as
-// flash_attn runs every head dim above 192 on its d256 kernels. The workspace's dQ accumulator has
-// this many columns.
-constexpr int bwd_kernel_head_dim(int head_dim, bool small_smem) {
-  return small_smem && head_dim == 224 ? 256 : head_dim;
 }
 
 // Shared memory of the backward tile (BwdTraits::SharedStorage, checked there): Q and dO
