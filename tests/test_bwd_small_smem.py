@@ -1,7 +1,6 @@
 """The backward's small-shared-memory tiles: what GPUs with 99 KB of shared memory per block
 (sm_86, sm_89, sm_120: RTX 30x0 / 40x0 / 50x0, A10, L4, L40) run where the default backward tile
-needs more (d32, d64, d96, d128, d192, d256 with V in registers, and d224 on d256's; d160's
-default fits).
+needs more (every head dim: d256 with V in registers, and d224 on d256's).
 
 The kernels' testing hook FLASH_CUTE_FORCE_SMALL_SMEM_TILE makes an H100 run them, so these tests
 cover them on any GPU. Every check is against the float32 oracle with the 2x rule of the other
@@ -21,8 +20,10 @@ from helpers import (
     DTYPES,
     DTYPE_IDS,
     assert_grads_2x_rule,
+    built_bwd_kernels,
     make_qkv,
     require_bwd_kernel,
+    require_kernel,
     require_small_smem_tiles,
     run_backward,
 )
@@ -47,10 +48,10 @@ from test_options_kernels import (
 
 pytestmark = pytest.mark.cuda
 
-# Head dims whose bucket has a small tile (59, 111, 200, 248: padded routes of the d64, d128,
-# d224 and d256 buckets; d224's run on d256's tile).
-SMALL_TILE_DIMS = [32, 59, 64, 96, 111, 128, 192, 200, 224, 248, 256]
-BUCKETS_WITH_SMALL_TILE = {32, 64, 96, 128, 192, 224, 256}
+# Head dims whose bucket has a small tile: all (59, 111, 152, 200, 248: padded routes of the d64,
+# d128, d160, d224 and d256 buckets; d224's run on d256's tile).
+SMALL_TILE_DIMS = [32, 59, 64, 96, 111, 128, 152, 160, 192, 200, 224, 248, 256]
+BUCKETS_WITH_SMALL_TILE = {32, 64, 96, 128, 160, 192, 224, 256}
 SEQLENS = [(1, 1), (97, 113), (113, 97), (300, 300), (1025, 97)]
 
 
@@ -71,42 +72,44 @@ def _check(q, k, v, causal=False, deterministic=False):
 
 
 def test_hook_picks_the_small_tile(monkeypatch):
-    """bwd_tile(d, device) reports the tile that runs (and pads the workspace): the small one
-    under the hook for the buckets that have one, the default otherwise and without the hook, with
-    the kernel's head dim (d224's small tile is d256's); and the kernel launched is the small
-    tile's (its traits' kSmallSmem in the profiler's name)."""
+    """bwd_tile(d, device) reports the tile that runs (and pads the workspace): under the hook the
+    small one, no larger than the default (d160's differs in its buffers only), with the kernel's
+    head dim (d224's small tile is d256's); without the hook the GPU's limit decides; and the
+    kernel launched is the small tile's (its traits' kSmallSmem in the profiler's name) for every
+    bucket this build has."""
     from flash_cute import _C
 
     device = torch.cuda.current_device()
-    for bucket in (32, 64, 96, 128, 160, 192, 224, 256):
+    for bucket in BUCKETS_WITH_SMALL_TILE:
         small, default = _C.bwd_tile(bucket, device), _C.bwd_tile(bucket)
-        if bucket in BUCKETS_WITH_SMALL_TILE:
-            assert small != default and small[0] <= default[0] and small[1] <= default[1], (bucket, small, default)
-        else:
-            assert small == default, (bucket, small, default)
+        assert small[0] <= default[0] and small[1] <= default[1] and (small != default or bucket == 160), (
+            bucket, small, default)
         assert default[3] == bucket and small[3] == (256 if bucket == 224 else bucket), (bucket, small, default)
+
+    def launched_kernels(d):
+        q, k, v = make_qkv(1, 128, 128, 2, 2, d, torch.bfloat16, "cuda")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run_backward(q, k, v, torch.randn_like(q), poison=False)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if "bwd_kernel" in e.name]
+
+    built = [b for b in sorted(BUCKETS_WITH_SMALL_TILE) if ("bf16", b) in built_bwd_kernels()]
+    assert built, "this build has no bf16 backward kernel"
+    for bucket in built:
+        require_kernel(torch.bfloat16, bucket, causal=False)
+        names = launched_kernels(bucket)
+        kernel_dim = 256 if bucket == 224 else bucket
+        assert names and all(f"{kernel_dim}, true>" in name for name in names), (bucket, names)
+
     monkeypatch.delenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE")
     # Without the hook the GPU's limit decides: d128's default tile takes 164,864 bytes (A100,
     # H100: the default; sm_86, sm_89: the small tile).
     default_fits = torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= 164864
     assert (_C.bwd_tile(128, device) == _C.bwd_tile(128)) == default_fits
-
-    require_bwd_kernel(torch.bfloat16, 128, causal=False)
-    q, k, v = make_qkv(1, 128, 128, 2, 2, 128, torch.bfloat16, "cuda")
-    dout = torch.randn_like(q)
-
-    def launched_kernels():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            run_backward(q, k, v, dout, poison=False)
-            torch.cuda.synchronize()
-        return [e.name for e in prof.events() if "bwd_kernel" in e.name]
-
-    default = launched_kernels()
-    monkeypatch.setenv("FLASH_CUTE_FORCE_SMALL_SMEM_TILE", "1")
-    small = launched_kernels()
-    assert default and small, (default, small)
-    assert all(("128, false>" if default_fits else "128, true>") in name for name in default), default
-    assert all("128, true>" in name for name in small), small
+    if ("bf16", 128) not in built_bwd_kernels():
+        pytest.skip("this build has no bf16 d128 backward kernel (FLASH_CUTE_HEAD_DIMS)")
+    names = launched_kernels(128)
+    assert names and all(("128, false>" if default_fits else "128, true>") in name for name in names), names
 
 
 def test_d224_runs_d256_small_tile():

@@ -17,19 +17,7 @@ export FLASH_CUTE_FORCE_SMALL_SMEM_TILE=1
 [ "$mode" != bench ] && SANITIZER_TOOLS=${SANITIZER_TOOLS:-memcheck racecheck} OUT=$out/small timeout 200 bash tools/device-check.sh sanitize \
   2>&1 | grep compute-sanitizer
 [ "$mode" = bench ] || for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
-  timeout 90 compute-sanitizer --tool $tool --error-exitcode 1 python3 - > "$out/sanitizer-small-$tool.log" 2>&1 <<'PY'
-import os, torch, flash_cute
-torch.manual_seed(0)
-for d in map(int, os.environ.get("SMALL_DIMS", "32 192").split()):
-    q = torch.randn(2, 113, 4, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(2, 203, 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn_like(k, requires_grad=True)
-    for kw in (dict(causal=True), dict(deterministic=True), dict(window_size=(40, 7), softcap=5.0),
-               dict(dropout_p=0.2, alibi_slopes=torch.rand(4, device="cuda"))):
-        out = flash_cute.flash_attn_func(q, k, v, **kw)
-        torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-print("done")
-PY
+  timeout 90 compute-sanitizer --tool $tool --error-exitcode 1 python3 tools/sanitize_dims.py > "$out/sanitizer-small-$tool.log" 2>&1
   echo "compute-sanitizer $tool (d ${SMALL_DIMS:-32 192} with options): rc $? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer-small-$tool.log" | tail -1)"
 done
 unset FLASH_CUTE_FORCE_SMALL_SMEM_TILE

@@ -34,7 +34,7 @@ struct FwdTile {
 inline constexpr int kSmallSmemBytes = 99 * 1024;
 
 // Whether the build has the second tiles for those GPUs, where the default tiles need more (the
-// forward at d224/d256, the backward at every head dim but d160): FLASH_CUTE_SMALL_SMEM_TILES (CMakeLists.txt).
+// forward at d224/d256, the backward at every head dim): FLASH_CUTE_SMALL_SMEM_TILES (CMakeLists.txt).
 #ifndef FLASH_CUTE_SMALL_SMEM_TILES
 #define FLASH_CUTE_SMALL_SMEM_TILES 1
 #endif
@@ -84,12 +84,13 @@ constexpr int bwd_kernel_head_dim(int head_dim, bool small_smem) {
 
 constexpr BwdTile bwd_tile(int head_dim, bool small_smem = false) {
   // A warp's share of each GEMM must tile it: 16 * (warps / dkv_warps_n) and
-  // 16 * (warps / dq_warps_m) divide the head dim. Shared memory: 112 KB (d32), 160 KB (d64,
-  // d128), 144 KB (d256), within the 163 KB of an A100.
+  // 16 * (warps / dq_warps_m) divide the head dim. Shared memory: 114 KB (d32), 162 KB (d64),
+  // 129 KB (d96, d224), 161 KB (d128, d192), 137 KB (d160), 145 KB (d256), within the 163 KB of
+  // an A100.
   // `small_smem`: the tile for GPUs with kSmallSmemBytes per block (sm_86, sm_89, sm_120), where
   // the default needs more: the same warps on fewer rows, and fewer Q/dO buffers where two of each
-  // do not fit (d32 64 KB, d64 97 KB, d96 88 KB, d128 97 KB with one dO buffer, d192 80 KB with one
-  // of each). d160's default fits already. d256 (97 KB) runs 32 keys per block with V in registers,
+  // do not fit (d32 65 KB, d64 97 KB, d96 89 KB, d128 97 KB with one dO buffer, d160 97 KB and
+  // d192 80 KB with one of each). d256 (97 KB) runs 32 keys per block with V in registers,
   // P and dS in V's buffer: at 32 x 64 with one buffer of each, Q, dO, K and V alone take 96 KB.
   // d224 runs d256's small tile (bwd_kernel_head_dim): 8 warps cannot tile its dK/dV on 32 keys.
   // Measured under the testing hook on an H200 (bf16, seqlen 2k/8k): d128 with S/dP on 4 x 2 warps
@@ -103,8 +104,14 @@ constexpr BwdTile bwd_tile(int head_dim, bool small_smem = false) {
   // d160 and d224 need 16 x 2 warps across the head dim.
   if (head_dim == 192 && small_smem) return {32, 64, 8, 2, 4, 2, 1, 1};
   if (small_smem && bwd_kernel_head_dim(head_dim, true) == 256) return {64, 32, 8, 4, 2, 2, 1, 1, /*v_in_regs=*/true};
-  if (head_dim % 64 == 0) return {64, 64, 8, 4, 2, 2, 1, 1};
-  return {64, 64, 8, 2, 4, 4, 1, 1};
+  // d160, d192: two Q and two dO buffers (137 KB, 161 KB, within the A100's 163 KB) ran the plain
+  // backward 3-4% faster than one of each, softcap and ALiBi 7-8%, dropout 2-3%; d224's two Q
+  // buffers beside one dO (157 KB) ran even, dropout 6% slower; d256's two of each need 209 KB
+  // (performance-log.md, eleventh and twelfth sessions).
+  if (head_dim == 160) return small_smem ? BwdTile{64, 64, 8, 2, 4, 4, 1, 1} : BwdTile{64, 64, 8, 2, 4, 4, 2, 2};
+  if (head_dim == 192) return {64, 64, 8, 4, 2, 2, 2, 2};
+  if (head_dim == 224) return {64, 64, 8, 2, 4, 4, 1, 1};
+  return {64, 64, 8, 4, 2, 2, 1, 1};  // d256
 }
 
 // Shared memory of the backward tile (BwdTraits::SharedStorage, checked there): Q and dO
