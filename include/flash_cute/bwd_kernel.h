@@ -763,12 +763,11 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     // The kernels with options issue dQ's reductions inside it, a slice of rows after each k
     // step, rather than all at once before it (H200, bf16, seqlen 4k; performance-log.md): at
     // d128 the softcap backward 2.4% faster, dropout's 4.8%, ALiBi's 2.8%; at d64 and d96
-    // dropout's and ALiBi's 2-3%, softcap's 0-2%. So do the plain kernels of the default tiles
-    // where that measured faster (bf16, seqlen 2k/8k): d64 3.5%, d96 6%, d160 3-4%, d192 3%. The
-    // plain d128 kernel ran 1-1.5% slower that way (0.9% in the ninth session), so it issues them
-    // before, as do d32 and the small tiles, which were not measured.
-    constexpr bool kPlainRedsInDk =
-        !Traits::kSmallSmem && (kHeadDim == 64 || kHeadDim == 96 || kHeadDim == 160 || kHeadDim == 192);
+    // dropout's and ALiBi's 2-3%, softcap's 0-2%. So do the plain kernels (bf16, seqlen 2k/8k):
+    // d32 2%, d64 3.5%, d96 6%, d160 3-4%, d192 3%; the small tiles of d32 1%, d64 and d96 6-7%.
+    // The plain d128 kernel ran 1-1.5% slower that way (0.9% in the ninth session), so d128 (and
+    // its small tile, not measured) issues them before.
+    constexpr bool kPlainRedsInDk = kHeadDim != 128;
     constexpr bool kRedsInDk = !kLoadDuringDq && (kOptions != kNoOptions || kPlainRedsInDk);
     if constexpr (kRedsInDk) {
       constexpr int kDkSteps = decltype(size<2>(tdKrdSt))::value;
