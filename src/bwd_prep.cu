@@ -1,7 +1,7 @@
-// The two memory-bound passes around the backward kernel, for both dtypes:
-//   D = rowsum(dO * O) in fp32 (the backward kernel's dS = P * (dP - D)), lse * log2(e), and the
-//   zeroed dQ accumulator, all padded to the main kernel's tiles;
-//   dQ = scale * dQ_accum, from the padded fp32 accumulator to the input dtype and dq's layout.
+// The memory-bound pass before the backward kernel, for both dtypes: D = rowsum(dO * O) in fp32
+// (the backward kernel's dS = P * (dP - D)), lse * log2(e), and the zeroed dQ accumulator, all
+// padded to the main kernel's tiles. (The pass after it, dQ = scale * dq_accum, reads the
+// accumulator in the kernel's thread order: convert_dq_kernel in bwd_kernel.h.)
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -36,7 +36,7 @@ __device__ SeqRows seq_rows(const BwdParams& p, int batch, int head) {
   return r;
 }
 
-// Both passes: grid (row groups of the longest sequence, batch, heads); a CTA takes kRowsPerPass
+// Grid: (row groups of the longest sequence, batch, heads); a CTA takes kRowsPerPass
 // rows of one (sequence, head) at a time, from blockIdx.x * kRowsPerPass in steps of the grid (more
 // than one step only when a varlen max_seqlen_q hint was too small). No division in the loop.
 
@@ -83,31 +83,6 @@ __global__ void __launch_bounds__(kThreads) dot_do_o_kernel(const BwdParams p) {
   }
 }
 
-// dQ = scale * dq_accum: from the padded accumulator to dq with its strides, 8 columns (one
-// 16-byte store) per lane and step.
-template <DType kDType>
-__global__ void __launch_bounds__(kThreads) convert_dq_kernel(const BwdParams p) {
-  using T = typename Native<kDType>::type;
-  const int batch = blockIdx.y, head = blockIdx.z;
-  const SeqRows r = seq_rows(p, batch, head);
-  const int lane = threadIdx.x % kLanesPerRow;
-  T* dq = static_cast<T*>(p.dq) + batch * p.dq_batch_stride + head * p.dq_head_stride;
-  for (int row0 = blockIdx.x * kRowsPerPass; row0 < r.seq.len_q; row0 += gridDim.x * kRowsPerPass) {
-    const int row = row0 + threadIdx.x / kLanesPerRow;
-    if (row >= r.seq.len_q) break;
-    const float* src = p.dq_accum + (r.ws_row0 + row) * p.accum_cols;
-    T* dst = dq + (int64_t(r.seq.q_row0) + row) * p.dq_row_stride;
-    for (int c = lane * 8; c < p.head_dim; c += kLanesPerRow * 8) {
-      const float4 a = *reinterpret_cast<const float4*>(src + c);
-      const float4 b = *reinterpret_cast<const float4*>(src + c + 4);
-      const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-      T out[8];
-      for (int i = 0; i < 8; ++i) out[i] = Native<kDType>::from_float(f[i] * p.scale);
-      *reinterpret_cast<uint4*>(dst + c) = *reinterpret_cast<const uint4*>(out);
-    }
-  }
-}
-
 // Row groups of the longest sequence (seqlen_q: varlen, the max_seqlen_q hint), at least one.
 dim3 prep_grid(const BwdParams& p, int rows) {
   return dim3(unsigned(std::max<int64_t>(1, ceil_div(rows, kRowsPerPass))), unsigned(p.batch), unsigned(p.heads));
@@ -120,22 +95,11 @@ void dot_do_o(const BwdParams& p, cudaStream_t stream) {
   check_cuda(cudaGetLastError(), std::string("backward rowsum(dout * out) kernel (") + dtype_name(kDType) + ") launch");
 }
 
-template <DType kDType>
-void convert_dq(const BwdParams& p, cudaStream_t stream) {
-  convert_dq_kernel<kDType><<<prep_grid(p, p.seqlen_q), kThreads, 0, stream>>>(p);
-  check_cuda(cudaGetLastError(), std::string("backward dQ conversion kernel (") + dtype_name(kDType) + ") launch");
-}
-
 }  // namespace
 
 void run_bwd_dot_do_o(const BwdParams& p, DType dtype, cudaStream_t stream) {
   if (dtype == DType::kFloat16) dot_do_o<DType::kFloat16>(p, stream);
   else dot_do_o<DType::kBFloat16>(p, stream);
-}
-
-void run_bwd_convert_dq(const BwdParams& p, DType dtype, cudaStream_t stream) {
-  if (dtype == DType::kFloat16) convert_dq<DType::kFloat16>(p, stream);
-  else convert_dq<DType::kBFloat16>(p, stream);
 }
 
 }  // namespace flash_cute

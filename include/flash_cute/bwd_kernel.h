@@ -23,27 +23,41 @@
 namespace flash_cute {
 using namespace cute;
 
-// Adds a thread's dQ fragment into the fp32 accumulator tile at `base` (row stride kRowStride,
-// padded so that no element needs a bounds check). The adds are fire-and-forget reductions
-// (RED): atomicAdd on a float2 compiles to an ATOM whose result the thread waits for, which
-// stalled the loop (ncu: long-scoreboard stalls 1.9 vs 0.8 per instruction); sm_90 adds column
-// pairs with one vector RED.
-// Rows [r_begin, r_end) of the fragment's (rows, cols) view.
-template <int kRowStride, class Acc, class Coords>
-CUTE_DEVICE void red_add_dq(Acc const& acc, Coords const& coords, float* base, int r_begin, int r_end) {
-  CUTE_UNROLL
-  for (int r = r_begin; r < r_end; ++r) {
-    CUTE_UNROLL
-    for (int c = 0; c < size<1>(acc); c += 2) {
-      float* dst = base + get<0>(coords(r, c)) * kRowStride + get<1>(coords(r, c));
+// dQ's fp32 accumulator holds each (kBlockM, head-dim bucket) tile of dQ in thread order: the
+// element i of thread tid's TiledMmadQ fragment lives at dq_accum_offset<kThreads>(tid, i), so a
+// warp's reduction adds into 32 consecutive vectors (512 bytes) where the tile's own order gave
+// each instruction 8 rows of 32 bytes: the backward 5% faster at d32, 9-11% at d64 and d96,
+// 14-16% at d128, d160 and d224, 20-23% at d192 and d256 (H200, bf16, seqlen 2k/8k; in the
+// tile's order, adds of single floats instead of pairs ran it 1.5-2x slower: performance-log.md).
+// The vector is 4 floats where RED has them (sm_90), else 1. The conversion pass
+// (convert_dq_kernel) reads the tile back in the same order.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(acc(r, c)), "f"(acc(r, c + 1))
-                   : "memory");
+inline constexpr int kDqVec = 4;
 #else
-      atomicAdd(dst, acc(r, c));  // the result is unused: compiles to RED
-      atomicAdd(dst + 1, acc(r, c + 1));
+inline constexpr int kDqVec = 1;
 #endif
-    }
+template <int kThreads>
+CUTE_DEVICE int dq_accum_offset(int tid, int i) {
+  return ((i / kDqVec) * kThreads + tid) * kDqVec + i % kDqVec;
+}
+
+// Adds vectors [v_begin, v_end) of a thread's dQ fragment into the accumulator tile at `tile`
+// (padded so that no element needs a bounds check). The adds are fire-and-forget reductions
+// (RED): atomicAdd on a float2 compiles to an ATOM whose result the thread waits for, which
+// stalled the loop (ncu: long-scoreboard stalls 1.9 vs 0.8 per instruction).
+template <int kThreads, class Acc>
+CUTE_DEVICE void red_add_dq(Acc const& acc, float* tile, int tid, int v_begin, int v_end) {
+  CUTE_UNROLL
+  for (int v = 0; v < int(size(acc)) / kDqVec; ++v) {  // the whole range: a trip count known before inlining
+    if (v < v_begin || v >= v_end) continue;
+    float* dst = tile + dq_accum_offset<kThreads>(tid, v * kDqVec);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "f"(acc(4 * v)), "f"(acc(4 * v + 1)),
+                 "f"(acc(4 * v + 2)), "f"(acc(4 * v + 3))
+                 : "memory");
+#else
+    atomicAdd(dst, acc(v));  // the result is unused: compiles to RED
+#endif
   }
 }
 
@@ -431,11 +445,9 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
   Tensor tPsP = copy_pds.get_thread_slice(tid).partition_D(sP);
   Tensor tdSsdS = copy_pds.get_thread_slice(tid).partition_D(sdS);
 
-  // (row, col) of every S element and every dQ element this thread holds.
+  // (row, col) of every S element this thread holds.
   Tensor tScS = thr_sdp.partition_C(composition(make_identity_tensor(TileS{}), make_tile(_, KeyOrder{})));
   Tensor tScS_rc = make_tensor(tScS.data(), rowcol_layout(tScS.layout()));
-  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(TileQ{}));
-  Tensor tdQcdQ_rc = make_tensor(tdQcdQ.data(), rowcol_layout(tdQcdQ.layout()));
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
 
   if constexpr (Traits::kVInRegs) {
@@ -739,8 +751,7 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
     Tensor acc_dq = partition_fragment_C(mma_dq, TileQ{});  // (MMA, MMA_M, MMA_D) fp32
     clear(acc_dq);
     gemm_smem_smem(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_dq, copy_dq_a, copy_dq_b);
-    Tensor acc_dq_rc = make_tensor(acc_dq.data(), rowcol_layout(acc_dq.layout()));
-    constexpr int kDqRows = decltype(size<0>(acc_dq_rc))::value;
+    constexpr int kDqVecs = decltype(size(acc_dq))::value / kDqVec;
     // The accumulator is (heads, ws_rows, kHeadDim): rows and columns padded.
     const int64_t ws_row = head * p.ws_rows + ws_row0 + row0;
     int* semaphore = nullptr;
@@ -755,32 +766,25 @@ CUTE_DEVICE void bwd_block(const BwdParams& p, typename Traits::SharedStorage& s
       }
       __syncthreads();
     }
-    float* dq_ptr = p.dq_accum + ws_row * kHeadDim;
-    auto red_rows = [&](int r_begin, int r_end) {
-      red_add_dq<kHeadDim>(acc_dq_rc, tdQcdQ_rc, dq_ptr, r_begin, r_end);
+    auto red_vecs = [&](int v_begin, int v_end) {
+      red_add_dq<Traits::kThreads>(acc_dq, p.dq_accum + ws_row * kHeadDim, tid, v_begin, v_end);
     };
-    // With two buffers dK += dS^T Q comes after dQ = dS K (the next block is loading already).
-    // The kernels with options issue dQ's reductions inside it, a slice of rows after each k
-    // step, rather than all at once before it (H200, bf16, seqlen 4k; performance-log.md): at
-    // d128 the softcap backward 2.4% faster, dropout's 4.8%, ALiBi's 2.8%; at d64 and d96
-    // dropout's and ALiBi's 2-3%, softcap's 0-2%. So do the plain kernels (bf16, seqlen 2k/8k):
-    // d32 2%, d64 3.5%, d96 6%, d160 3-4%, d192 3%; the small tiles of d32 1%, d64 and d96 6-7%.
-    // The plain d128 kernel ran 1-1.5% slower that way (0.9% in the ninth session), so d128 (and
-    // its small tile, not measured) issues them before.
-    constexpr bool kPlainRedsInDk = kHeadDim != 128;
-    constexpr bool kRedsInDk = !kLoadDuringDq && (kOptions != kNoOptions || kPlainRedsInDk);
-    if constexpr (kRedsInDk) {
+    // With two buffers dK += dS^T Q comes after dQ = dS K (the next block is loading already),
+    // and dQ's reductions go inside it, a slice of them after each k step, rather than all at
+    // once before it. In the tile's own order of the accumulator (8 rows of 32 bytes per RED)
+    // that ran the backward with options 2-5% faster, the plain one 1-7% but at d128 1-1.5%
+    // slower; in thread order, the plain d128 kernel 1% faster too (H200, bf16; performance-log.md).
+    if constexpr (!kLoadDuringDq) {
       constexpr int kDkSteps = decltype(size<2>(tdKrdSt))::value;
-      dk_gemm([&](int k) { red_rows(k * kDqRows / kDkSteps, (k + 1) * kDqRows / kDkSteps); });
+      dk_gemm([&](int k) { red_vecs(k * kDqVecs / kDkSteps, (k + 1) * kDqVecs / kDkSteps); });
     } else {
-      red_rows(0, kDqRows);
+      red_vecs(0, kDqVecs);
     }
     if (semaphore != nullptr) {
       __threadfence();
       __syncthreads();
       if (tid == 0) atomicAdd(semaphore, 1);
     }
-    if constexpr (!kLoadDuringDq && !kRedsInDk) dk_gemm([](int) {});
     head = next_head;
     m_block = next_m;
   }
@@ -824,6 +828,44 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) bwd_kernel(const __grid_c
     if (j > 0) __syncthreads();  // every thread is done with the previous block's tiles
     bwd_block<Traits, kOptions, kDropout>(p, smem, seq, ws_row0, first + j * step, blockIdx.y, batch);
     if constexpr (!kVarlen) break;
+  }
+}
+
+// dQ = scale * dq_accum in the input dtype, one (kBlockM, head dim) tile of one (sequence, query
+// head) at a time: each thread reads its fragment of the tile in thread order (dq_accum_offset)
+// and the tile goes through shared memory to dq, as dK and dV do. Grid: (query blocks of the
+// longest sequence, batch, query heads); varlen: the max_seqlen_q hint, looping past it.
+template <class Traits, bool kVarlen>
+__global__ void __launch_bounds__(Traits::kThreads) convert_dq_kernel(const __grid_constant__ BwdParams p) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
+  __shared__ alignas(128) char smem[sizeof(Element) * cosize_v<typename Traits::SmemLayoutQ>];
+  const int tid = threadIdx.x, batch = blockIdx.y, head = blockIdx.z;
+  const SeqSpan seq = seq_span<kVarlen>(p, batch);
+  const int64_t ws_row0 = head * p.ws_rows + workspace_row0(kVarlen, kBlockM, p.seqlen_q, batch, seq.q_row0);
+  typename Traits::TiledMmadQ mma_dq;
+  Tensor sdQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
+  Tensor cdQ = make_identity_tensor(TileQ{});
+  for (int m_block = blockIdx.x; m_block * kBlockM < seq.len_q; m_block += gridDim.x) {
+    const int row0 = m_block * kBlockM;
+    const float* tile = p.dq_accum + (ws_row0 + row0) * kHeadDim;
+    Tensor acc = partition_fragment_C(mma_dq, TileQ{});
+    CUTE_UNROLL
+    for (int v = 0; v < size(acc) / kDqVec; ++v) {
+      if constexpr (kDqVec == 4) {
+        const float4 x = *reinterpret_cast<const float4*>(tile + dq_accum_offset<Traits::kThreads>(tid, 4 * v));
+        acc(4 * v) = x.x, acc(4 * v + 1) = x.y, acc(4 * v + 2) = x.z, acc(4 * v + 3) = x.w;
+      } else {
+        acc(v) = tile[dq_accum_offset<Traits::kThreads>(tid, v)];
+      }
+    }
+    Tensor gdQ = make_tensor(make_gmem_ptr(static_cast<Element*>(p.dq) + batch * p.dq_batch_stride +
+                                           head * p.dq_head_stride + (seq.q_row0 + row0) * p.dq_row_stride),
+                             TileQ{}, make_stride(p.dq_row_stride, _1{}));
+    if (m_block != blockIdx.x) __syncthreads();  // every thread is done reading the previous tile
+    store_acc<Traits>(acc, p.scale, mma_dq, sdQ, gdQ, cdQ, seq.len_q - row0, p.head_dim, tid);
   }
 }
 

@@ -26,7 +26,10 @@ void launch_bwd(const BwdParams& params, cudaStream_t stream, const std::string&
   const dim3 grid(std::max(1, ceil_div(p.seqlen_k, Traits::kBlockN)), p.expand_gqa ? p.heads : p.heads_k, p.batch);
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
   check_cuda(cudaGetLastError(), name + " launch");
-  run_bwd_convert_dq(p, kDType, stream);
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  auto convert = varlen ? &convert_dq_kernel<Traits, true> : &convert_dq_kernel<Traits, false>;
+  convert<<<dim3(std::max(1, ceil_div(p.seqlen_q, Traits::kBlockM)), p.batch, p.heads), Traits::kThreads, 0, stream>>>(p);
+  check_cuda(cudaGetLastError(), name + ": dQ conversion launch");
 }
 
 // kOptions (an OptionKind): the kernel with softcap and/or ALiBi (and the window every kernel

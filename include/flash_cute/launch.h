@@ -199,10 +199,10 @@ void run_bwd(const BwdParams& params, cudaStream_t stream);
 template <DType kDType, int kHeadDim>
 void run_bwd_options(const BwdParams& params, cudaStream_t stream);
 
-// The two small passes around the main backward kernel (src/bwd_prep.cu, both dtypes): the
-// rowsum pass fills dsum and lse_log2 and zeroes dq_accum; the last pass converts dq_accum to dq.
+// The small pass before the main backward kernel (src/bwd_prep.cu, both dtypes): it fills dsum
+// and lse_log2 and zeroes dq_accum. (The pass after it, convert_dq_kernel in bwd_kernel.h, is
+// launched with the kernel: it reads dq_accum in that kernel's thread order.)
 void run_bwd_dot_do_o(const BwdParams& params, DType dtype, cudaStream_t stream);
-void run_bwd_convert_dq(const BwdParams& params, DType dtype, cudaStream_t stream);
 
 // Decoding, one instantiation per (dtype, head-dim bucket); causal is a run-time flag. Runs the
 // split-KV kernel and, with num_splits > 1, the combine pass (src/decode_combine.cu).

@@ -104,7 +104,8 @@ struct BwdParams : FwdParams {
   // Workspace, float32, with every sequence's rows padded to whole tiles of the backward kernel
   // (ws_block_m rows; see workspace_row0 in seqlen.h for where sequence b starts), all written by
   // the rowsum pass before the main kernel reads them:
-  //   dq_accum (heads, ws_rows, head-dim bucket): the dQ accumulator, zeroed;
+  //   dq_accum (heads, ws_rows, head-dim bucket): the dQ accumulator, zeroed; each tile of
+  //            ws_block_m rows in the kernel's thread order (dq_accum_offset in bwd_kernel.h);
   //   dsum     (heads, ws_rows): rowsum(dout * o), 0 on padded rows;
   //   lse_log2 (heads, ws_rows): lse * log2(e), +inf on padded rows (their P is 0).
   // ws_rows: batch * round_up(seqlen_q, ws_block_m), or round_up(total_q + batch * ws_block_m,
