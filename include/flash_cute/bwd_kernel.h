@@ -844,13 +844,13 @@ __global__ void __launch_bounds__(Traits::kThreads) convert_dq_kernel(const __gr
   __shared__ alignas(128) char smem[sizeof(Element) * cosize_v<typename Traits::SmemLayoutQ>];
   const int tid = threadIdx.x, batch = blockIdx.y, head = blockIdx.z;
   const SeqSpan seq = seq_span<kVarlen>(p, batch);
-  const int64_t ws_row0 = head * p.ws_rows + workspace_row0(kVarlen, kBlockM, p.seqlen_q, batch, seq.q_row0);
+  const int64_t ws_row0 = workspace_row0(kVarlen, kBlockM, p.seqlen_q, batch, seq.q_row0);  // as bwd_kernel's
   typename Traits::TiledMmadQ mma_dq;
   Tensor sdQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
   Tensor cdQ = make_identity_tensor(TileQ{});
   for (int m_block = blockIdx.x; m_block * kBlockM < seq.len_q; m_block += gridDim.x) {
     const int row0 = m_block * kBlockM;
-    const float* tile = p.dq_accum + (ws_row0 + row0) * kHeadDim;
+    const float* tile = p.dq_accum + (head * p.ws_rows + ws_row0 + row0) * kHeadDim;  // as bwd_block's ws_row
     Tensor acc = partition_fragment_C(mma_dq, TileQ{});
     CUTE_UNROLL
     for (int v = 0; v < size(acc) / kDqVec; ++v) {

@@ -13,8 +13,8 @@ namespace flash_cute {
 template <DType kDType, class Traits, int kOptions, bool kDropout>
 void launch_bwd(const BwdParams& params, cudaStream_t stream, const std::string& name) {
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = params.cu_seqlens_q != nullptr ? &bwd_kernel<Traits, true, kOptions, kDropout>
-                                               : &bwd_kernel<Traits, false, kOptions, kDropout>;
+  const bool varlen = params.cu_seqlens_q != nullptr;
+  auto kernel = varlen ? &bwd_kernel<Traits, true, kOptions, kDropout> : &bwd_kernel<Traits, false, kOptions, kDropout>;
   allow_dynamic_smem(kernel, kSmem, name);
   // The workspace is padded to this kernel's tiles (the caller sized it, ws_rows, with the tile
   // that bwd_runs_small_tile picks).
@@ -26,7 +26,7 @@ void launch_bwd(const BwdParams& params, cudaStream_t stream, const std::string&
   const dim3 grid(std::max(1, ceil_div(p.seqlen_k, Traits::kBlockN)), p.expand_gqa ? p.heads : p.heads_k, p.batch);
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p);
   check_cuda(cudaGetLastError(), name + " launch");
-  const bool varlen = p.cu_seqlens_q != nullptr;
+  // dQ from the accumulator, which holds this kernel's tiles in its thread order.
   auto convert = varlen ? &convert_dq_kernel<Traits, true> : &convert_dq_kernel<Traits, false>;
   convert<<<dim3(std::max(1, ceil_div(p.seqlen_q, Traits::kBlockM)), p.batch, p.heads), Traits::kThreads, 0, stream>>>(p);
   check_cuda(cudaGetLastError(), name + ": dQ conversion launch");
