@@ -382,7 +382,7 @@ GPU_EDGES = ([0, 1, 5, 130, 1, 0, 77, 300, 64, 3], [3, 1, 0, 200, 1, 0, 77, 129,
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", ["edges", "long"])
 @pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS)
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 224])  # 224: two Q buffers beside one dO
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_varlen_gpu(dtype, head_dim, causal, case):
     """out, lse and gradients against the float32 oracle per sequence (2x rule)."""

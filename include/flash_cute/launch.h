@@ -85,8 +85,8 @@ constexpr int bwd_kernel_head_dim(int head_dim, bool small_smem) {
 constexpr BwdTile bwd_tile(int head_dim, bool small_smem = false) {
   // A warp's share of each GEMM must tile it: 16 * (warps / dkv_warps_n) and
   // 16 * (warps / dq_warps_m) divide the head dim. Shared memory: 114 KB (d32), 162 KB (d64),
-  // 129 KB (d96, d224), 161 KB (d128, d192), 137 KB (d160), 145 KB (d256), within the 163 KB of
-  // an A100.
+  // 129 KB (d96), 161 KB (d128, d192), 137 KB (d160), 157 KB (d224), 145 KB (d256), within the
+  // 163 KB of an A100.
   // `small_smem`: the tile for GPUs with kSmallSmemBytes per block (sm_86, sm_89, sm_120), where
   // the default needs more: the same warps on fewer rows, and fewer Q/dO buffers where two of each
   // do not fit (d32 65 KB, d64 97 KB, d96 89 KB, d128 97 KB with one dO buffer, d160 97 KB and
@@ -105,12 +105,13 @@ constexpr BwdTile bwd_tile(int head_dim, bool small_smem = false) {
   if (head_dim == 192 && small_smem) return {32, 64, 8, 2, 4, 2, 1, 1};
   if (small_smem && bwd_kernel_head_dim(head_dim, true) == 256) return {64, 32, 8, 4, 2, 2, 1, 1, /*v_in_regs=*/true};
   // d160, d192: two Q and two dO buffers (137 KB, 161 KB, within the A100's 163 KB) ran the plain
-  // backward 3-4% faster than one of each, softcap and ALiBi 7-8%, dropout 2-3%; d224's two Q
-  // buffers beside one dO (157 KB) ran even, dropout 6% slower; d256's two of each need 209 KB
-  // (performance-log.md, eleventh and twelfth sessions).
+  // backward 3-4% faster than one of each, softcap and ALiBi 7-8%, dropout 2-3%. d224: two Q
+  // buffers beside one dO (157 KB; two of each need 185 KB) ran 2.4-3.3% faster than one of each
+  // once dQ's accumulator was in thread order, the options 2-5%; d256's two of each need 209 KB
+  // (performance-log.md, eleventh to fourteenth sessions).
   if (head_dim == 160) return small_smem ? BwdTile{64, 64, 8, 2, 4, 4, 1, 1} : BwdTile{64, 64, 8, 2, 4, 4, 2, 2};
   if (head_dim == 192) return {64, 64, 8, 4, 2, 2, 2, 2};
-  if (head_dim == 224) return {64, 64, 8, 2, 4, 4, 1, 1};
+  if (head_dim == 224) return {64, 64, 8, 2, 4, 4, 2, 1};
   return {64, 64, 8, 4, 2, 2, 1, 1};  // d256
 }
 
